@@ -1,0 +1,171 @@
+"""One state root and a TOML config file; environment variables override the file."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from banger.errors import ConfigError
+
+# Keys accepted in config.toml, with their types; documented in README.md ("Configuration").
+CONFIG_KEYS: dict[str, type] = {
+    "kernel_catalog": str,
+    "default_kernel": str,
+    "default_image": str,
+    "vmm": str,
+    "firecracker_bin": str,
+    "qemu_bin": str,
+    "bridge": str,
+    "subnet": str,
+    "dns_domain": str,
+    "agent_timeout": float,
+    "log_level": str,
+}
+
+ENV_OVERRIDES: dict[str, str] = {
+    "BANGER_CATALOG": "kernel_catalog",
+    "BANGER_VMM": "vmm",
+    "BANGER_FIRECRACKER": "firecracker_bin",
+    "BANGER_QEMU": "qemu_bin",
+    "BANGER_LOG_LEVEL": "log_level",
+}
+
+DEFAULTS: dict[str, Any] = {
+    "kernel_catalog": None,
+    "default_kernel": "debian-cloud",
+    "default_image": "debian-bookworm",
+    "vmm": "auto",
+    "firecracker_bin": None,
+    "qemu_bin": None,
+    "bridge": "banger0",
+    "subnet": "172.30.77.0/24",
+    "dns_domain": "vm",
+    "agent_timeout": 120.0,
+    "log_level": "info",
+}
+
+
+def default_home() -> Path:
+    """Where state lives without BANGER_HOME: /var/lib/banger for root, XDG data dir otherwise."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/banger")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "banger"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file banger owns hangs off one root."""
+
+    home: Path
+
+    @classmethod
+    def from_env(cls) -> Paths:
+        env = os.environ.get("BANGER_HOME")
+        return cls(Path(env).absolute() if env else default_home())
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "bangerd.sock"
+
+    @property
+    def lock(self) -> Path:
+        return self.run_dir / "bangerd.lock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "bangerd.pid"
+
+    @property
+    def db(self) -> Path:
+        return self.home / "banger.db"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.toml"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.logs / "bangerd.log"
+
+    @property
+    def kernels(self) -> Path:
+        return self.home / "kernels"
+
+    @property
+    def images(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def vms(self) -> Path:
+        return self.home / "vms"
+
+    @property
+    def cache(self) -> Path:
+        return self.home / "cache"
+
+    def ensure(self) -> None:
+        """Create the state directories (private to the owner)."""
+        for d in (self.home, self.run_dir, self.logs, self.kernels, self.images, self.vms, self.cache):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Config file values merged over defaults, with environment overrides on top."""
+
+    paths: Paths
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def kernel_catalog(self) -> str | None:
+        value = self.values.get("kernel_catalog")
+        return str(value) if value else None
+
+    @classmethod
+    def load(cls, paths: Paths | None = None) -> Settings:
+        paths = paths or Paths.from_env()
+        values = dict(DEFAULTS)
+        values.update(read_config_file(paths.config_file))
+        for env, key in ENV_OVERRIDES.items():
+            if os.environ.get(env):
+                values[key] = os.environ[env]
+        return cls(paths=paths, values=values)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse and type-check config.toml; an unknown key or wrong type is a clear error."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        want = CONFIG_KEYS.get(key)
+        if want is None:
+            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want):
+            raise ConfigError(f"{path}: key {key!r} must be a {want.__name__}")
+        out[key] = value
+    return out
