@@ -31,9 +31,7 @@ def is_dns_label(name: str) -> bool:
 def validate_name(name: str, what: str = "name") -> str:
     """Return `name` if it is a valid DNS label, else raise a clear error."""
     if not is_dns_label(name):
-        raise InvalidInputError(
-            f"invalid {what} {name!r}: use 1-63 lowercase letters, digits and inner hyphens"
-        )
+        raise InvalidInputError(f"invalid {what} {name!r}: use 1-63 lowercase letters, digits and inner hyphens")
     return name
 
 
