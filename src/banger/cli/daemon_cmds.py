@@ -1,0 +1,169 @@
+"""`banger version` and `banger daemon start|stop|status|logs`."""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+from typing import Any
+
+import click
+
+from banger import __version__
+from banger.cli.common import json_option, rpc
+from banger.cli.connect import start_daemon
+from banger.cli.output import emit_json, kv
+from banger.config import Paths
+from banger.daemon.lock import lock_holder
+from banger.errors import DaemonError
+from banger.rpc.client import Client, DaemonUnavailable
+
+
+def _daemon_status(paths: Paths) -> dict[str, Any] | None:
+    client = Client(paths.socket)
+    try:
+        client.connect()
+    except DaemonUnavailable:
+        return None
+    try:
+        status: dict[str, Any] = client.call("daemon.status")
+        return status
+    finally:
+        client.close()
+
+
+@click.command()
+@json_option
+def version(as_json: bool) -> None:
+    """Print the CLI's and the daemon's version, git commit and build date."""
+    from banger.buildinfo import build_info
+
+    info = build_info()
+    paths = Paths.from_env()
+    status = _daemon_status(paths)
+    daemon = (
+        {"version": status["version"], "commit": status.get("commit"), "build_date": status.get("build_date")}
+        if status
+        else None
+    )
+    if as_json:
+        emit_json({"cli": {"version": info.version, "commit": info.commit, "build_date": info.date}, "daemon": daemon})
+        return
+    kv(
+        [
+            ("cli", f"{info.version} (commit {(info.commit or 'unknown')[:12]}, built {info.date or 'unknown'})"),
+            (
+                "daemon",
+                f"{daemon['version']} (commit {(daemon['commit'] or 'unknown')[:12]}, built {daemon['build_date']})"
+                if daemon
+                else "not running",
+            ),
+        ]
+    )
+
+
+@click.group()
+def daemon() -> None:
+    """Manage the banger daemon (bangerd)."""
+
+
+@daemon.command()
+@json_option
+def start(as_json: bool) -> None:
+    """Start bangerd in the background; returns once it answers."""
+    paths = Paths.from_env()
+    status = _daemon_status(paths)
+    if status is None:
+        start_daemon(paths)
+        status = rpc("daemon.status", autostart=False)
+        message = f"bangerd started (pid {status['pid']})"
+    else:
+        message = f"bangerd already running (pid {status['pid']})"
+    if as_json:
+        emit_json(status)
+    else:
+        click.echo(message)
+
+
+@daemon.command()
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for it to exit.")
+def stop(timeout: float) -> None:
+    """Stop bangerd gracefully (in-flight work is cancelled and cleaned up)."""
+    paths = Paths.from_env()
+    try:
+        reply = rpc("daemon.stop", autostart=False)
+    except DaemonUnavailable:
+        click.echo("bangerd is not running")
+        return
+    pid = int(reply["pid"])
+    if not _wait_pid_exit(pid, timeout):
+        raise DaemonError(f"bangerd (pid {pid}) did not exit within {timeout}s")
+    if lock_holder(paths.lock) not in (None, pid):
+        raise DaemonError("another bangerd took over the state root while stopping")
+    click.echo(f"bangerd stopped (pid {pid})")
+
+
+def _wait_pid_exit(pid: int, timeout: float) -> bool:
+    """Wait for a process to exit using a pidfd (no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(fd)
+
+
+@daemon.command()
+@json_option
+def status(as_json: bool) -> None:
+    """Show whether bangerd runs, and its pid, version and state root."""
+    paths = Paths.from_env()
+    info = _daemon_status(paths)
+    if info is None:
+        info = {"running": False, "home": str(paths.home), "socket": str(paths.socket)}
+    if as_json:
+        emit_json(info)
+    elif not info["running"]:
+        click.echo(f"bangerd is not running (home {paths.home})")
+    else:
+        kv(
+            [
+                ("status", "running"),
+                ("pid", info["pid"]),
+                ("version", info["version"]),
+                ("uptime", f"{info['uptime_s']:.0f}s"),
+                ("home", info["home"]),
+                ("socket", info["socket"]),
+                ("log", info["log"]),
+                ("in-flight calls", info["inflight"]),
+            ]
+        )
+    if not info["running"]:
+        sys.exit(3)
+
+
+@daemon.command()
+@click.option("-n", "--lines", default=50, show_default=True, help="How many lines from the end.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+def logs(lines: int, follow: bool) -> None:
+    """Print the daemon's log file."""
+    path = Paths.from_env().daemon_log
+    if not path.exists():
+        raise DaemonError(f"no daemon log at {path} yet")
+    with path.open("rb") as f:
+        tail = f.read().splitlines()[-lines:] if lines > 0 else []
+        for line in tail:
+            click.echo(line.decode(errors="replace"))
+        while follow:
+            chunk = f.readline()
+            if chunk:
+                click.echo(chunk.decode(errors="replace").rstrip("\n"))
+            else:
+                time.sleep(0.3)
+
+
+__all__ = ["daemon", "version", "__version__"]

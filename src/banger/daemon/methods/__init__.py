@@ -1,0 +1,15 @@
+"""The daemon's RPC surface: each module registers the `<area>.<verb>` methods of one area."""
+
+from __future__ import annotations
+
+from banger.daemon.app import App
+from banger.daemon.methods import daemon_area
+from banger.rpc.registry import MethodRegistry
+
+
+def build_registry(app: App) -> MethodRegistry:
+    """All methods, bound to the daemon's App."""
+    reg = MethodRegistry()
+    for area in (daemon_area,):
+        area.register(reg, app)
+    return reg

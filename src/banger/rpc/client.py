@@ -1,0 +1,133 @@
+"""The CLI's synchronous RPC client: one call at a time, progress/events via callbacks, Ctrl-C cancels."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from banger import __version__
+from banger.errors import DaemonError, error_class_for
+from banger.rpc import protocol
+
+
+class DaemonUnavailable(DaemonError):
+    """No daemon answers on the socket."""
+
+
+Notify = Callable[[str, dict[str, Any]], None]
+
+
+class Client:
+    """A connection to bangerd. Use as a context manager."""
+
+    def __init__(self, path: Path, *, connect_timeout: float = 5.0) -> None:
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._buf = b""
+        self._next_id = 0
+        self._connect_timeout = connect_timeout
+        self.daemon_info: dict[str, Any] = {}
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Connect and perform the version handshake."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self._connect_timeout)
+        try:
+            sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise DaemonUnavailable(f"no daemon is listening on {self.path}") from exc
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(f"cannot connect to the daemon at {self.path}: {exc.strerror}") from exc
+        sock.settimeout(None)
+        self._sock = sock
+        self.daemon_info = self.call(protocol.HELLO, {"version": __version__, "protocol": protocol.PROTOCOL_VERSION})
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+    def _send(self, data: bytes) -> None:
+        assert self._sock is not None
+        self._sock.sendall(data)
+
+    def _read_message(self) -> dict[str, Any]:
+        assert self._sock is not None
+        while b"\n" not in self._buf:
+            chunk = self._sock.recv(1 << 16)
+            if not chunk:
+                raise DaemonError("the daemon closed the connection unexpectedly (see `banger daemon logs`)")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        on_notify: Notify | None = None,
+        cancel_grace: float = 15.0,
+    ) -> Any:
+        """Call `method`; notifications for it go to on_notify. Ctrl-C sends $/cancel and waits for the daemon."""
+        self._next_id += 1
+        rid = self._next_id
+        self._send(protocol.request(method, params or {}, rid))
+        try:
+            return self._await_reply(rid, on_notify)
+        except KeyboardInterrupt:
+            self._cancel(rid, cancel_grace)
+            raise
+
+    def _await_reply(self, rid: int, on_notify: Notify | None) -> Any:
+        while True:
+            msg = self._read_message()
+            if "method" in msg:
+                params = msg.get("params") or {}
+                if params.get("id") == rid and on_notify is not None:
+                    on_notify(msg["method"], params)
+                continue
+            if msg.get("id") != rid:
+                continue
+            if "error" in msg:
+                err = msg["error"]
+                cls = error_class_for(int(err.get("code", 1)))
+                data = err.get("data") or {}
+                exc = cls(str(err.get("message", "unknown error")), hint=data.get("hint"), data=data)
+                raise exc
+            return msg.get("result")
+
+    def _cancel(self, rid: int, grace: float) -> None:
+        """Ask the daemon to cancel `rid` and wait (bounded) until it confirms its cleanup ran."""
+        try:
+            self._send(protocol.request(protocol.CANCEL, {"id": rid}, None))
+            assert self._sock is not None
+            deadline = time.monotonic() + grace
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([self._sock], [], [], left)
+                if not ready:
+                    break
+                msg = self._read_message()
+                if msg.get("id") == rid and "method" not in msg:
+                    break
+        except (OSError, DaemonError, KeyboardInterrupt):
+            pass
+        finally:
+            self.close()

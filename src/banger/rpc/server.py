@@ -1,0 +1,197 @@
+"""The daemon's RPC server: one task per call, cancelled when its client cancels or goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from banger import __version__
+from banger.errors import BangerError, ErrorCode
+from banger.progress import ProgressEvent
+from banger.rpc import protocol
+from banger.rpc.registry import MethodRegistry, ParamsError
+
+log = logging.getLogger("banger.rpc")
+
+
+class CallContext:
+    """What a method handler sees of its call: its id, progress and event streams to the caller."""
+
+    def __init__(self, conn: Connection, request_id: int | str, method: str) -> None:
+        self._conn = conn
+        self.request_id = request_id
+        self.method = method
+
+    def progress(self, event: ProgressEvent) -> None:
+        """Send a progress notification for this call (dropped if the client is gone)."""
+        self._conn.send(protocol.request(protocol.PROGRESS, {"id": self.request_id, "event": event.to_json()}, None))
+
+    def event(self, payload: dict[str, Any]) -> None:
+        """Send a streamed event (e.g. output chunk) for this call."""
+        self._conn.send(protocol.request(protocol.EVENT, {"id": self.request_id, **payload}, None))
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class Connection:
+    """One client connection: reads calls, runs each as a task, writes replies in order of completion."""
+
+    def __init__(self, server: RpcServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.tasks: dict[int | str, asyncio.Task[None]] = {}
+        self.hello_done = False
+
+    def send(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    line = await self.reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    break
+                except asyncio.LimitOverrunError:
+                    self.send(protocol.error(None, ErrorCode.INVALID_REQUEST, "message too long"))
+                    break
+                except ConnectionError:
+                    break
+                self._dispatch(line)
+                await self.writer.drain()
+        finally:
+            await self.close()
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            req = protocol.parse_request(line)
+        except protocol.ProtocolError as exc:
+            self.send(protocol.error(exc.id, exc.code, str(exc)))
+            return
+        if req.method == protocol.CANCEL:
+            task = self.tasks.get(req.params.get("id"))  # type: ignore[arg-type]
+            if task is not None:
+                log.info("cancel requested for call %s", req.params.get("id"))
+                task.cancel()
+            return
+        if req.id is None:
+            return  # other notifications from clients carry nothing we act on
+        if req.id in self.tasks:
+            self.send(protocol.error(req.id, ErrorCode.INVALID_REQUEST, f"request id {req.id!r} already in use"))
+            return
+        task = asyncio.create_task(self._call(req), name=f"rpc:{req.method}:{req.id}")
+        self.tasks[req.id] = task
+        self.server.inflight.add(task)
+        task.add_done_callback(functools.partial(self._finished, req.id))
+
+    def _finished(self, rid: int | str, task: asyncio.Task[None]) -> None:
+        self.tasks.pop(rid, None)
+        self.server.inflight.discard(task)
+
+    async def _call(self, req: protocol.Request) -> None:
+        assert req.id is not None
+        if req.method == protocol.HELLO:
+            self.send(self._hello(req))
+            return
+        try:
+            value = await self.server.registry.call(req.method, CallContext(self, req.id, req.method), req.params)
+        except asyncio.CancelledError:
+            log.info("call %s (%s) cancelled; cleanup done", req.id, req.method)
+            self.send(protocol.error(req.id, ErrorCode.CANCELLED, f"{req.method} was cancelled"))
+            raise
+        except ParamsError as exc:
+            self.send(protocol.error(req.id, exc.code, str(exc)))
+        except BangerError as exc:
+            log.info("call %s (%s) failed: %s", req.id, req.method, exc)
+            data = dict(exc.data)
+            if exc.hint:
+                data["hint"] = exc.hint
+            self.send(protocol.error(req.id, exc.code, exc.message, data or None))
+        except Exception as exc:
+            log.exception("call %s (%s) crashed", req.id, req.method)
+            self.send(protocol.error(req.id, ErrorCode.INTERNAL, f"internal error in {req.method}: {exc!r}"))
+        else:
+            self.send(protocol.result(req.id, value))
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    def _hello(self, req: protocol.Request) -> bytes:
+        client_version = req.params.get("version")
+        client_proto = req.params.get("protocol")
+        if client_proto != protocol.PROTOCOL_VERSION or client_version != __version__:
+            return protocol.error(
+                req.id,
+                ErrorCode.VERSION_MISMATCH,
+                f"banger CLI {client_version} (protocol {client_proto}) does not match daemon {__version__} "
+                f"(protocol {protocol.PROTOCOL_VERSION}); restart the daemon with `banger daemon stop`",
+            )
+        self.hello_done = True
+        return protocol.result(
+            req.id, {"version": __version__, "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()}
+        )
+
+    async def close(self) -> None:
+        """Cancel this connection's calls (their cleanup runs), then close the socket."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+        self.server.connections.discard(self)
+
+
+class RpcServer:
+    """Listens on a Unix socket (mode 0660) and serves a MethodRegistry."""
+
+    def __init__(self, registry: MethodRegistry) -> None:
+        self.registry = registry
+        self.connections: set[Connection] = set()
+        self.inflight: set[asyncio.Task[None]] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, path: Path) -> None:
+        """Bind the socket with tight permissions from the start (no window where it is world-accessible)."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale socket: the caller holds the daemon lock, so nobody else is serving it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o117)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o660)
+        self._server = await asyncio.start_unix_server(self._accept, sock=sock, limit=protocol.MAX_LINE)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(self, reader, writer)
+        self.connections.add(conn)
+        await conn.run()
+
+    async def stop(self, path: Path | None = None, grace: float = 10.0) -> None:
+        """Stop accepting, cancel in-flight calls and wait for their cleanup, close every connection."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self.inflight):
+            task.cancel()
+        if self.inflight:
+            _done, pending = await asyncio.wait(list(self.inflight), timeout=grace)
+            for task in pending:
+                log.error("call %s did not finish its cleanup within %ss", task.get_name(), grace)
+        for conn in list(self.connections):
+            await conn.close()
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

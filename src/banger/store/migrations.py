@@ -1,0 +1,68 @@
+"""Schema migrations, applied in order; index+1 is the schema version (PRAGMA user_version).
+
+Never edit a released migration: add a new one.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: kernels and images
+    """
+    CREATE TABLE kernels (
+        name TEXT PRIMARY KEY,
+        distro TEXT NOT NULL,
+        arch TEXT NOT NULL,
+        kernel_version TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        source TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        manifest TEXT NOT NULL
+    );
+    CREATE TABLE images (
+        name TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        info TEXT NOT NULL
+    );
+    """,
+    # 2: VMs and their IP leases
+    """
+    CREATE TABLE vms (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        reason TEXT,
+        vmm TEXT NOT NULL,
+        kernel TEXT NOT NULL REFERENCES kernels(name) ON DELETE RESTRICT,
+        image TEXT NOT NULL REFERENCES images(name) ON DELETE RESTRICT,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_bytes INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        runtime TEXT
+    );
+    CREATE TABLE ip_leases (
+        ip TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL UNIQUE REFERENCES vms(id) ON DELETE CASCADE,
+        created_at TEXT NOT NULL
+    );
+    """,
+    # 3: guest sessions (long-running processes inside a VM)
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        argv TEXT NOT NULL,
+        state TEXT NOT NULL,
+        exit_code INTEGER,
+        created_at TEXT NOT NULL,
+        UNIQUE (vm_id, name)
+    );
+    """,
+]
