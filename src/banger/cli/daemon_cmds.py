@@ -146,6 +146,14 @@ def status(as_json: bool) -> None:
         sys.exit(3)
 
 
+@daemon.command(hidden=True)
+@click.argument("seconds", type=float)
+def sleep(seconds: float) -> None:
+    """Diagnostic: a cancellable daemon-side sleep with progress (Ctrl-C cancels it in the daemon)."""
+    result = rpc("daemon.sleep", {"seconds": seconds}, progress=True)
+    click.echo(f"slept {result['slept']}s")
+
+
 @daemon.command()
 @click.option("-n", "--lines", default=50, show_default=True, help="How many lines from the end.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")

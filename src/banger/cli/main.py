@@ -55,17 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv or sys.argv[1:]) or os.environ.get("BANGER_DEBUG") == "1"
     try:
         rv: Any = cli.main(args=argv, prog_name="banger", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        # click turns Ctrl-C into Abort; by now the RPC client has had the daemon cancel the call.
+        click.echo("error: interrupted (the daemon cancelled the operation)", err=True)
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted (the daemon cancelled the operation)", err=True)
-        sys.exit(130)
     except BangerError as exc:
         if debug:
             import traceback
