@@ -1,0 +1,244 @@
+"""Firecracker driver: spawn `firecracker --api-sock`, configure it over its REST API, start, stop.
+
+How the guest finds its devices: Firecracker (since 1.8, x86_64) describes its virtio-mmio devices to the
+guest in the ACPI DSDT, besides the legacy `virtio_mmio.device=` kernel command-line entries older releases
+appended. Debian's cloud kernel is built without VIRTIO_MMIO_CMDLINE_DEVICES, so it can only find disks,
+network and vsock through ACPI: it needs Firecracker >= 1.8, must not be booted with `acpi=off`, and needs
+virtio_mmio (a module there) in its initrd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from banger.drivers import process
+from banger.drivers.base import AgentTransport, StopOutcome, VmmHandle, VmmKind, VmSpec
+from banger.errors import BangerError, InvalidInputError, ToolError
+
+log = logging.getLogger("banger.drivers.firecracker")
+
+API_SOCKET = "firecracker.sock"
+VMM_LOG = "firecracker.log"  # the process's own stderr
+API_LOG = "firecracker-api.log"  # what PUT /logger writes
+METRICS = "firecracker-metrics.json"
+API_TIMEOUT = 10.0
+SOCKET_WAIT = 10.0
+
+
+class FirecrackerApiError(ToolError):
+    """Firecracker refused an API call; the message names the call and quotes its fault_message."""
+
+
+class Resource:
+    """One REST path of Firecracker's API."""
+
+    def __init__(self, client: httpx.AsyncClient, path: str) -> None:
+        self.client = client
+        self.path = path
+
+    async def put(self, body: dict[str, Any]) -> None:
+        """PUT `body` here; a refusal becomes a FirecrackerApiError naming this path."""
+        await self._send("PUT", body)
+
+    async def get(self) -> dict[str, Any]:
+        """GET this path's JSON."""
+        data = await self._send("GET", None)
+        return data if isinstance(data, dict) else {}
+
+    async def _send(self, method: str, body: dict[str, Any] | None) -> Any:
+        call = f"{method} {self.path}"
+        try:
+            resp = await self.client.request(method, self.path, json=body, timeout=API_TIMEOUT)
+        except httpx.HTTPError as exc:
+            raise FirecrackerApiError(f"firecracker API {call} failed: {exc or type(exc).__name__}") from exc
+        if resp.is_success:
+            return resp.json() if resp.content else None
+        try:
+            fault = resp.json().get("fault_message") or resp.text
+        except ValueError:
+            fault = resp.text
+        cls = InvalidInputError if resp.status_code == 400 else FirecrackerApiError
+        raise cls(f"firecracker rejected {call}: {fault}", data={"status": resp.status_code, "call": call})
+
+
+class FirecrackerApi:
+    """Firecracker's REST API on its Unix socket, one resource object per path."""
+
+    def __init__(self, api_socket: Path) -> None:
+        transport = httpx.AsyncHTTPTransport(uds=os.fspath(api_socket))
+        # Firecracker ignores the host; httpx needs one to build the request line.
+        self.client = httpx.AsyncClient(transport=transport, base_url="http://localhost")
+        self.instance = Resource(self.client, "/")
+        self.machine_config = Resource(self.client, "/machine-config")
+        self.boot_source = Resource(self.client, "/boot-source")
+        self.logger = Resource(self.client, "/logger")
+        self.metrics = Resource(self.client, "/metrics")
+        self.vsock = Resource(self.client, "/vsock")
+        self.actions = Resource(self.client, "/actions")
+
+    def drive(self, drive_id: str) -> Resource:
+        """The /drives/<id> resource."""
+        return Resource(self.client, f"/drives/{drive_id}")
+
+    def network_interface(self, iface_id: str) -> Resource:
+        """The /network-interfaces/<id> resource."""
+        return Resource(self.client, f"/network-interfaces/{iface_id}")
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self.client.aclose()
+
+
+def _instance_id(name: str) -> str:
+    # Firecracker accepts only [A-Za-z0-9-], at most 64 characters, as --id.
+    return (re.sub(r"[^A-Za-z0-9-]", "-", name) or "vm")[:64]
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no output)"
+    return " | ".join(text[-lines:]) or "(no output)"
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(os.fspath(path))
+        except OSError:
+            return False
+    return True
+
+
+class FirecrackerDriver:
+    """Runs guests under Firecracker; needs hardware KVM for the guest to actually execute."""
+
+    kind = VmmKind.FIRECRACKER
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+
+    async def launch(self, spec: VmSpec) -> VmmHandle:
+        """Spawn Firecracker, configure the machine over the API and send InstanceStart."""
+        agent = spec.agent
+        if agent is not None and (agent.transport is not AgentTransport.VSOCK or agent.socket is None):
+            raise InvalidInputError("firecracker's agent channel must be vsock with a Unix socket path")
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        api_socket = spec.run_dir / API_SOCKET
+        cleanup = [agent.socket] if agent is not None and agent.socket is not None else []
+        for stale in (api_socket, *cleanup):
+            # Firecracker refuses to bind over a leftover socket from an earlier run.
+            stale.unlink(missing_ok=True)
+        argv = [self.binary, "--api-sock", os.fspath(api_socket), "--id", _instance_id(spec.name)]
+        # The guest's serial console is Firecracker's stdout.
+        pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, stdout_file=spec.console_log)
+        started = process.start_time(pid)
+        handle = VmmHandle(self.kind, pid, started or -1, api_socket, spec.run_dir, tuple(cleanup))
+        try:
+            await self._wait_api(handle)
+            api = FirecrackerApi(api_socket)
+            try:
+                await self._configure(api, spec)
+                await api.actions.put({"action_type": "InstanceStart"})
+            finally:
+                await api.aclose()
+        except BaseException:
+            await self.kill(handle)
+            raise
+        log.info("firecracker pid %d started for %s", pid, spec.name)
+        return handle
+
+    async def _wait_api(self, handle: VmmHandle) -> None:
+        """Wait for Firecracker to bind its API socket, giving up as soon as the process dies."""
+        # Firecracker binds the socket itself and has no fd-passing option, so this is a bounded retry
+        # loop tied to the process's liveness rather than a blind sleep.
+        async with process.deadline(SOCKET_WAIT, f"firecracker pid {handle.pid} opening its API socket"):
+            while not _accepts(handle.control_socket):
+                if not process.matches(handle):
+                    raise ToolError(f"firecracker exited at start: {_log_tail(handle.run_dir / VMM_LOG)}")
+                await asyncio.sleep(0.01)
+
+    async def _configure(self, api: FirecrackerApi, spec: VmSpec) -> None:
+        # Logger first so that any later refusal is also explained in its log.
+        for name in (API_LOG, METRICS):
+            (spec.run_dir / name).touch()
+        await api.logger.put({"log_path": os.fspath(spec.run_dir / API_LOG), "level": "Info", "show_level": True})
+        await api.metrics.put({"metrics_path": os.fspath(spec.run_dir / METRICS)})
+        await api.machine_config.put({"vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib})
+        boot: dict[str, Any] = {"kernel_image_path": os.fspath(spec.kernel), "boot_args": spec.cmdline}
+        if spec.initrd is not None:
+            boot["initrd_path"] = os.fspath(spec.initrd)
+        await api.boot_source.put(boot)
+        for i, disk in enumerate(spec.disks):
+            drive_id = "rootfs" if i == 0 else f"disk{i}"
+            await api.drive(drive_id).put(
+                {
+                    "drive_id": drive_id,
+                    "path_on_host": os.fspath(disk.path),
+                    "is_root_device": False,  # the cmdline names root=; the initrd mounts it
+                    "is_read_only": disk.read_only,
+                }
+            )
+        if spec.net is not None:
+            await api.network_interface("eth0").put(
+                {"iface_id": "eth0", "host_dev_name": spec.net.tap, "guest_mac": spec.net.mac}
+            )
+        if spec.agent is not None and spec.agent.socket is not None:
+            await api.vsock.put({"guest_cid": spec.agent.guest_cid, "uds_path": os.fspath(spec.agent.socket)})
+
+    def adopt(self, handle: VmmHandle) -> VmmHandle | None:
+        """The handle if its Firecracker process (same pid and start time) still serves its API socket."""
+        if handle.kind is not self.kind or not process.matches(handle) or not _accepts(handle.control_socket):
+            return None
+        return handle
+
+    def is_alive(self, handle: VmmHandle) -> bool:
+        """Whether this handle's Firecracker process still runs."""
+        return process.matches(handle)
+
+    async def stop(self, handle: VmmHandle, timeout: float) -> StopOutcome:
+        """SendCtrlAltDel (the guest reboots, and Firecracker exits on reboot); kill after `timeout`."""
+        if not process.matches(handle):
+            process.remove_sockets(handle)
+            return StopOutcome.ALREADY_GONE
+        api = FirecrackerApi(handle.control_socket)
+        try:
+            await api.actions.put({"action_type": "SendCtrlAltDel"})
+        except BangerError as exc:
+            log.warning("graceful stop of firecracker pid %d impossible, killing it: %s", handle.pid, exc)
+            await self.kill(handle)
+            return StopOutcome.KILLED
+        finally:
+            await api.aclose()
+        if await process.wait_exit(handle, timeout):
+            process.remove_sockets(handle)
+            return StopOutcome.GRACEFUL
+        log.info("guest of firecracker pid %d ignored Ctrl-Alt-Del for %ss; killing", handle.pid, timeout)
+        await self.kill(handle)
+        return StopOutcome.KILLED
+
+    async def kill(self, handle: VmmHandle) -> None:
+        """Kill Firecracker and remove its sockets."""
+        try:
+            await process.kill(handle)
+        finally:
+            with contextlib.suppress(OSError):
+                process.remove_sockets(handle)
+
+    async def describe(self, handle: VmmHandle) -> dict[str, Any]:
+        """GET / : Firecracker's instance info (id, state, vmm_version)."""
+        api = FirecrackerApi(handle.control_socket)
+        try:
+            return await api.instance.get()
+        finally:
+            await api.aclose()

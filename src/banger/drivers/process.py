@@ -1,0 +1,138 @@
+"""VMM processes: spawned detached so they outlive the daemon, found again by pid + start time, awaited via pidfd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from banger.drivers.base import VmmHandle
+from banger.errors import TimeoutError_, ToolError
+
+log = logging.getLogger("banger.drivers")
+
+# Our own children, so their exit status can be collected; adopted VMMs are reaped by init instead.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks), or None if there is no such live process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    state = fields[0]
+    if state in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def spawn(argv: Sequence[str], *, log_file: Path, stdout_file: Path | None = None, pass_fds: Sequence[int] = ()) -> int:
+    """Start a long-running VMM in its own session with stdio on files; return its pid."""
+    log.debug("spawn: %s", shlex.join(argv))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        err = stack.enter_context(open(log_file, "ab"))
+        out = stack.enter_context(open(stdout_file, "ab")) if stdout_file else err
+        devnull = stack.enter_context(open(os.devnull, "rb"))
+        try:
+            child = subprocess.Popen(
+                list(argv),
+                stdin=devnull,
+                stdout=out,
+                stderr=err,
+                pass_fds=tuple(pass_fds),
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise ToolError(f"cannot start {Path(argv[0]).name}: {exc}") from exc
+    _children[child.pid] = child
+    return child.pid
+
+
+def _reap(pid: int) -> None:
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        del _children[pid]
+
+
+def matches(handle: VmmHandle) -> bool:
+    """Whether the handle's pid is still the same live process (not exited, not a reused pid)."""
+    _reap(handle.pid)
+    return start_time(handle.pid) == handle.start_time
+
+
+async def wait_exit(handle: VmmHandle, timeout: float) -> bool:
+    """Wait until the process exits; True if it did within `timeout` seconds."""
+    try:
+        pidfd = os.pidfd_open(handle.pid)
+    except ProcessLookupError:
+        _reap(handle.pid)
+        return True
+    try:
+        if not matches(handle):
+            return True
+        exited = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # A pidfd turns readable when the process exits, child of ours or not: no polling of /proc.
+        loop.add_reader(pidfd, exited.set)
+        try:
+            await asyncio.wait_for(exited.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(pidfd)
+        _reap(handle.pid)
+        return True
+    finally:
+        os.close(pidfd)
+
+
+async def kill(handle: VmmHandle, timeout: float = 10.0) -> None:
+    """SIGKILL the process (if it is still the same one) and wait for it to be gone."""
+    try:
+        pidfd = os.pidfd_open(handle.pid)
+    except ProcessLookupError:
+        _reap(handle.pid)
+        return
+    try:
+        if not matches(handle):
+            return
+        # Signalling through the pidfd cannot hit a process that reused the pid after our check.
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+    if not await wait_exit(handle, timeout):
+        raise ToolError(f"VMM process {handle.pid} did not die after SIGKILL within {timeout}s")
+
+
+def remove_sockets(handle: VmmHandle) -> None:
+    """Remove the sockets and per-run files a VMM leaves behind."""
+    for path in (handle.control_socket, *handle.cleanup_paths):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", path, exc)
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float, what: str) -> AsyncIterator[None]:
+    """Turn asyncio's timeout into a TimeoutError_ that names what was being waited for."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        raise TimeoutError_(f"{what} took longer than {seconds}s") from exc

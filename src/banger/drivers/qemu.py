@@ -1,0 +1,200 @@
+"""QEMU `-M microvm` driver: virtio-mmio devices, controlled over QMP (qemu.qmp) on a socket we create."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from banger.drivers import process
+from banger.drivers.base import AGENT_PORT_NAME, AgentTransport, StopOutcome, VmmHandle, VmmKind, VmSpec
+from banger.drivers.host import host_tsc_khz
+from banger.errors import BangerError, InvalidInputError, ToolError
+
+log = logging.getLogger("banger.drivers.qemu")
+
+QMP_SOCKET = "qmp.sock"
+VMM_LOG = "qemu.log"
+QMP_CONNECT_TIMEOUT = 60.0
+
+
+def _opt(value: str | os.PathLike[str]) -> str:
+    """Escape a value for QEMU's key=value,key=value option syntax (a comma is doubled)."""
+    return os.fspath(value).replace(",", ",,")
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening Unix socket at `path`, created by us so it exists before QEMU does anything."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        sock.listen(1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no output)"
+    return " | ".join(text[-lines:]) or "(no output)"
+
+
+class QemuDriver:
+    """Runs guests under qemu-system-x86_64's microvm machine, with KVM or TCG."""
+
+    kind = VmmKind.QEMU
+
+    def __init__(self, binary: str, accel: str) -> None:
+        if accel not in ("kvm", "tcg"):
+            raise InvalidInputError(f"unknown QEMU accelerator {accel!r}")
+        self.binary = binary
+        self.accel = accel
+
+    def cmdline(self, spec: VmSpec) -> str:
+        """The guest kernel command line as passed, plus what this accelerator needs."""
+        line = spec.cmdline
+        if self.accel == "tcg" and "tsc_early_khz=" not in line:
+            # Without a TSC frequency the kernel calibrates against emulated timers and about one
+            # boot in fifteen hangs under TCG.
+            khz = host_tsc_khz()
+            if khz:
+                line = f"{line} tsc_early_khz={khz}"
+        return line
+
+    def argv(self, spec: VmSpec, qmp_fd: int, agent_fd: int | None) -> list[str]:
+        """The full QEMU command line for `spec`, given the fds of the sockets we created."""
+        # microvm keeps ACPI on by default: Debian's cloud kernel finds virtio-mmio devices only through it.
+        args = [self.binary, "-M", "microvm", "-accel", self.accel, "-name", _opt(spec.name)]
+        args += ["-cpu", "host"] if self.accel == "kvm" else []
+        args += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
+        args += ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
+        args += ["-kernel", os.fspath(spec.kernel), "-append", self.cmdline(spec)]
+        if spec.initrd is not None:
+            args += ["-initrd", os.fspath(spec.initrd)]
+        args += ["-chardev", f"file,id=console,path={_opt(spec.console_log)},append=on", "-serial", "chardev:console"]
+        args += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+        # Guests block early on getrandom() without an entropy source under TCG.
+        args += ["-device", "virtio-rng-device"]
+        for i, disk in enumerate(spec.disks):
+            ro = "on" if disk.read_only else "off"
+            args += ["-drive", f"id=disk{i},file={_opt(disk.path)},format=raw,if=none,readonly={ro}"]
+            args += ["-device", f"virtio-blk-device,drive=disk{i}"]
+        if spec.net is not None:
+            args += ["-netdev", f"tap,id=net0,ifname={_opt(spec.net.tap)},script=no,downscript=no"]
+            args += ["-device", f"virtio-net-device,netdev=net0,mac={spec.net.mac}"]
+        if spec.agent is not None:
+            if spec.agent.transport is AgentTransport.VIRTIO_SERIAL:
+                args += ["-device", "virtio-serial-device"]
+                args += ["-chardev", f"socket,id=agent,fd={agent_fd},server=on,wait=off"]
+                args += ["-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}"]
+            else:
+                args += ["-device", f"vhost-vsock-device,guest-cid={spec.agent.guest_cid}"]
+        return args
+
+    async def launch(self, spec: VmSpec) -> VmmHandle:
+        """Start QEMU and wait until QMP answers and reports the guest running."""
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        qmp_path = spec.run_dir / QMP_SOCKET
+        cleanup: list[Path] = []
+        with contextlib.ExitStack() as fds:
+            qmp_sock = fds.enter_context(_listen(qmp_path))
+            agent_fd: int | None = None
+            if spec.agent is not None and spec.agent.transport is AgentTransport.VIRTIO_SERIAL and spec.agent.socket:
+                agent_fd = fds.enter_context(_listen(spec.agent.socket)).fileno()
+                cleanup.append(spec.agent.socket)
+            argv = self.argv(spec, qmp_sock.fileno(), agent_fd)
+            pass_fds = [qmp_sock.fileno()] + ([agent_fd] if agent_fd is not None else [])
+            try:
+                pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, pass_fds=pass_fds)
+            except BaseException:
+                for path in (qmp_path, *cleanup):
+                    path.unlink(missing_ok=True)
+                raise
+        # Our copies of the listening sockets are closed; QEMU holds its own.
+        started = process.start_time(pid)
+        handle = VmmHandle(self.kind, pid, started or -1, qmp_path, spec.run_dir, tuple(cleanup))
+        try:
+            if started is None:
+                raise ToolError(f"qemu exited at once: {_log_tail(spec.run_dir / VMM_LOG)}")
+            status = await self._qmp(handle, "query-status", timeout=QMP_CONNECT_TIMEOUT)
+            if not status.get("running"):
+                raise ToolError(f"qemu started but the guest is {status.get('status')!r}, not running")
+        except BaseException:
+            await self.kill(handle)
+            raise
+        log.info("qemu pid %d started for %s (accel %s)", pid, spec.name, self.accel)
+        return handle
+
+    async def _qmp(self, handle: VmmHandle, command: str, *, timeout: float = 10.0) -> dict[str, Any]:
+        """Run one QMP command on a fresh connection; QEMU serves one QMP client at a time."""
+        client = QMPClient(f"banger-{handle.pid}")
+        try:
+            async with process.deadline(timeout, f"QMP {command} on qemu pid {handle.pid}"):
+                try:
+                    # The socket exists from before QEMU started, so connect needs no retries: it waits in
+                    # the backlog for QEMU's greeting, and fails if QEMU dies and the socket closes.
+                    await client.connect(os.fspath(handle.control_socket))
+                    result = await client.execute(command)
+                except (QMPError, OSError) as exc:
+                    detail = _log_tail(handle.run_dir / VMM_LOG)
+                    raise ToolError(
+                        f"QMP {command} failed on qemu pid {handle.pid}: {exc}; qemu says: {detail}"
+                    ) from exc
+        finally:
+            with contextlib.suppress(QMPError, OSError):
+                await client.disconnect()
+        return result if isinstance(result, dict) else {}
+
+    def adopt(self, handle: VmmHandle) -> VmmHandle | None:
+        """The handle if its QEMU process (same pid and start time) and QMP socket are still there."""
+        if handle.kind is not self.kind or not process.matches(handle) or not _is_socket(handle.control_socket):
+            return None
+        return handle
+
+    def is_alive(self, handle: VmmHandle) -> bool:
+        """Whether this handle's QEMU process still runs."""
+        return process.matches(handle)
+
+    async def stop(self, handle: VmmHandle, timeout: float) -> StopOutcome:
+        """ACPI power button via QMP system_powerdown; kill if the guest has not shut down within `timeout`."""
+        if not process.matches(handle):
+            process.remove_sockets(handle)
+            return StopOutcome.ALREADY_GONE
+        try:
+            await self._qmp(handle, "system_powerdown")
+        except BangerError as exc:
+            log.warning("graceful stop of qemu pid %d impossible, killing it: %s", handle.pid, exc)
+            await self.kill(handle)
+            return StopOutcome.KILLED
+        if await process.wait_exit(handle, timeout):
+            process.remove_sockets(handle)
+            return StopOutcome.GRACEFUL
+        log.info("guest of qemu pid %d ignored the power button for %ss; killing", handle.pid, timeout)
+        await self.kill(handle)
+        return StopOutcome.KILLED
+
+    async def kill(self, handle: VmmHandle) -> None:
+        """Kill QEMU and remove its sockets."""
+        try:
+            await process.kill(handle)
+        finally:
+            process.remove_sockets(handle)
