@@ -1,54 +1,46 @@
-"""Version, git commit and build date: stamped at install time, else read from git in a checkout."""
+"""Version, git commit and build date: stamped at install time, else read from git in a checkout.
+
+Kept import-light (no dataclasses, subprocess only on the fallback): `banger version` runs through here.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
-import subprocess
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+import os
+from typing import NamedTuple
 
 from banger import __version__
 
-_STAMP = Path(__file__).with_name("_buildinfo.json")
+_STAMP = os.path.join(os.path.dirname(__file__), "_buildinfo.json")
 
 
-@dataclass(frozen=True)
-class BuildInfo:
+class BuildInfo(NamedTuple):
     version: str
     commit: str | None
     date: str | None
     source: str  # "stamp", "git" or "unknown"
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def _from_git() -> BuildInfo | None:
-    repo = Path(__file__).resolve().parents[2]
-    if not (repo / ".git").exists():
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.exists(os.path.join(repo, ".git")):
         return None
     try:
         out = subprocess.run(
-            ["git", "-C", str(repo), "log", "-1", "--format=%H %cI"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=5,
+            ["git", "-C", repo, "log", "-1", "--format=%H %cI"], capture_output=True, text=True, check=True, timeout=5
         ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return None
-    if len(out) != 2:
-        return None
-    return BuildInfo(__version__, out[0], out[1], "git")
+    return BuildInfo(__version__, out[0], out[1], "git") if len(out) == 2 else None
 
 
-@functools.cache
 def build_info() -> BuildInfo:
     """The stamp written by scripts/setup.sh, or git's view of this checkout, or just the version."""
     try:
-        data = json.loads(_STAMP.read_text())
+        with open(_STAMP) as f:
+            data = json.load(f)
         return BuildInfo(__version__, data.get("commit"), data.get("date"), "stamp")
     except (OSError, ValueError):
         pass

@@ -49,12 +49,10 @@ DEFAULTS: dict[str, Any] = {
 
 
 def default_home() -> Path:
-    """Where state lives without BANGER_HOME: /var/lib/banger for root, XDG data dir otherwise."""
-    if os.geteuid() == 0:
-        return Path("/var/lib/banger")
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
-    return base / "banger"
+    """Where state lives without BANGER_HOME: /var/lib/banger for root, the XDG data dir otherwise."""
+    from banger.cli.fast import state_home
+
+    return Path(state_home())
 
 
 @dataclass(frozen=True)
@@ -65,8 +63,7 @@ class Paths:
 
     @classmethod
     def from_env(cls) -> Paths:
-        env = os.environ.get("BANGER_HOME")
-        return cls(Path(env).absolute() if env else default_home())
+        return cls(default_home())
 
     @property
     def run_dir(self) -> Path:

@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from banger import __version__
+from banger.cli import fast
 from banger.cli.common import json_option, rpc
 from banger.cli.connect import start_daemon
-from banger.cli.output import emit_json, kv
+from banger.cli.output import emit_json
 from banger.config import Paths
 from banger.daemon.lock import lock_holder
 from banger.errors import DaemonError
@@ -37,30 +37,7 @@ def _daemon_status(paths: Paths) -> dict[str, Any] | None:
 @json_option
 def version(as_json: bool) -> None:
     """Print the CLI's and the daemon's version, git commit and build date."""
-    from banger.buildinfo import build_info
-
-    info = build_info()
-    paths = Paths.from_env()
-    status = _daemon_status(paths)
-    daemon = (
-        {"version": status["version"], "commit": status.get("commit"), "build_date": status.get("build_date")}
-        if status
-        else None
-    )
-    if as_json:
-        emit_json({"cli": {"version": info.version, "commit": info.commit, "build_date": info.date}, "daemon": daemon})
-        return
-    kv(
-        [
-            ("cli", f"{info.version} (commit {(info.commit or 'unknown')[:12]}, built {info.date or 'unknown'})"),
-            (
-                "daemon",
-                f"{daemon['version']} (commit {(daemon['commit'] or 'unknown')[:12]}, built {daemon['build_date']})"
-                if daemon
-                else "not running",
-            ),
-        ]
-    )
+    sys.exit(fast.version_cmd(as_json))
 
 
 @click.group()
@@ -121,29 +98,7 @@ def _wait_pid_exit(pid: int, timeout: float) -> bool:
 @json_option
 def status(as_json: bool) -> None:
     """Show whether bangerd runs, and its pid, version and state root."""
-    paths = Paths.from_env()
-    info = _daemon_status(paths)
-    if info is None:
-        info = {"running": False, "home": str(paths.home), "socket": str(paths.socket)}
-    if as_json:
-        emit_json(info)
-    elif not info["running"]:
-        click.echo(f"bangerd is not running (home {paths.home})")
-    else:
-        kv(
-            [
-                ("status", "running"),
-                ("pid", info["pid"]),
-                ("version", info["version"]),
-                ("uptime", f"{info['uptime_s']:.0f}s"),
-                ("home", info["home"]),
-                ("socket", info["socket"]),
-                ("log", info["log"]),
-                ("in-flight calls", info["inflight"]),
-            ]
-        )
-    if not info["running"]:
-        sys.exit(3)
+    sys.exit(fast.status_cmd(as_json))
 
 
 @daemon.command(hidden=True)
@@ -172,6 +127,3 @@ def logs(lines: int, follow: bool) -> None:
                 click.echo(chunk.decode(errors="replace").rstrip("\n"))
             else:
                 time.sleep(0.3)
-
-
-__all__ = ["daemon", "version", "__version__"]

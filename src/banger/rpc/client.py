@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from banger import __version__
+from banger import PROTOCOL_VERSION, __version__
 from banger.errors import DaemonError, error_class_for
 from banger.rpc import protocol
 
@@ -55,7 +55,7 @@ class Client:
             raise DaemonUnavailable(f"cannot connect to the daemon at {self.path}: {exc.strerror}") from exc
         sock.settimeout(None)
         self._sock = sock
-        self.daemon_info = self.call(protocol.HELLO, {"version": __version__, "protocol": protocol.PROTOCOL_VERSION})
+        self.daemon_info = self.call(protocol.HELLO, {"version": __version__, "protocol": PROTOCOL_VERSION})
 
     def close(self) -> None:
         if self._sock is not None:

@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOL_VERSION = 1
 # Lines can carry file chunks (base64) and long listings; keep them bounded all the same.
 MAX_LINE = 16 * 1024 * 1024
 

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from banger import __version__
+from banger import PROTOCOL_VERSION, __version__
 from banger.errors import BangerError, ErrorCode
 from banger.progress import ProgressEvent
 from banger.rpc import protocol
@@ -128,17 +128,15 @@ class Connection:
     def _hello(self, req: protocol.Request) -> bytes:
         client_version = req.params.get("version")
         client_proto = req.params.get("protocol")
-        if client_proto != protocol.PROTOCOL_VERSION or client_version != __version__:
+        if client_proto != PROTOCOL_VERSION or client_version != __version__:
             return protocol.error(
                 req.id,
                 ErrorCode.VERSION_MISMATCH,
                 f"banger CLI {client_version} (protocol {client_proto}) does not match daemon {__version__} "
-                f"(protocol {protocol.PROTOCOL_VERSION}); restart the daemon with `banger daemon stop`",
+                f"(protocol {PROTOCOL_VERSION}); restart the daemon with `banger daemon stop`",
             )
         self.hello_done = True
-        return protocol.result(
-            req.id, {"version": __version__, "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()}
-        )
+        return protocol.result(req.id, {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid()})
 
     async def close(self) -> None:
         """Cancel this connection's calls (their cleanup runs), then close the socket."""
