@@ -23,6 +23,7 @@ from banger.fsutil import atomic_write
 ELF_MAGIC = b"\x7fELF"
 # Xen's ELF note whose descriptor is the 32-bit PVH entry point; QEMU microvm and cloud-hypervisor boot through it.
 XEN_ELFNOTE_PHYS32_ENTRY = 18
+_PT_INTERP = 3
 _PT_NOTE = 4
 _SHT_NOTE = 7
 _BANNER = re.compile(rb"Linux version (\S+) ")
@@ -161,6 +162,19 @@ def has_pvh_note(path: Path) -> bool:
             )
         except struct.error as exc:
             raise KernelImageError(f"{path}: truncated ELF headers") from exc
+
+
+def elf_interpreter(path: Path) -> str | None:
+    """The PT_INTERP program loader an ELF executable asks for; None for a static binary (or a kernel)."""
+    with _open_map(path) as data:
+        elf = _Elf.parse(data, path)
+        try:
+            for p_type, offset, size in elf.program_headers(data):
+                if p_type == _PT_INTERP:
+                    return bytes(data[offset : offset + size]).rstrip(b"\x00").decode(errors="replace")
+        except struct.error as exc:
+            raise KernelImageError(f"{path}: truncated ELF headers") from exc
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +357,7 @@ __all__ = [
     "decompress_bzimage",
     "detect_compression",
     "elf_entry",
+    "elf_interpreter",
     "extract_vmlinux",
     "has_pvh_note",
     "is_elf",
