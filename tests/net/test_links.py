@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Network
-from typing import TYPE_CHECKING
 
 import pytest
 
 from banger.errors import InUseError, InvalidInputError, ToolError
 from banger.net.links import BridgeConfig, Links, mac_for, tap_name
 
-if TYPE_CHECKING:
-    from conftest import Namespaces
+from .conftest import Namespaces
 
 
 def test_tap_name_fits_ifnamsiz() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -12,8 +11,7 @@ from banger.net import nft
 from banger.net.links import BridgeConfig, Links
 from banger.net.nft import NatState, PortForward, Proto
 
-if TYPE_CHECKING:
-    from conftest import Namespaces
+from .conftest import Namespaces
 
 GUEST = IPv4Address("172.30.77.2")
 UPLINK_HOST = "10.99.0.1"

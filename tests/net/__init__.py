@@ -1,0 +1,1 @@
+"""Tests for banger.net: links, address allocation, nftables and DNS."""
