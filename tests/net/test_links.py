@@ -6,8 +6,8 @@ from ipaddress import IPv4Network
 
 import pytest
 
-from banger.errors import InUseError, InvalidInputError, ToolError
-from banger.net.links import BridgeConfig, Links, mac_for, tap_name
+from banger.errors import InUseError, InvalidInputError, NotFoundError, ToolError
+from banger.net.links import NETNS_RUN_DIR, BridgeConfig, Links, guest_mac, mac_for, tap_mac, tap_name
 
 from .conftest import Namespaces
 
@@ -29,6 +29,8 @@ def test_mac_is_stable_local_unicast() -> None:
     assert first & 0x02, "locally administered bit must be set"
     assert not first & 0x01, "must be unicast"
     assert len(mac.split(":")) == 6
+    assert guest_mac("vm-1") != tap_mac("vm-1"), "a TAP carrying the guest's MAC would swallow its frames"
+    assert guest_mac("vm-1") == guest_mac("vm-1")
 
 
 def test_bridge_config_gateway() -> None:
@@ -45,7 +47,7 @@ def test_bridge_config_gateway() -> None:
 def test_bridge_and_taps_lifecycle(netns: Namespaces) -> None:
     ns = netns.new("links")
     cfg = BridgeConfig(name="banger0", subnet=IPv4Network("172.30.77.0/24"))
-    taps = {tap_name("vm-one"): mac_for("vm-one"), tap_name("vm-two"): mac_for("vm-two")}
+    taps = {tap_name("vm-one"): tap_mac("vm-one"), tap_name("vm-two"): tap_mac("vm-two")}
     with Links(ns) as links:
         index = links.ensure_bridge(cfg)
         assert links.ensure_bridge(cfg) == index, "ensure_bridge must be idempotent"
@@ -122,3 +124,23 @@ def test_tap_needs_bridge(netns: Namespaces) -> None:
     ns = netns.new("nobridge")
     with Links(ns) as links, pytest.raises(ToolError, match="bridge banger0 does not exist"):
         links.ensure_tap("bg-y", mac_for("y"))
+
+
+@pytest.mark.net
+def test_prune_taps_keeps_wanted(netns: Namespaces) -> None:
+    ns = netns.new("prune")
+    with Links(ns) as links:
+        links.ensure_bridge()
+        for vm in ("a1", "b2", "c3"):
+            links.ensure_tap(tap_name(vm), tap_mac(vm))
+        assert links.prune_taps({"bg-b2"}) == ["bg-a1", "bg-c3"]
+        assert [t.name for t in links.list_taps()] == ["bg-b2"]
+        assert links.prune_taps({"bg-b2"}) == []
+
+
+def test_missing_namespace_is_not_created() -> None:
+    name = "banger-test-absent-ns"
+    assert not (NETNS_RUN_DIR / name).exists()
+    with pytest.raises(NotFoundError):
+        Links(name)
+    assert not (NETNS_RUN_DIR / name).exists()

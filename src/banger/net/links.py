@@ -7,20 +7,23 @@ A `Links` object can be bound to a named network namespace so tests never touch 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from banger.errors import InUseError, InvalidInputError, ToolError
+from banger.errors import InUseError, InvalidInputError, NotFoundError, ToolError
 
 DEFAULT_BRIDGE = "banger0"
 DEFAULT_SUBNET = IPv4Network("172.30.77.0/24")
 TAP_PREFIX = "bg-"
 IFNAMSIZ = 15  # kernel limit on interface names, without the trailing NUL
+NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add` pins named namespaces
 
 _ENODEV = 19
 _EEXIST = 17
@@ -79,12 +82,26 @@ def tap_name(vm_id: str, prefix: str = TAP_PREFIX) -> str:
     return name
 
 
-def mac_for(vm_id: str) -> str:
-    """A stable MAC for a VM: hash of the id with the locally administered, unicast bits set."""
-    digest = bytearray(hashlib.sha256(vm_id.encode()).digest()[:6])
+def mac_for(seed: str) -> str:
+    """A stable MAC derived from `seed`: hash with the locally administered, unicast bits set."""
+    digest = bytearray(hashlib.sha256(seed.encode()).digest()[:6])
     # Bit 1 set = locally administered (never clashes with vendor MACs); bit 0 clear = unicast.
     digest[0] = (digest[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in digest)
+
+
+def guest_mac(vm_id: str) -> str:
+    """The MAC of the VM's own virtio-net interface (what the VMM is told)."""
+    return mac_for(f"guest:{vm_id}")
+
+
+def tap_mac(vm_id: str) -> str:
+    """The MAC of the host-side TAP device; it must differ from the guest's.
+
+    A bridge treats its ports' own MACs as local addresses, so a TAP carrying the guest's MAC would make the
+    host swallow frames meant for the guest.
+    """
+    return mac_for(f"tap:{vm_id}")
 
 
 class Links:
@@ -92,6 +109,9 @@ class Links:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
+        # pyroute2 silently creates a missing namespace; a typo must not leave a stray one behind.
+        if netns is not None and not (NETNS_RUN_DIR / netns).exists():
+            raise NotFoundError(f"network namespace {netns!r} does not exist")
         try:
             self._ipr: Any = IPRoute(netns=netns) if netns else IPRoute()
         except (OSError, NetlinkError) as exc:
@@ -177,7 +197,7 @@ class Links:
     # -- TAPs ----------------------------------------------------------------------------------------------
 
     def ensure_tap(self, name: str, mac: str, bridge: str = DEFAULT_BRIDGE, *, owner: int | None = None) -> TapInfo:
-        """Create a persistent TAP (if missing) with this MAC, attach it to the bridge and bring it up."""
+        """Create a persistent TAP (if missing) with host-side MAC `mac` (see tap_mac), attach it, bring it up."""
         check_ifname(name)
         bridge_index = self._index(bridge)
         if bridge_index is None:
@@ -224,6 +244,11 @@ class Links:
             if str(link.get("ifname")).startswith(prefix) and self._kind(link) == "tun"
         ]
         return sorted(taps, key=lambda t: t.name)
+
+    def prune_taps(self, keep: Set[str], prefix: str = TAP_PREFIX) -> list[str]:
+        """Remove banger's TAPs (by prefix) not named in `keep`; return the names removed."""
+        removed = [t.name for t in self.list_taps(prefix) if t.name not in keep and self.remove_tap(t.name)]
+        return removed
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
