@@ -13,6 +13,11 @@ from typing import Any
 import pytest
 
 from banger import proc
+from banger.net.links import BridgeConfig, Links
+
+GUEST_IP = "172.30.77.2"
+UPLINK_HOST = "10.99.0.1"
+UPLINK_OUTSIDE = "10.99.0.2"
 
 
 class Namespaces:
@@ -64,6 +69,24 @@ class Namespaces:
         self.ip(b_ns, "link", "set", tmp, "name", b_name)
         self.ip(a_ns, "link", "set", a_name, "up")
         self.ip(b_ns, "link", "set", b_name, "up")
+
+    def topology(self) -> tuple[str, str, str]:
+        """Namespaces (outside, host, guest): outside <-veth-> host with banger0 <-veth-> guest.
+
+        The guest's veth peer, attached to the bridge, stands in for the TAP a real VM would use: the same
+        bridge port behaviour, with a namespace behind it instead of a VMM.
+        """
+        outside, host, guest = self.new("out"), self.new("host"), self.new("guest")
+        with Links(host) as links:
+            links.ensure_bridge(BridgeConfig())
+        self.veth(host, "uplink", outside, "eth0")
+        self.ip(host, "addr", "add", f"{UPLINK_HOST}/24", "dev", "uplink")
+        self.ip(outside, "addr", "add", f"{UPLINK_OUTSIDE}/24", "dev", "eth0")
+        self.veth(host, "bg-guest1", guest, "eth0")
+        self.ip(host, "link", "set", "bg-guest1", "master", "banger0")
+        self.ip(guest, "addr", "add", f"{GUEST_IP}/24", "dev", "eth0")
+        self.ip(guest, "route", "add", "default", "via", "172.30.77.1")
+        return outside, host, guest
 
     @staticmethod
     def wait_line(child: subprocess.Popen[bytes]) -> str:

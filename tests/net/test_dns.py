@@ -15,6 +15,8 @@ from dnslib import QTYPE, RCODE, RR, TXT, A, DNSRecord
 
 from banger.net.dns import DnsServer, Upstream, resolved_running, systemd_resolved_setup, upstream_resolvers
 
+from .conftest import GUEST_IP, UPLINK_OUTSIDE, Namespaces
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -252,3 +254,42 @@ def test_resolved_helpers(tmp_path: Path) -> None:
 def test_names_normalized_on_insert(bad: str) -> None:
     server = DnsServer(LOOPBACK, 0, records={bad: "172.30.77.2"})
     assert list(server.records) == ["alpha"]
+
+
+# Runs a DnsServer inside a namespace: argv = bind address, domain, comma-separated name=ip records, upstream.
+SERVE_IN_NETNS = """
+import asyncio, sys
+from banger.net.dns import DnsServer
+
+async def main() -> None:
+    records = dict(item.split("=") for item in sys.argv[3].split(",") if item)
+    upstreams = [sys.argv[4]] if len(sys.argv) > 4 else []
+    server = DnsServer(sys.argv[1], 53, domain=sys.argv[2], records=records, upstreams=upstreams)
+    await server.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+QUERY = """
+import sys
+from dnslib import DNSRecord
+reply = DNSRecord.parse(DNSRecord.question(sys.argv[2]).send(sys.argv[1], 53, timeout=3))
+print(reply.header.rcode, *sorted(str(rr.rdata) for rr in reply.rr))
+"""
+
+
+@pytest.mark.net
+def test_guest_resolves_through_bridge_address(netns: Namespaces) -> None:
+    # The production layout: server on the bridge address, port 53, in the "host" namespace; its upstream
+    # (another DnsServer, authoritative for `test`) sits in the "outside" namespace behind the uplink.
+    outside, host, guest = netns.topology()
+    upstream = netns.spawn_python(outside, SERVE_IN_NETNS, UPLINK_OUTSIDE, "test", "example=192.0.2.10")
+    assert netns.wait_line(upstream) == "ready"
+    server = netns.spawn_python(host, SERVE_IN_NETNS, "172.30.77.1", "vm", f"alpha={GUEST_IP}", UPLINK_OUTSIDE)
+    assert netns.wait_line(server) == "ready"
+
+    assert netns.python(guest, QUERY, "172.30.77.1", "alpha.vm").split() == ["0", GUEST_IP]
+    assert netns.python(guest, QUERY, "172.30.77.1", "nope.vm").split() == [str(RCODE.NXDOMAIN)]
+    assert netns.python(guest, QUERY, "172.30.77.1", "example.test").split() == ["0", "192.0.2.10"]

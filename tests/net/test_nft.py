@@ -8,14 +8,11 @@ import pytest
 
 from banger.errors import InvalidInputError, ToolError
 from banger.net import nft
-from banger.net.links import BridgeConfig, Links
 from banger.net.nft import NatState, PortForward, Proto
 
-from .conftest import Namespaces
+from .conftest import GUEST_IP, UPLINK_HOST, UPLINK_OUTSIDE, Namespaces
 
-GUEST = IPv4Address("172.30.77.2")
-UPLINK_HOST = "10.99.0.1"
-UPLINK_OUTSIDE = "10.99.0.2"
+GUEST = IPv4Address(GUEST_IP)
 
 # Tiny TCP server: tells each client the source address it saw, then hangs up.
 PEER_ECHO = """
@@ -139,22 +136,6 @@ def test_forwarding_sysctl_roundtrip(netns: Namespaces) -> None:
     assert current() == "0"
 
 
-def _topology(netns: Namespaces) -> tuple[str, str, str]:
-    """outside <-veth-> host(bridge) <-veth-> guest. The guest's veth peer on the bridge stands in for the TAP
-    a real VM would use: same bridge port behaviour, but a namespace can sit behind it instead of a VMM."""
-    outside, host, guest = netns.new("out"), netns.new("host"), netns.new("guest")
-    with Links(host) as links:
-        links.ensure_bridge(BridgeConfig())
-    netns.veth(host, "uplink", outside, "eth0")
-    netns.ip(host, "addr", "add", f"{UPLINK_HOST}/24", "dev", "uplink")
-    netns.ip(outside, "addr", "add", f"{UPLINK_OUTSIDE}/24", "dev", "eth0")
-    netns.veth(host, "bg-guest1", guest, "eth0")
-    netns.ip(host, "link", "set", "bg-guest1", "master", "banger0")
-    netns.ip(guest, "addr", "add", f"{GUEST}/24", "dev", "eth0")
-    netns.ip(guest, "route", "add", "default", "via", "172.30.77.1")
-    return outside, host, guest
-
-
 def _connect(netns: Namespaces, ns: str, host: str, port: int, timeout: float = 3.0) -> str | None:
     try:
         return netns.python(ns, CONNECT, host, str(port), str(timeout)).strip()
@@ -164,7 +145,7 @@ def _connect(netns: Namespaces, ns: str, host: str, port: int, timeout: float = 
 
 @pytest.mark.net
 def test_guest_reaches_outside_through_masquerade(netns: Namespaces) -> None:
-    outside, host, guest = _topology(netns)
+    outside, host, guest = netns.topology()
     server = netns.spawn_python(outside, PEER_ECHO, UPLINK_OUTSIDE, "8000")
     assert netns.wait_line(server) == "ready"
     nft.enable_forwarding(netns=host)
@@ -181,7 +162,7 @@ def test_guest_reaches_outside_through_masquerade(netns: Namespaces) -> None:
 
 @pytest.mark.net
 def test_published_port_reaches_guest(netns: Namespaces) -> None:
-    outside, host, guest = _topology(netns)
+    outside, host, guest = netns.topology()
     server = netns.spawn_python(guest, PEER_ECHO, "0.0.0.0", "80")
     assert netns.wait_line(server) == "ready"
     nft.enable_forwarding(netns=host)
