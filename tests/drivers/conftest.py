@@ -15,6 +15,7 @@ from banger import proc
 from banger.drivers import process
 from banger.drivers.base import VmmHandle
 from banger.drivers.firecracker import FirecrackerDriver
+from banger.drivers.host import HostCaps, detect, qemu_accel
 from banger.drivers.qemu import QemuDriver
 from banger.kernels.vmlinux import extract_vmlinux
 
@@ -128,10 +129,15 @@ def firecracker_bin() -> str:
     return proc.which("firecracker", hint="run scripts/setup.sh --dev")
 
 
+@pytest.fixture(scope="session")
+def host_caps() -> HostCaps:
+    return detect(firecracker_bin=firecracker_bin())
+
+
 @pytest.fixture
-def qemu_driver() -> QemuDriver:
-    # TCG: this host's /dev/kvm is kvm_pvm, under which ordinary guest kernels hang.
-    return QemuDriver(proc.which("qemu-system-x86_64"), "tcg")
+def qemu_driver(host_caps: HostCaps) -> QemuDriver:
+    # On this machine that is TCG: its /dev/kvm is kvm_pvm, under which ordinary guest kernels hang.
+    return QemuDriver(proc.which("qemu-system-x86_64"), qemu_accel(host_caps))
 
 
 @pytest.fixture

@@ -56,6 +56,8 @@ class Resource:
 
     async def _send(self, method: str, body: dict[str, Any] | None) -> Any:
         call = f"{method} {self.path}"
+        if body is not None and "action_type" in body:
+            call += f" {body['action_type']}"
         try:
             resp = await self.client.request(method, self.path, json=body, timeout=API_TIMEOUT)
         except httpx.HTTPError as exc:
