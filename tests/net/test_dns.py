@@ -128,6 +128,18 @@ def test_local_names() -> None:
     with_servers(body)
 
 
+def test_reverse_lookup_of_vm_address() -> None:
+    async def body(server: DnsServer, upstream: FakeUpstream) -> None:
+        reply = await ask(server.port, "2.77.30.172.in-addr.arpa", "PTR")
+        assert [str(rr.rdata) for rr in reply.rr] == ["alpha.vm."]
+        assert upstream.udp_queries == []
+        other = await ask(server.port, "9.77.30.172.in-addr.arpa", "PTR")  # no VM there: upstream decides
+        assert other.header.rcode == RCODE.NXDOMAIN
+        assert upstream.udp_queries == ["9.77.30.172.in-addr.arpa"]
+
+    with_servers(body)
+
+
 def test_live_updates() -> None:
     async def body(server: DnsServer, upstream: FakeUpstream) -> None:
         server.set_record("beta", "172.30.77.3")

@@ -1,5 +1,6 @@
 """Guests' DNS: answers `<vm>.<domain>` from a live table and forwards everything else to the host's resolvers.
 
+Reverse (PTR) lookups of VM addresses are answered locally too; other reverse names are forwarded.
 The server listens on UDP and TCP at one address (the bridge address, port 53, in production). A truncated
 upstream answer is passed back to a UDP client as is (it retries over TCP, as resolvers do); queries arriving
 over TCP are forwarded over UDP first and retried over TCP when the upstream answer is truncated.
@@ -17,7 +18,7 @@ from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 from typing import Any, cast
 
-from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
+from dnslib import OPCODE, PTR, QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
 from banger.errors import ToolError
 
@@ -245,10 +246,29 @@ class DnsServer:
             return None
         if query.header.qr or not query.questions:
             return None
+        if query.header.opcode != OPCODE.QUERY:
+            reply = query.reply(ra=1)
+            reply.header.rcode = RCODE.NOTIMP
+            return bytes(reply.pack())
         qname = _normalize(str(query.q.qname))
         if qname == self.domain or qname.endswith("." + self.domain):
             return bytes(self._answer_local(query, qname).pack())
+        if query.q.qtype == QTYPE.PTR and (name := self._reverse(qname)) is not None:
+            reply = query.reply(aa=1, ra=1)
+            reply.add_answer(RR(query.q.qname, QTYPE.PTR, rdata=PTR(f"{name}.{self.domain}."), ttl=self.ttl))
+            return bytes(reply.pack())
         return await self._forward(query, data, tcp=tcp)
+
+    def _reverse(self, qname: str) -> str | None:
+        """The VM name owning the address in a `d.c.b.a.in-addr.arpa` name, if any."""
+        octets = qname.removesuffix(".in-addr.arpa").split(".")
+        if len(octets) != 4 or not qname.endswith(".in-addr.arpa"):
+            return None
+        try:
+            address = IPv4Address(".".join(reversed(octets)))
+        except ValueError:
+            return None
+        return next((name for name, ip in self._records.items() if ip == address), None)
 
     def _answer_local(self, query: DNSRecord, qname: str) -> DNSRecord:
         reply = query.reply(aa=1, ra=1)
