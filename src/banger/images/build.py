@@ -1,0 +1,141 @@
+"""`banger image build`: bootstrap a preset's rootfs (cached by its inputs), add the guest side, make ext4.
+
+Cache layout under `cache_dir`: `rootfs/<key>.tar` (the bootstrapped rootfs, numeric owners, device nodes included)
+and `rootfs/<key>.json` (the inputs that produced it). The key hashes every input of the bootstrap: preset, suite,
+mirror, sorted package set, architecture, the init stub's content and IMAGE_FORMAT_VERSION. A warm build only
+extracts the tarball, adds the guest side and runs mkfs.ext4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from banger import __version__, proc
+from banger.errors import AlreadyExistsError, ConfigError
+from banger.fsutil import atomic_write, temp_sibling_dir
+from banger.images.guestside import add_guest_side, check_rootfs, stub_sha256
+from banger.images.mkfs import choose_size, make_ext4
+from banger.images.presets import BOOTSTRAP_OUTPUT, BootstrapOutput, BootstrapPlan, bootstrap_command, make_plan
+from banger.images.spec import IMAGE_FORMAT_VERSION, BuildStep, ImageInfo, ImageSpec
+from banger.images.tarball import extract_rootfs, pack_rootfs
+from banger.progress import Progress, ProgressEvent
+
+BOOTSTRAP_TIMEOUT = 30 * 60.0
+_TOOL_HINTS = {
+    "mmdebstrap": "install mmdebstrap (apt-get install mmdebstrap)",
+    "apk.static": "download apk-tools-static from an Alpine mirror and put apk.static on PATH",
+    "xbps-install.static": "download xbps-static from a Void mirror and put xbps-install.static on PATH",
+}
+
+
+def plan_for(spec: ImageSpec) -> BootstrapPlan:
+    """The validated bootstrap plan for `spec` (defaults filled in)."""
+    return make_plan(
+        spec.preset,
+        suite=spec.suite,
+        mirror=spec.mirror,
+        packages=spec.packages,
+        arch=spec.arch,
+        keys_dir=spec.keys_dir,
+    )
+
+
+def cache_key(plan: BootstrapPlan) -> str:
+    """Hex key naming the cached rootfs for `plan`: covers every input that changes what gets bootstrapped."""
+    inputs = {
+        "format": IMAGE_FORMAT_VERSION,
+        "preset": str(plan.preset),
+        "suite": plan.suite,
+        "mirror": plan.mirror,
+        "packages": sorted(plan.packages),
+        "arch": plan.arch,
+        "stub": stub_sha256(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_rootfs(cache_dir: Path, key: str) -> Path:
+    """Where the bootstrapped rootfs tarball for `key` lives."""
+    return cache_dir / "rootfs" / f"{key}.tar"
+
+
+def bootstrap(plan: BootstrapPlan, out_tar: Path, *, progress: Progress) -> None:
+    """Run the preset's bootstrap and leave its rootfs as the tarball `out_tar` (nothing on failure)."""
+    progress(ProgressEvent(step=BuildStep.BOOTSTRAP, message=f"{plan.preset} {plan.suite} from {plan.mirror}"))
+    with temp_sibling_dir(out_tar, "bootstrap") as work:
+        staged_tar = work / "rootfs.tar"
+        root = work / "root"
+        root.mkdir(mode=0o755)
+        makes_tar = BOOTSTRAP_OUTPUT[plan.preset] is BootstrapOutput.TAR
+        cmd = bootstrap_command(plan, staged_tar if makes_tar else root)
+        if cmd.keys_dir is not None and not cmd.keys_dir.is_dir():
+            raise ConfigError(
+                f"{plan.preset} repository signing keys not found in {cmd.keys_dir}",
+                hint=f"put the {plan.preset} signing keys there, or pass keys_dir in the image spec",
+            )
+        if cmd.keys_dir is not None and cmd.keys_into_root is not None:
+            shutil.copytree(cmd.keys_dir, root / cmd.keys_into_root)
+        argv = [proc.which(cmd.argv[0], hint=_TOOL_HINTS.get(cmd.argv[0])), *cmd.argv[1:]]
+        proc.run(argv, env=cmd.env, step=f"bootstrap {plan.preset} rootfs", timeout=BOOTSTRAP_TIMEOUT)
+        if cmd.output is BootstrapOutput.DIR:
+            pack_rootfs(root, staged_tar, progress=progress, step=BuildStep.BOOTSTRAP)
+        os.replace(staged_tar, out_tar)
+    meta = {"plan": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(plan).items()}}
+    atomic_write(out_tar.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    progress(ProgressEvent(step=BuildStep.BOOTSTRAP, message="done"))
+
+
+def finish_image(
+    stage: Path, out_path: Path, info: ImageInfo, *, requested_size: int | None, progress: Progress
+) -> ImageInfo:
+    """Check the staged rootfs, add the guest side, and mkfs it into `out_path` atomically; returns the final info."""
+    progress(ProgressEvent(step=BuildStep.GUEST_SIDE))
+    missing = check_rootfs(stage)
+    size = choose_size(stage, requested_size)
+    info = dataclasses.replace(info, size_bytes=size, missing_optional=missing)
+    add_guest_side(stage, info)
+    tmp_image = stage.parent / "image.ext4"
+    make_ext4(stage, tmp_image, size, progress=progress)
+    if out_path.exists():
+        raise AlreadyExistsError(f"image file {out_path} already exists")
+    os.replace(tmp_image, out_path)
+    return info
+
+
+def build_image(spec: ImageSpec, out_path: Path, *, cache_dir: Path, progress: Progress) -> ImageInfo:
+    """Build the ext4 image `out_path` for `spec`, reusing a cached bootstrap when its inputs are unchanged."""
+    if out_path.exists():
+        raise AlreadyExistsError(f"image file {out_path} already exists")
+    plan = plan_for(spec)
+    key = cache_key(plan)
+    tar = cached_rootfs(cache_dir, key)
+    hit = tar.is_file()
+    if hit:
+        progress(ProgressEvent(step=BuildStep.CACHE_HIT, message=str(tar)))
+    else:
+        bootstrap(plan, tar, progress=progress)
+    with temp_sibling_dir(out_path, "build") as work:
+        stage = work / "rootfs"
+        stage.mkdir(mode=0o755)
+        progress(ProgressEvent(step=BuildStep.EXTRACT, message=str(tar)))
+        extract_rootfs(tar, stage, progress=progress, step=BuildStep.EXTRACT)
+        info = ImageInfo(
+            name=spec.name,
+            source=f"preset:{plan.preset}",
+            preset=str(plan.preset),
+            suite=plan.suite,
+            mirror=plan.mirror,
+            packages=list(plan.packages),
+            arch=plan.arch,
+            size_bytes=0,
+            rootfs_bytes=tar.stat().st_size,
+            banger_version=__version__,
+            cache_key=key,
+            cache_hit=hit,
+        )
+        return finish_image(stage, out_path, info, requested_size=spec.size_bytes, progress=progress)

@@ -1,0 +1,72 @@
+"""Shared image fixtures: a real Debian image built once and cached across sessions by the inputs that made it.
+
+`debian_image` yields the path of a bookworm image built by banger.images.build (cached under
+/var/cache/banger-tests/images/<key>/image.ext4). Treat it as read-only: VM tests must copy it (cp --sparse=always
+or reflink) before booting from it read-write.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from banger.images.build import build_image, cache_key, cached_rootfs, plan_for
+from banger.images.spec import ImageSpec
+from banger.progress import no_progress
+
+CACHE_ROOT = Path("/var/cache/banger-tests/images")
+ROOTFS_CACHE = CACHE_ROOT / "cache"
+DEBIAN_SPEC = ImageSpec(name="test-debian")
+
+
+def _code_hash() -> str:
+    """Hash of banger.images' own sources, so a code change rebuilds the cached test image."""
+    h = hashlib.sha256()
+    pkg = resources.files("banger.images")
+    for name in sorted(p.name for p in pkg.iterdir() if p.name.endswith(".py")):
+        h.update(name.encode() + pkg.joinpath(name).read_bytes())
+    h.update(pkg.joinpath("files/banger-init").read_bytes())
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    # Several test sessions (helpers, CI jobs) may share the cache; building twice at once wastes minutes.
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    with (CACHE_ROOT / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def image_cache_dir() -> Path:
+    """The bootstrap cache the tests share (rootfs tarballs keyed by their inputs)."""
+    return ROOTFS_CACHE
+
+
+@pytest.fixture(scope="session")
+def debian_rootfs_tar(debian_image: Path) -> Path:
+    """The cached, real bootstrapped Debian rootfs tarball behind `debian_image`."""
+    return cached_rootfs(ROOTFS_CACHE, cache_key(plan_for(DEBIAN_SPEC)))
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> Iterator[Path]:
+    """A real Debian bookworm banger image (built once, then reused while its inputs and code are unchanged)."""
+    key = f"{cache_key(plan_for(DEBIAN_SPEC))}-{_code_hash()}"
+    image = CACHE_ROOT / key / "image.ext4"
+    with _cache_lock():
+        tar = cached_rootfs(ROOTFS_CACHE, cache_key(plan_for(DEBIAN_SPEC)))
+        if not (image.is_file() and tar.is_file()):
+            image.unlink(missing_ok=True)
+            build_image(DEBIAN_SPEC, image, cache_dir=ROOTFS_CACHE, progress=no_progress)
+    yield image
