@@ -49,7 +49,7 @@ class ImageService:
         )
         return self._row_json(info, str(path))
 
-    def list(self) -> list[dict[str, Any]]:
+    def all(self) -> list[dict[str, Any]]:
         """Images, by name."""
         rows = self.store.query("SELECT info, path FROM images ORDER BY name")
         return [self._row_json(ImageInfo.from_json(json.loads(r["info"])), r["path"]) for r in rows]
