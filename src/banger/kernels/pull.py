@@ -1,0 +1,319 @@
+"""`kernel pull`: stream a catalog bundle over HTTP(S), verify it, unpack it safely, install it atomically.
+
+The download runs on the event loop (so cancelling the task stops it at once, even while the server stalls);
+zstd decoding and tar extraction run in one worker thread fed through a bounded in-memory pipe. The sha256 and a
+walk of the zstd frame structure are computed over the compressed bytes as they arrive; after the tar ends the
+worker drains the rest, so the hash covers the whole file and a truncated frame is caught.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import httpx
+import zstandard
+
+from banger.errors import AlreadyExistsError, DownloadError, IntegrityError
+from banger.fsutil import temp_sibling_dir
+from banger.kernels.catalog import CatalogEntry
+from banger.kernels.localops import build_manifest, install_dir, kernel_lock
+from banger.kernels.manifest import KernelManifest
+from banger.kernels.safetar import COPY_BUFSIZE, ForwardReader, check_layout, extract_tar_stream, unpacked_limit
+from banger.names import validate_name
+from banger.progress import Progress, ProgressEvent, no_progress
+
+PIPE_BYTES = 8 << 20
+_TIMEOUT = httpx.Timeout(30.0, read=60.0)
+_PROGRESS_EVERY_S = 0.1
+
+
+class _Aborted(Exception):
+    """The other side of the pipe gave up."""
+
+
+class _Pipe:
+    """Bounded hand-off of downloaded chunks from the event loop (producer) to the worker thread (consumer)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_bytes: int = PIPE_BYTES) -> None:
+        self._loop = loop
+        self._max = max_bytes
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._bytes = 0
+        self._eof = False
+        self._aborted = False
+        self._producer_waiting = False
+        self._space = asyncio.Event()
+
+    async def put(self, data: bytes) -> None:
+        while True:
+            with self._cond:
+                if self._aborted:
+                    raise _Aborted
+                if self._bytes < self._max:
+                    self._chunks.append(data)
+                    self._bytes += len(data)
+                    self._cond.notify()
+                    return
+                self._producer_waiting = True
+                self._space.clear()
+            await self._space.wait()
+
+    def finish(self) -> None:
+        """No more data: the consumer sees end of file once the queue is empty."""
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        """Stop both sides (either thread may call it); the consumer's next read raises _Aborted."""
+        with self._cond:
+            self._aborted = True
+            self._chunks.clear()
+            self._cond.notify_all()
+        self._loop.call_soon_threadsafe(self._space.set)
+
+    def read(self, size: int = -1, /) -> bytes:
+        with self._cond:
+            while not self._chunks and not self._eof and not self._aborted:
+                self._cond.wait()
+            if self._aborted:
+                raise _Aborted
+            parts: list[bytes] = []
+            have = 0
+            while self._chunks and (size < 0 or have < size):
+                chunk = self._chunks.popleft()
+                if size >= 0 and have + len(chunk) > size:
+                    cut = size - have
+                    self._chunks.appendleft(chunk[cut:])
+                    chunk = chunk[:cut]
+                parts.append(chunk)
+                have += len(chunk)
+            self._bytes -= have
+            if self._producer_waiting:
+                self._producer_waiting = False
+                self._loop.call_soon_threadsafe(self._space.set)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class ZstdFrameWalker:
+    """Follows zstd frame and block headers over compressed bytes, so a truncated stream is detected.
+
+    The decompressor just stops at the end of its input; walking the block headers (a few per 128 KiB) tells
+    whether the last frame really ended.
+    """
+
+    _MAGIC, _DESCRIPTOR, _HEADER_REST, _BLOCK, _CHECKSUM, _SKIP_SIZE = range(6)
+    _ZSTD_MAGIC = 0xFD2FB528
+    _SKIPPABLE = 0x184D2A50
+
+    def __init__(self) -> None:
+        self._state = self._MAGIC
+        self._need = 4
+        self._hdr = bytearray()
+        self._skip = 0
+        self._checksum = False
+        self.frames = 0
+
+    def feed(self, data: bytes) -> None:
+        """Consume the next compressed bytes; IntegrityError on something that is not zstd."""
+        i, n = 0, len(data)
+        view = memoryview(data)
+        while i < n:
+            if self._skip:
+                k = min(self._skip, n - i)
+                self._skip -= k
+                i += k
+                continue
+            k = min(self._need - len(self._hdr), n - i)
+            self._hdr += view[i : i + k]
+            i += k
+            if len(self._hdr) == self._need:
+                header = bytes(self._hdr)
+                self._hdr.clear()
+                self._advance(header)
+
+    def _expect(self, state: int, need: int) -> None:
+        self._state, self._need = state, need
+
+    def _advance(self, h: bytes) -> None:
+        value = int.from_bytes(h, "little")
+        if self._state == self._MAGIC:
+            if value == self._ZSTD_MAGIC:
+                self._expect(self._DESCRIPTOR, 1)
+            elif value & 0xFFFFFFF0 == self._SKIPPABLE:
+                self._expect(self._SKIP_SIZE, 4)
+            else:
+                raise IntegrityError("bundle is not zstd data (bad frame magic)")
+        elif self._state == self._DESCRIPTOR:
+            single = bool(value & 0x20)
+            if value & 0x08:
+                raise IntegrityError("bundle has a corrupt zstd frame header")
+            self._checksum = bool(value & 0x04)
+            rest = (0 if single else 1) + (0, 1, 2, 4)[value & 3] + ((1 if single else 0), 2, 4, 8)[value >> 6]
+            self._expect(self._HEADER_REST, rest) if rest else self._expect(self._BLOCK, 3)
+        elif self._state == self._HEADER_REST:
+            self._expect(self._BLOCK, 3)
+        elif self._state == self._BLOCK:
+            block_type = (value >> 1) & 3
+            if block_type == 3:
+                raise IntegrityError("bundle has a corrupt zstd block")
+            self._skip = 1 if block_type == 1 else value >> 3
+            if not value & 1:
+                self._expect(self._BLOCK, 3)
+            elif self._checksum:
+                self._expect(self._CHECKSUM, 4)
+            else:
+                self.frames += 1
+                self._expect(self._MAGIC, 4)
+        elif self._state == self._CHECKSUM:
+            self.frames += 1
+            self._expect(self._MAGIC, 4)
+        else:  # skippable frame size
+            self._skip = value
+            self._expect(self._MAGIC, 4)
+
+    def finish(self) -> None:
+        """IntegrityError unless the bytes fed so far end exactly at the end of a frame."""
+        if self._state != self._MAGIC or self._hdr or self._skip or not self.frames:
+            raise IntegrityError("bundle is truncated: its zstd frame is incomplete")
+
+
+class _Unpacker:
+    """The worker thread: zstd-decode the pipe's bytes and extract the tar into `dest`."""
+
+    def __init__(self, pipe: _Pipe, dest: Path, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._pipe = pipe
+        self._dest = dest
+        self._limit = limit
+        self._loop = loop
+        self._stopped = False
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(target=self._run, name=f"unpack:{dest.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            dctx = zstandard.ZstdDecompressor()
+            # zstandard only needs .read(n) from its source.
+            source: Any = self._pipe
+            with dctx.stream_reader(source, read_size=COPY_BUFSIZE, read_across_frames=True, closefd=False) as zr:
+                reader = ForwardReader(zr, self._limit)
+                extract_tar_stream(reader, self._dest, limit=self._limit)
+                reader.drain()
+        except zstandard.ZstdError as exc:
+            error = IntegrityError(f"bundle is not valid zstd data: {exc}")
+        except BaseException as exc:
+            error = exc
+        if error is not None:
+            self._pipe.abort()
+        self._loop.call_soon_threadsafe(self._settle, error)
+
+    def _settle(self, error: BaseException | None) -> None:
+        if self._stopped or self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+    def stop(self) -> None:
+        """Abort and wait for the thread; it only blocks on the pipe (woken here) or on short local disk writes."""
+        self._stopped = True
+        self._pipe.abort()
+        self._thread.join()
+
+
+async def _download(
+    entry: CatalogEntry, pipe: _Pipe, unpacker: _Unpacker, limit: int, progress: Progress
+) -> tuple[str, int]:
+    url = entry.tarball_url
+    sha = hashlib.sha256()
+    frames = ZstdFrameWalker()
+    done = 0
+    try:
+        async with httpx.AsyncClient(timeout=_TIMEOUT, follow_redirects=True) as client:
+            async with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as resp:
+                if resp.status_code != 200:
+                    raise DownloadError(f"download of {url} failed: HTTP {resp.status_code} {resp.reason_phrase}")
+                length = resp.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else entry.size_bytes
+                step = f"downloading {entry.name}"
+                progress(ProgressEvent(step=step, done=0, total=total, unit="B"))
+                last = time.monotonic()
+                async for chunk in resp.aiter_raw():
+                    sha.update(chunk)
+                    frames.feed(chunk)
+                    done += len(chunk)
+                    if done > limit:
+                        raise DownloadError(f"download of {url} exceeds {limit} bytes; refusing it")
+                    try:
+                        await pipe.put(chunk)
+                    except _Aborted:
+                        await unpacker.done  # raises the worker's error
+                        raise
+                    now = time.monotonic()
+                    if now - last >= _PROGRESS_EVERY_S:
+                        last = now
+                        progress(ProgressEvent(step=step, done=done, total=total, unit="B"))
+                progress(ProgressEvent(step=step, done=done, total=total, unit="B"))
+    except httpx.HTTPError as exc:
+        raise DownloadError(f"download of {url} failed after {done} bytes: {exc or type(exc).__name__}") from exc
+    pipe.finish()
+    frames.finish()
+    return sha.hexdigest(), done
+
+
+async def pull_kernel(
+    entry: CatalogEntry,
+    kernels_dir: Path,
+    *,
+    force: bool = False,
+    progress: Progress = no_progress,
+    wait: bool = True,
+) -> KernelManifest:
+    """Download, verify and install the catalog kernel `entry` as `<kernels_dir>/<entry.name>`."""
+    validate_name(entry.name, "kernel name")
+    target = kernels_dir / entry.name
+    limit = unpacked_limit(entry.size_bytes)
+    async with kernel_lock(kernels_dir, entry.name, wait=wait):
+        if target.exists() and not force:
+            raise AlreadyExistsError(f"kernel {entry.name!r} is already installed", hint="use --force to replace it")
+        with temp_sibling_dir(target, "pull") as staging:
+            loop = asyncio.get_running_loop()
+            pipe = _Pipe(loop)
+            unpacker = _Unpacker(pipe, staging, limit, loop)
+            unpacker.start()
+            try:
+                digest, size = await _download(entry, pipe, unpacker, limit, progress)
+                await unpacker.done
+            finally:
+                unpacker.stop()
+            if digest != entry.tarball_sha256:
+                raise IntegrityError(
+                    f"sha256 mismatch for {entry.tarball_url}: expected {entry.tarball_sha256}, got {digest}"
+                    f" ({size} bytes)"
+                )
+            check_layout(staging)
+            progress(ProgressEvent(step="verifying vmlinux", unit="B"))
+            manifest = await asyncio.to_thread(
+                build_manifest,
+                staging,
+                name=entry.name,
+                distro=entry.distro,
+                arch=entry.arch,
+                kernel_version=entry.kernel_version,
+                source=f"pull:{entry.tarball_url}",
+            )
+            manifest.write(staging)
+            await install_dir(staging, target)
+    return manifest
