@@ -11,8 +11,9 @@ import pytest
 
 from banger.drivers import process
 from banger.drivers.base import AgentChannel, AgentTransport, StopOutcome, VmmHandle, VmSpec
+from banger.drivers.host import DEV_VHOST_VSOCK
 from banger.drivers.qemu import QemuDriver
-from banger.errors import ToolError
+from banger.errors import ToolError, UnsupportedError
 
 from .conftest import GuestKernel, console_text
 
@@ -148,3 +149,21 @@ def test_argv_wires_devices(tmp_path: Path) -> None:
     assert "ifname=tap-x,script=no,downscript=no" in joined
     assert "vhost-vsock-device,guest-cid=7" in joined
     assert "socket,id=qmp,fd=5,server=on,wait=off" in joined
+
+
+async def test_vsock_without_vhost_vsock_is_refused_up_front(tmp_path: Path, qemu_driver: QemuDriver) -> None:
+    if DEV_VHOST_VSOCK.exists():
+        pytest.skip("this host has /dev/vhost-vsock; the refusal cannot be observed")
+    spec = VmSpec(
+        name="vsock",
+        vcpus=1,
+        memory_mib=128,
+        kernel=tmp_path / "k",
+        cmdline="",
+        console_log=tmp_path / "console.log",
+        run_dir=tmp_path / "run",
+        agent=AgentChannel(AgentTransport.VSOCK, guest_cid=9),
+    )
+    with pytest.raises(UnsupportedError, match="/dev/vhost-vsock"):
+        await qemu_driver.launch(spec)
+    assert not spec.run_dir.exists()  # refused before anything was created

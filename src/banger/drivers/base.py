@@ -143,6 +143,7 @@ class VmmDriver(Protocol):
     """What every VMM driver offers; the daemon picks one with `host.select_vmm`."""
 
     kind: VmmKind
+    binary: str
 
     async def launch(self, spec: VmSpec) -> VmmHandle:
         """Start the VMM and boot the guest; on failure nothing is left running."""

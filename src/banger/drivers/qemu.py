@@ -14,8 +14,8 @@ from qemu.qmp import QMPClient, QMPError
 
 from banger.drivers import process
 from banger.drivers.base import AGENT_PORT_NAME, AgentTransport, StopOutcome, VmmHandle, VmmKind, VmSpec
-from banger.drivers.host import host_tsc_khz
-from banger.errors import BangerError, InvalidInputError, ToolError
+from banger.drivers.host import DEV_VHOST_VSOCK, host_tsc_khz
+from banger.errors import BangerError, InvalidInputError, ToolError, UnsupportedError
 
 log = logging.getLogger("banger.drivers.qemu")
 
@@ -112,6 +112,11 @@ class QemuDriver:
 
     async def launch(self, spec: VmSpec) -> VmmHandle:
         """Start QEMU and wait until QMP answers and reports the guest running."""
+        if spec.agent is not None and spec.agent.transport is AgentTransport.VSOCK and not DEV_VHOST_VSOCK.exists():
+            raise UnsupportedError(
+                f"a vsock agent channel under QEMU needs {DEV_VHOST_VSOCK}",
+                hint="modprobe vhost_vsock, or use virtio-serial",
+            )
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         qmp_path = spec.run_dir / QMP_SOCKET
         cleanup: list[Path] = []
