@@ -172,6 +172,19 @@ def test_published_port_reaches_guest(netns: Namespaces) -> None:
     assert _connect(netns, outside, UPLINK_HOST, 8080) == UPLINK_OUTSIDE
     # From the host itself, to its own address: DNAT in the output hook.
     assert _connect(netns, host, UPLINK_HOST, 8080) == UPLINK_HOST
+    other = netns.new("guest2")
+    netns.veth(host, "bg-guest2", other, "eth0")
+    netns.ip(host, "link", "set", "bg-guest2", "master", "banger0")
+    netns.ip(other, "addr", "add", "172.30.77.3/24", "dev", "eth0")
+    netns.ip(other, "route", "add", "default", "via", "172.30.77.1")
+    # Guest to guest over the bridge is never NAT'ed, with bridge netfilter on (the netns default here) or off.
+    assert _connect(netns, other, GUEST_IP, 80) == "172.30.77.3"
+    # From another guest through the host's address (hairpin): masqueraded to the gateway so the reply goes back
+    # through the host. Bridge netfilter is switched off so the test shows the rule is needed on hosts without
+    # br_netfilter (with it, conntrack on the bridge would mend the asymmetric reply by itself).
+    netns.exec(host, ["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0"])
+    assert _connect(netns, other, GUEST_IP, 80) == "172.30.77.3"
+    assert _connect(netns, other, UPLINK_HOST, 8080) == "172.30.77.1"
     # Loopback is deliberately not forwarded (see banger.net.nft's docstring).
     assert _connect(netns, host, "127.0.0.1", 8080, timeout=1.0) is None
 

@@ -2,12 +2,16 @@
 
 What banger changes on the host, and nothing else:
 - the table `ip banger` (created, replaced and deleted as a whole, each in one `nft -f -` transaction), holding
-  * postrouting: masquerade of the guest subnet when it leaves through any interface but the bridge;
+  * postrouting: masquerade of the guest subnet when it leaves through any interface but the bridge, and of
+    guests reaching published ports through the host's address (hairpin);
   * forward: accept bridge -> anywhere, and established/related or DNAT'ed traffic back to the bridge;
   * prerouting + output: DNAT of published ports (`--publish HOST:GUEST`) to guest:GUEST.
 - the sysctl net.ipv4.ip_forward, set to 1 by `enable_forwarding()` (which returns the previous value so
   `restore_forwarding()` can put it back).
-banger does not load br_netfilter (bridge-nf): traffic between guests on the bridge never reaches these hooks.
+banger does not load or configure br_netfilter (bridge-nf). Where it is loaded (bridge-nf-call-iptables=1),
+bridged guest-to-guest traffic also passes the forward hooks: ours accepts it, but another table's drop policy
+(docker sets FORWARD to drop) would then cut guests off from each other; `sysctl net.bridge.bridge-nf-call-iptables=0`
+is the fix, left to the user because other software may rely on it.
 
 Caveats, by choice:
 - Accept verdicts are per table: if another table (firewalld, docker's iptables-nft FORWARD policy drop) drops
@@ -16,6 +20,8 @@ Caveats, by choice:
   through the output hook), but not on 127.0.0.1: DNAT of loopback-sourced packets out of the bridge needs
   net.ipv4.conf.<bridge>.route_localnet=1 plus masquerading 127.0.0.0/8, which weakens the host's martian checks.
   From the host, reach a guest directly at its address instead.
+- A guest cannot reach its own published port through the host's address (the kernel drops the packet whose
+  source and DNAT'ed destination are the same); other guests can (hairpin masquerade).
 
 Every function takes `netns`: when set, commands run as `ip netns exec NETNS ...` (tests never touch the host).
 """
@@ -102,6 +108,9 @@ def render_ruleset(state: NatState) -> str:
         "    chain postrouting {",
         "        type nat hook postrouting priority srcnat; policy accept;",
         f"        ip saddr {state.subnet} oifname != {bridge} masquerade",
+        # Hairpin: a guest reaching a published port via the host's address gets DNAT'ed back onto the bridge;
+        # without this the target guest would answer the client guest directly and the reply would be dropped.
+        f"        ip saddr {state.subnet} oifname {bridge} ct status dnat masquerade",
         "    }",
         "    chain prerouting {",
         "        type nat hook prerouting priority dstnat; policy accept;",
