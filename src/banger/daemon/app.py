@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from banger.config import Settings
+from banger.images.service import ImageService
+from banger.kernels.service import KernelService
 from banger.store.db import Store
 
 
@@ -16,5 +18,20 @@ class App:
 
     settings: Settings
     store: Store
+    kernels: KernelService
+    images: ImageService
     started_at: float = field(default_factory=time.time)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    def create(cls, settings: Settings, store: Store) -> App:
+        """Build the services and bring them in line with what is on disk."""
+        app = cls(
+            settings=settings,
+            store=store,
+            kernels=KernelService(settings, store),
+            images=ImageService(settings, store),
+        )
+        app.kernels.reconcile()
+        app.images.reconcile()
+        return app

@@ -56,7 +56,7 @@ class Daemon:
         log.info("bangerd %s starting (pid %d, home %s)", __version__, os.getpid(), self.paths.home)
         self.store = Store(self.paths.db)
         self.store.migrate()
-        self.app = App(settings=self.settings, store=self.store)
+        self.app = App.create(self.settings, self.store)
         self.server = RpcServer(build_registry(self.app))
         await self.server.start(self.paths.socket)
         loop = asyncio.get_running_loop()
