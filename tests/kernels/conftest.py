@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -41,9 +42,15 @@ def cache_lock(name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@functools.cache
+def image_package() -> debian.AptPackage:
+    """The versioned image package behind linux-image-cloud-amd64 (asked of apt once per session)."""
+    return debian.resolve_image_package(debian.DEFAULT_PACKAGE)
+
+
 def kernel_cache_key() -> str:
     """The candidate package version plus a hash of banger's build code: a new either means a new build."""
-    pkg = debian.resolve_image_package(debian.DEFAULT_PACKAGE)
+    pkg = image_package()
     return f"{pkg.name}_{pkg.version.replace(':', '%3a')}_{debian.build_inputs_digest()}"
 
 
@@ -66,13 +73,37 @@ def build_cached_kernel() -> BuiltKernel:
             build = debian.build_debian_kernel(out, cache_dir=DEBS, progress=no_progress)
             build.manifest(TEST_KERNEL_NAME).write(out)
             out.rename(target)
+        _prune_old_builds(keep=3)
         return BuiltKernel(target, time.monotonic() - started)
+
+
+def _prune_old_builds(keep: int) -> None:
+    """Each change to the build code makes a new ~150 MB entry; keep only the newest few."""
+    builds = sorted(CACHE.glob("linux-image-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in builds[keep:]:
+        shutil.rmtree(old)
+        (CACHE / f".{old.name}.lock").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
 def debian_kernel() -> Path:
     """Directory of a banger-built Debian cloud kernel (vmlinux, initrd.img, config, cmdline, modules, manifest)."""
     return build_cached_kernel().dir
+
+
+@pytest.fixture(scope="session")
+def debian_vmlinuz() -> Path:
+    """The package's own compressed boot/vmlinuz-* (a bzImage), cached beside the builds."""
+    pkg = image_package()
+    target = CACHE / f"vmlinuz_{pkg.name}_{pkg.version.replace(':', '%3a')}"
+    with cache_lock(target.name):
+        if not target.is_file():
+            deb = debian.fetch_deb(pkg, DEBS, no_progress)
+            with temp_sibling_dir(target, "unpack") as tmp:
+                proc.run(["dpkg-deb", "-x", deb, tmp])
+                (vmlinuz,) = (tmp / "boot").glob("vmlinuz-*")
+                vmlinuz.rename(target)
+    return target
 
 
 @pytest.fixture(scope="session")

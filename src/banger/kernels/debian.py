@@ -1,4 +1,10 @@
-"""Build a bootable guest kernel from Debian's kernel package: vmlinux, config, modules and banger's initramfs."""
+"""Build a bootable guest kernel from Debian's kernel package: vmlinux, config, modules and banger's initramfs.
+
+Nothing is installed on the host: the .deb is fetched with `apt-get download` (or taken from apt's archive cache),
+checked against apt's index, and unpacked with `dpkg-deb -x`. The package's whole modules/<ver> tree is kept (about
+90 MiB, indexed with depmod) so a guest can load any module later (netfilter, overlay, ...); the initramfs carries
+only the virtio/vsock drivers needed to reach the root disk, and those stay loaded after switch_root.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ DEFAULT_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 APT_ARCHIVES = Path("/var/cache/apt/archives")
 # Serial console for both VMMs (the 8250 driver is built in; hvc0 would need virtio_console, a module, so it could
-# only appear after the initramfs ran). No ip= autoconfig: the guest configures its own network.
+# only appear after the initramfs ran). No ip= autoconfig: the guest configures its own network. No pci=off: the
+# VMM may describe devices through ACPI, and the kernel's PCI probe of a PCI-less microvm costs next to nothing.
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw"
 _ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
 _APT_HINT = "run `apt-get update` so apt knows the current Debian packages"
@@ -193,8 +200,9 @@ def build_debian_kernel(
     kernel_deb = fetch_deb(pkg, cache_dir, progress)
     busybox_deb = fetch_deb(busybox_pkg, cache_dir, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Unpack beside out_dir so the module tree can be renamed (not copied) into it.
-    with tempfile.TemporaryDirectory(prefix=".banger-debian-unpack.", dir=out_dir.parent) as tmp:
+    # Unpack inside out_dir: the module tree is then renamed (not copied) into place, and a failed build leaves
+    # nothing beside out_dir for the caller to clean up.
+    with tempfile.TemporaryDirectory(prefix=".unpack.", dir=out_dir) as tmp:
         root = Path(tmp) / "kernel"
         progress(ProgressEvent(f"unpack {kernel_deb.name}"))
         _unpack(kernel_deb, root)
