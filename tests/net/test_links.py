@@ -144,3 +144,17 @@ def test_missing_namespace_is_not_created() -> None:
     with pytest.raises(NotFoundError):
         Links(name)
     assert not (NETNS_RUN_DIR / name).exists()
+
+
+@pytest.mark.net
+def test_failed_tap_setup_leaves_nothing(netns: Namespaces) -> None:
+    ns = netns.new("rollback")
+    with Links(ns) as links:
+        links.ensure_bridge()
+        with pytest.raises(InvalidInputError):
+            links.ensure_tap("bg-bad", "not-a-mac")
+        # Multicast MAC: well-formed, so the TAP gets created, but the kernel refuses it; the TAP must go again.
+        with pytest.raises(ToolError, match="set MAC of bg-bad"):
+            links.ensure_tap("bg-bad", "03:00:00:00:00:01")
+        assert links.get_tap("bg-bad") is None
+    assert "bg-bad" not in {link["ifname"] for link in netns.ip_json(ns, "link")}

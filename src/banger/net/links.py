@@ -7,6 +7,7 @@ A `Links` object can be bound to a named network namespace so tests never touch 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -25,6 +26,7 @@ TAP_PREFIX = "bg-"
 IFNAMSIZ = 15  # kernel limit on interface names, without the trailing NUL
 NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add` pins named namespaces
 
+_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _ENODEV = 19
 _EEXIST = 17
 
@@ -199,10 +201,13 @@ class Links:
     def ensure_tap(self, name: str, mac: str, bridge: str = DEFAULT_BRIDGE, *, owner: int | None = None) -> TapInfo:
         """Create a persistent TAP (if missing) with host-side MAC `mac` (see tap_mac), attach it, bring it up."""
         check_ifname(name)
+        if not _MAC_RE.fullmatch(mac):
+            raise InvalidInputError(f"invalid MAC address {mac!r}")
         bridge_index = self._index(bridge)
         if bridge_index is None:
             raise ToolError(f"bridge {bridge} does not exist; create it before attaching {name}")
         index = self._index(name)
+        created = index is None
         if index is None:
             # Same flags the VMMs open the device with (no packet-info header, virtio-net header).
             extra: dict[str, Any] = {"ifr": {"no_pi": True, "vnet_hdr": True}}
@@ -214,6 +219,14 @@ class Links:
                 raise ToolError(f"TAP {name} vanished right after creation")
         elif self._kind(self._link(index)) != "tun":
             raise InUseError(f"interface {name} exists and is not a TAP device")
+        try:
+            return self._configure_tap(index, name, mac, bridge, bridge_index)
+        except BaseException:
+            if created:  # do not leave a half-configured TAP behind
+                self._remove(name, "tun")
+            raise
+
+    def _configure_tap(self, index: int, name: str, mac: str, bridge: str, bridge_index: int) -> TapInfo:
         link = self._link(index)
         if str(link.get("address")).lower() != mac.lower():
             # The MAC can only change while the link is down.
