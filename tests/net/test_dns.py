@@ -240,7 +240,7 @@ def test_upstream_resolvers(tmp_path: Path) -> None:
     resolv.write_text(
         "# generated\nsearch example.org\nnameserver 10.0.0.1\nnameserver 10.0.0.1\nnameserver fe80::1%eth0\n"
     )
-    assert upstream_resolvers(resolv, resolved) == ["10.0.0.1", "fe80::1"]
+    assert upstream_resolvers(resolv, resolved) == ["10.0.0.1", "fe80::1%eth0"]
 
     resolv.write_text("nameserver 127.0.0.53\noptions edns0 trust-ad\n")
     resolved.write_text("nameserver 192.0.2.53 # from DHCP\nnameserver 192.0.2.54\nnameserver bogus\n")

@@ -49,8 +49,10 @@ def _nameservers(path: Path) -> list[str]:
     for line in text.splitlines():
         fields = line.split("#", 1)[0].split()
         if len(fields) >= 2 and fields[0] == "nameserver":
+            address, _, zone = fields[1].partition("%")
             with contextlib.suppress(ValueError):
-                found.append(str(ip_address(fields[1].split("%", 1)[0])))
+                # Keep an IPv6 zone (fe80::1%eth0): a link-local server is unreachable without it.
+                found.append(str(ip_address(address)) + (f"%{zone}" if zone else ""))
     return found
 
 
