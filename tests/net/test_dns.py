@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from dnslib import QTYPE, RCODE, RR, TXT, A, DNSRecord
 
+from banger.errors import InvalidInputError
 from banger.net.dns import DnsServer, Upstream, resolved_running, systemd_resolved_setup, upstream_resolvers
 
 from .conftest import GUEST_IP, UPLINK_OUTSIDE, Namespaces
@@ -266,11 +267,15 @@ def test_resolved_helpers(tmp_path: Path) -> None:
 def test_names_normalized_on_insert(bad: str) -> None:
     server = DnsServer(LOOPBACK, 0, records={bad: "172.30.77.2"})
     assert list(server.records) == ["alpha"]
+    with pytest.raises(InvalidInputError):
+        server.set_record("beta", "172.30.77.300")
+    assert list(server.records) == ["alpha"]
 
 
 # Runs a DnsServer inside a namespace: argv = bind address, domain, comma-separated name=ip records, upstream.
 SERVE_IN_NETNS = """
 import asyncio, sys
+from banger.errors import InvalidInputError
 from banger.net.dns import DnsServer
 
 async def main() -> None:

@@ -20,7 +20,7 @@ from typing import Any, cast
 
 from dnslib import OPCODE, PTR, QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
-from banger.errors import ToolError
+from banger.errors import InvalidInputError, ToolError
 
 log = logging.getLogger("banger.net.dns")
 
@@ -88,6 +88,13 @@ def systemd_resolved_setup(bridge: str, address: str, domain: str = DEFAULT_DOMA
 
 def _normalize(name: str) -> str:
     return name.strip().rstrip(".").lower()
+
+
+def _address(value: IPv4Address | str) -> IPv4Address:
+    try:
+        return IPv4Address(str(value))
+    except ValueError as exc:
+        raise InvalidInputError(f"not an IPv4 address for a DNS record: {value!r}") from exc
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -162,11 +169,11 @@ class DnsServer:
 
     def set_records(self, mapping: Mapping[str, IPv4Address | str]) -> None:
         """Replace the whole name -> address table; takes effect for the next query."""
-        self._records = {self._key(k): IPv4Address(str(v)) for k, v in mapping.items()}
+        self._records = {self._key(k): _address(v) for k, v in mapping.items()}
 
     def set_record(self, name: str, address: IPv4Address | str) -> None:
         """Add or change one VM's address."""
-        self._records = {**self._records, self._key(name): IPv4Address(str(address))}
+        self._records = {**self._records, self._key(name): _address(address)}
 
     def remove_record(self, name: str) -> None:
         """Forget one VM's name (unknown names are ignored)."""
