@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from banger.drivers import process
-from banger.drivers.base import AgentChannel, AgentTransport, VmmDriver, VmmHandle, VmmKind, VmSpec
+from banger.drivers.base import AgentChannel, AgentTransport, StopOutcome, VmmDriver, VmmHandle, VmmKind, VmSpec
+from banger.drivers.firecracker import FirecrackerDriver
+from banger.drivers.qemu import QemuDriver
 
 from .conftest import GuestKernel
 
@@ -78,34 +80,40 @@ async def test_lifecycle(
 
 
 # Launches a VM the way the daemon would, prints the stored record, and exits: the VMM must live on.
+# With a TAP name it first creates that TAP, meant to run in a fresh network namespace (unshare --net).
 LAUNCHER = """
 import asyncio, json, sys
 from pathlib import Path
-from banger.drivers.base import VmSpec, AgentChannel, AgentTransport, VmmKind
+from banger import proc
+from banger.drivers.base import VmSpec, AgentChannel, AgentTransport, NetSpec
 from banger.drivers.firecracker import FirecrackerDriver
 from banger.drivers.qemu import QemuDriver
 
 async def main() -> None:
     args = json.loads(sys.argv[1])
     driver = QemuDriver(args["binary"], args["accel"]) if args["kind"] == "qemu" else FirecrackerDriver(args["binary"])
+    net = None
+    if args["tap"]:
+        proc.run(["ip", "tuntap", "add", "dev", args["tap"], "mode", "tap"])
+        proc.run(["ip", "link", "set", args["tap"], "up"])
+        net = NetSpec(args["tap"], args["mac"])
     agent = args["agent"]
     spec = VmSpec(
-        name="readopt", vcpus=1, memory_mib=256, kernel=Path(args["kernel"]), initrd=Path(args["initrd"]),
+        name="elsewhere", vcpus=1, memory_mib=256, kernel=Path(args["kernel"]), initrd=Path(args["initrd"]),
         cmdline=args["cmdline"], console_log=Path(args["console_log"]), run_dir=Path(args["run_dir"]),
-        agent=AgentChannel(AgentTransport(agent["transport"]), Path(agent["socket"]), agent["guest_cid"]),
+        agent=AgentChannel(AgentTransport(agent["transport"]), Path(agent["socket"]), agent["guest_cid"]), net=net,
     )
     handle = await driver.launch(spec)
     print(json.dumps(handle.to_dict()))
 
 asyncio.run(main())
 """
+MAC = "02:42:ac:1e:4d:02"
 
 
-async def test_vmm_outlives_its_launcher_and_is_adopted(
-    driver: VmmDriver, tmp_path: Path, test_kernel: GuestKernel, vmm_reaper: list[VmmHandle]
-) -> None:
-    spec = spec_for(driver, tmp_path, test_kernel)
-    assert spec.agent is not None and spec.agent.socket is not None
+def launch_elsewhere(driver: VmmDriver, spec: VmSpec, *, tap: str | None = None) -> VmmHandle:
+    """Launch `spec` from a separate Python process that then exits, as a daemon that goes away would."""
+    assert spec.agent is not None
     args = {
         "kind": driver.kind.value,
         "binary": driver.binary,
@@ -116,12 +124,23 @@ async def test_vmm_outlives_its_launcher_and_is_adopted(
         "console_log": str(spec.console_log),
         "run_dir": str(spec.run_dir),
         "agent": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(spec.agent).items()},
+        "tap": tap,
+        "mac": MAC,
     }
+    prefix = ["unshare", "--net"] if tap else []
     out = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, json.dumps(args)], capture_output=True, text=True, timeout=120, check=True
+        [*prefix, sys.executable, "-c", LAUNCHER, json.dumps(args)], capture_output=True, text=True, timeout=120
     )
-    record = json.loads(out.stdout.strip().splitlines()[-1])
-    handle = VmmHandle.from_dict(record)
+    if out.returncode != 0:
+        pytest.fail(f"launcher failed: {out.stderr[-3000:]}")
+    return VmmHandle.from_dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+async def test_vmm_outlives_its_launcher_and_is_adopted(
+    driver: VmmDriver, tmp_path: Path, test_kernel: GuestKernel, vmm_reaper: list[VmmHandle]
+) -> None:
+    spec = spec_for(driver, tmp_path, test_kernel)
+    handle = launch_elsewhere(driver, spec)
     vmm_reaper.append(handle)
 
     # The launcher (its "daemon") has exited; the VMM is not our child, yet it is found and controlled.
@@ -131,4 +150,40 @@ async def test_vmm_outlives_its_launcher_and_is_adopted(
     await driver.kill(adopted)
     assert process.start_time(handle.pid) is None
     assert not handle.control_socket.exists()
+    assert spec.agent is not None and spec.agent.socket is not None
     assert not spec.agent.socket.exists()
+
+
+@pytest.mark.net
+async def test_tap_network_in_a_namespace(
+    driver: VmmDriver, tmp_path: Path, test_kernel: GuestKernel, vmm_reaper: list[VmmHandle]
+) -> None:
+    """The TAP and MAC reach the VMM's virtio-net device (TAP made in a private namespace, not the host's)."""
+    spec = spec_for(driver, tmp_path, test_kernel)
+    handle = launch_elsewhere(driver, spec, tap="bgtap0")
+    vmm_reaper.append(handle)
+    if isinstance(driver, QemuDriver):
+        (nic,) = await driver.qmp(handle, "query-rx-filter")
+        assert nic["main-mac"] == MAC
+        network = await driver.qmp(handle, "human-monitor-command", {"command-line": "info network"})
+        assert "ifname=bgtap0" in network
+    elif isinstance(driver, FirecrackerDriver):
+        (iface,) = (await driver.vm_config(handle))["network-interfaces"]
+        assert (iface["host_dev_name"], iface["guest_mac"]) == ("bgtap0", MAC)
+    else:
+        pytest.fail(f"no network check for {driver.kind}")
+    await driver.kill(handle)
+    assert not driver.is_alive(handle)
+
+
+async def test_stop_of_a_guest_that_ignores_it_kills_after_timeout(
+    driver: VmmDriver, tmp_path: Path, test_kernel: GuestKernel, vmm_reaper: list[VmmHandle]
+) -> None:
+    spec = spec_for(driver, tmp_path, test_kernel)
+    handle = await driver.launch(spec)
+    vmm_reaper.append(handle)
+    # The QEMU guest ignores the power button (banger_test=ignore); Firecracker's guest cannot run here at all.
+    assert await driver.stop(handle, timeout=2) is StopOutcome.KILLED
+    assert not driver.is_alive(handle)
+    assert not handle.control_socket.exists()
+    assert await driver.stop(handle, timeout=2) is StopOutcome.ALREADY_GONE

@@ -56,7 +56,7 @@ async def test_boot_agent_channel_and_graceful_powerdown(
     vmm_reaper.append(handle)
     assert qemu_driver.is_alive(handle)
     assert handle.start_time == process.start_time(handle.pid)
-    status = await qemu_driver._qmp(handle, "query-status")
+    status = await qemu_driver.qmp(handle, "query-status")
     assert status["status"] == "running"
 
     # The agent socket exists as soon as launch returns, and the guest's write on the port reaches it.

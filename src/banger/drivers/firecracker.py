@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ class FirecrackerApi:
         self.metrics = Resource(self.client, "/metrics")
         self.vsock = Resource(self.client, "/vsock")
         self.actions = Resource(self.client, "/actions")
+        self.vm_config = Resource(self.client, "/vm/config")
 
     def drive(self, drive_id: str) -> Resource:
         """The /drives/<id> resource."""
@@ -148,12 +150,9 @@ class FirecrackerDriver:
         handle = VmmHandle(self.kind, pid, started or -1, api_socket, spec.run_dir, tuple(cleanup))
         try:
             await self._wait_api(handle)
-            api = FirecrackerApi(api_socket)
-            try:
+            async with _api(api_socket) as api:
                 await self._configure(api, spec)
                 await api.actions.put({"action_type": "InstanceStart"})
-            finally:
-                await api.aclose()
         except BaseException:
             await self.kill(handle)
             raise
@@ -213,15 +212,13 @@ class FirecrackerDriver:
         if not process.matches(handle):
             process.remove_sockets(handle)
             return StopOutcome.ALREADY_GONE
-        api = FirecrackerApi(handle.control_socket)
         try:
-            await api.actions.put({"action_type": "SendCtrlAltDel"})
+            async with _api(handle.control_socket) as api:
+                await api.actions.put({"action_type": "SendCtrlAltDel"})
         except BangerError as exc:
             log.warning("graceful stop of firecracker pid %d impossible, killing it: %s", handle.pid, exc)
             await self.kill(handle)
             return StopOutcome.KILLED
-        finally:
-            await api.aclose()
         if await process.wait_exit(handle, timeout):
             process.remove_sockets(handle)
             return StopOutcome.GRACEFUL
@@ -239,8 +236,20 @@ class FirecrackerDriver:
 
     async def describe(self, handle: VmmHandle) -> dict[str, Any]:
         """GET / : Firecracker's instance info (id, state, vmm_version)."""
-        api = FirecrackerApi(handle.control_socket)
-        try:
+        async with _api(handle.control_socket) as api:
             return await api.instance.get()
-        finally:
-            await api.aclose()
+
+    async def vm_config(self, handle: VmmHandle) -> dict[str, Any]:
+        """GET /vm/config : the whole configuration Firecracker runs with."""
+        async with _api(handle.control_socket) as api:
+            return await api.vm_config.get()
+
+
+@contextlib.asynccontextmanager
+async def _api(api_socket: Path) -> AsyncIterator[FirecrackerApi]:
+    """A FirecrackerApi client that is always closed."""
+    api = FirecrackerApi(api_socket)
+    try:
+        yield api
+    finally:
+        await api.aclose()

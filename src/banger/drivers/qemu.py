@@ -140,7 +140,7 @@ class QemuDriver:
         try:
             if started is None:
                 raise ToolError(f"qemu exited at once: {_log_tail(spec.run_dir / VMM_LOG)}")
-            status = await self._qmp(handle, "query-status", timeout=QMP_CONNECT_TIMEOUT)
+            status = await self.qmp(handle, "query-status", timeout=QMP_CONNECT_TIMEOUT)
             if not status.get("running"):
                 raise ToolError(f"qemu started but the guest is {status.get('status')!r}, not running")
         except BaseException:
@@ -149,8 +149,10 @@ class QemuDriver:
         log.info("qemu pid %d started for %s (accel %s)", pid, spec.name, self.accel)
         return handle
 
-    async def _qmp(self, handle: VmmHandle, command: str, *, timeout: float = 10.0) -> dict[str, Any]:
-        """Run one QMP command on a fresh connection; QEMU serves one QMP client at a time."""
+    async def qmp(
+        self, handle: VmmHandle, command: str, arguments: dict[str, Any] | None = None, *, timeout: float = 10.0
+    ) -> Any:
+        """Run one QMP command on a fresh connection (QEMU serves one QMP client at a time); return its result."""
         client = QMPClient(f"banger-{handle.pid}")
         try:
             async with process.deadline(timeout, f"QMP {command} on qemu pid {handle.pid}"):
@@ -158,7 +160,7 @@ class QemuDriver:
                     # The socket exists from before QEMU started, so connect needs no retries: it waits in
                     # the backlog for QEMU's greeting, and fails if QEMU dies and the socket closes.
                     await client.connect(os.fspath(handle.control_socket))
-                    result = await client.execute(command)
+                    result = await client.execute(command, arguments)
                 except (QMPError, OSError) as exc:
                     detail = _log_tail(handle.run_dir / VMM_LOG)
                     raise ToolError(
@@ -167,7 +169,7 @@ class QemuDriver:
         finally:
             with contextlib.suppress(QMPError, OSError):
                 await client.disconnect()
-        return result if isinstance(result, dict) else {}
+        return result
 
     def adopt(self, handle: VmmHandle) -> VmmHandle | None:
         """The handle if its QEMU process (same pid and start time) and QMP socket are still there."""
@@ -185,7 +187,7 @@ class QemuDriver:
             process.remove_sockets(handle)
             return StopOutcome.ALREADY_GONE
         try:
-            await self._qmp(handle, "system_powerdown")
+            await self.qmp(handle, "system_powerdown")
         except BangerError as exc:
             log.warning("graceful stop of qemu pid %d impossible, killing it: %s", handle.pid, exc)
             await self.kill(handle)
