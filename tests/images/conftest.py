@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -62,9 +63,13 @@ def debian_rootfs_tar(debian_image: Path) -> Path:
 @pytest.fixture(scope="session")
 def debian_image() -> Iterator[Path]:
     """A real Debian bookworm banger image (built once, then reused while its inputs and code are unchanged)."""
-    key = f"{cache_key(plan_for(DEBIAN_SPEC))}-{_code_hash()}"
-    image = CACHE_ROOT / key / "image.ext4"
+    rootfs_key = cache_key(plan_for(DEBIAN_SPEC))
+    image = CACHE_ROOT / f"{rootfs_key}-{_code_hash()}" / "image.ext4"
     with _cache_lock():
+        # Images built by older code for the same inputs are dead weight (2 GiB apparent each).
+        for stale in CACHE_ROOT.glob(f"{rootfs_key}-*"):
+            if stale != image.parent:
+                shutil.rmtree(stale)
         tar = cached_rootfs(ROOTFS_CACHE, cache_key(plan_for(DEBIAN_SPEC)))
         if not (image.is_file() and tar.is_file()):
             image.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from banger import __version__, proc
 from banger.errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from banger.fsutil import dir_size, temp_sibling_dir
 from banger.images.build import finish_image
+from banger.images.guestside import check_rootfs
 from banger.images.presets import host_arch
 from banger.images.spec import BuildStep, ImageInfo
 from banger.images.tarball import extract_rootfs, is_probably_tar
@@ -35,6 +36,9 @@ def import_rootfs(
     is_dir = src.is_dir()
     if not is_dir and not is_probably_tar(src):
         raise InvalidInputError(f"{src} is neither a directory nor a tar archive (plain, gz, bz2, xz or zst)")
+    if is_dir:
+        # Fail before copying hundreds of megabytes; the copy is checked again after the guest side needs it.
+        check_rootfs(src)
     with temp_sibling_dir(out_path, "import") as work:
         stage = work / "rootfs"
         progress(ProgressEvent(step=BuildStep.EXTRACT, message=str(src)))
