@@ -66,6 +66,10 @@ def test_hardware_kvm(tmp_path: Path) -> None:
     assert select_vmm("auto", without_fc) is VmmKind.QEMU
     with pytest.raises(UnsupportedError, match="firecracker not found"):
         select_vmm("firecracker", without_fc)
+    old_fc = dataclasses.replace(caps, firecracker=ToolInfo("/x/firecracker", "1.7.0"))
+    assert select_vmm("auto", old_fc) is VmmKind.QEMU
+    with pytest.raises(UnsupportedError, match="1.7.0 is too old"):
+        select_vmm("firecracker", old_fc)
 
 
 def test_no_kvm(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 """Firecracker driver: spawn `firecracker --api-sock`, configure it over its REST API, start, stop.
 
-How the guest finds its devices: Firecracker (since 1.8, x86_64) describes its virtio-mmio devices to the
-guest in the ACPI DSDT, besides the legacy `virtio_mmio.device=` kernel command-line entries older releases
-appended. Debian's cloud kernel is built without VIRTIO_MMIO_CMDLINE_DEVICES, so it can only find disks,
-network and vsock through ACPI: it needs Firecracker >= 1.8, must not be booted with `acpi=off`, and needs
-virtio_mmio (a module there) in its initrd.
+How the guest finds its devices: before 1.8, Firecracker announced each virtio-mmio device only through a
+`virtio_mmio.device=<size>@<addr>:<irq>` entry appended to the kernel command line, which a kernel honours
+only when built with VIRTIO_MMIO_CMDLINE_DEVICES. Since 1.8 (x86_64) it also describes them in an ACPI DSDT,
+as QEMU's microvm does. Debian's cloud kernel lacks VIRTIO_MMIO_CMDLINE_DEVICES, so under Firecracker it can
+find its disks, network and vsock only through ACPI: it needs Firecracker >= 1.8, must not be booted with
+`acpi=off`, and needs virtio_mmio (a module there) in its initrd.
 """
 
 from __future__ import annotations

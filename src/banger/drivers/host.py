@@ -138,10 +138,27 @@ def detect(
     )
 
 
+# Older Firecrackers announce virtio devices only on the kernel command line, which our kernels ignore.
+FIRECRACKER_MIN = (1, 8)
+
+
+def _firecracker_problem(caps: HostCaps) -> str | None:
+    """Why this host's Firecracker cannot run our guests, or None when it can."""
+    version = caps.firecracker.version
+    if version is None:
+        return f"firecracker is not usable here: {caps.firecracker.problem}"
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if parts < FIRECRACKER_MIN:
+        return f"firecracker {version} is too old: banger's kernels need >= 1.8 (virtio devices described via ACPI)"
+    if not caps.kvm_usable:
+        return f"firecracker needs working hardware KVM: {caps.kvm_reason}"
+    return None
+
+
 def select_vmm(requested: str, caps: HostCaps) -> VmmKind:
     """Resolve `auto`/`qemu`/`firecracker` against the host; refuse up front what cannot run here."""
     if requested == "auto":
-        if caps.firecracker.version is not None and caps.kvm_usable:
+        if _firecracker_problem(caps) is None:
             return VmmKind.FIRECRACKER
         if caps.qemu.version is None:
             raise UnsupportedError(
@@ -154,12 +171,9 @@ def select_vmm(requested: str, caps: HostCaps) -> VmmKind:
     except ValueError:
         raise InvalidInputError(f"unknown VMM {requested!r} (choose auto, qemu or firecracker)") from None
     if kind is VmmKind.FIRECRACKER:
-        if caps.firecracker.version is None:
-            raise UnsupportedError(f"firecracker is not usable here: {caps.firecracker.problem}")
-        if not caps.kvm_usable:
-            raise UnsupportedError(
-                f"firecracker needs working hardware KVM: {caps.kvm_reason}", hint="use --vmm qemu (TCG) instead"
-            )
+        problem = _firecracker_problem(caps)
+        if problem is not None:
+            raise UnsupportedError(problem, hint="use --vmm qemu instead")
     elif caps.qemu.version is None:
         raise UnsupportedError(f"qemu is not usable here: {caps.qemu.problem}")
     return kind
