@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import lzma
 import re
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from banger.kernels.initramfs import (
     INITRAMFS_MODULES,
     LOAD_ORDER,
     Compression,
+    ModuleLoad,
     build_initramfs,
     char_device,
     check_static_busybox,
@@ -71,7 +74,47 @@ def test_load_order_puts_dependencies_first(tmp_path: Path) -> None:
         "kernel/a.ko: kernel/b.ko kernel/c.ko\nkernel/b.ko: kernel/c.ko\nkernel/c.ko:\nkernel/x-y.ko:\nkernel/z.ko:\n"
     )
     order = resolve_load_order(tmp_path, ["a", "x_y", "built_in_thing", "c"])
-    assert order == ["kernel/c.ko", "kernel/b.ko", "kernel/a.ko", "kernel/x-y.ko"]
+    assert order == [ModuleLoad(p) for p in ("kernel/c.ko", "kernel/b.ko", "kernel/a.ko", "kernel/x-y.ko")]
+
+
+def test_soft_dependencies_come_first_and_are_optional(tmp_path: Path) -> None:
+    # ext4's shape in Debian's generic kernel: a crypto-API need that only modules.softdep + modules.alias express.
+    (tmp_path / "modules.dep").write_text(
+        "kernel/fs/ext4/ext4.ko.xz: kernel/fs/jbd2/jbd2.ko.xz\n"
+        "kernel/fs/jbd2/jbd2.ko.xz:\n"
+        "kernel/crypto/crc32c_generic.ko.xz:\n"
+        "kernel/arch/x86/crypto/crc32c-intel.ko.xz:\n"
+        "kernel/loop-a.ko:\nkernel/loop-b.ko:\n"
+    )
+    (tmp_path / "modules.softdep").write_text(
+        "# comment\nsoftdep ext4 pre: crypto-crc32c\nsoftdep jbd2 pre: crypto-crc32c post: nothing\n"
+        "softdep loop_a pre: loop_b\nsoftdep loop_b pre: loop-a\n"
+    )
+    (tmp_path / "modules.alias").write_text(
+        "alias crypto-crc32c crc32c_intel\nalias crypto-crc32c crc32c_generic\nalias virtio:d00000002v* virtio_blk\n"
+    )
+    order = resolve_load_order(tmp_path, ["ext4", "loop_a"])
+    assert order == [
+        ModuleLoad("kernel/arch/x86/crypto/crc32c-intel.ko.xz", optional=True),
+        ModuleLoad("kernel/crypto/crc32c_generic.ko.xz", optional=True),
+        ModuleLoad("kernel/fs/jbd2/jbd2.ko.xz"),
+        ModuleLoad("kernel/fs/ext4/ext4.ko.xz"),
+        ModuleLoad("kernel/loop-b.ko", optional=True),
+        ModuleLoad("kernel/loop-a.ko"),
+    ]
+    # Asked for outright, a soft dependency becomes required.
+    assert ModuleLoad("kernel/crypto/crc32c_generic.ko.xz") in resolve_load_order(tmp_path, ["ext4", "crc32c_generic"])
+
+
+def test_compressed_modules_are_stored_plain(tmp_path: Path, static_busybox: Path) -> None:
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel" / "m.ko.xz").write_bytes(lzma.compress(b"\x7fELF module bytes"))
+    (tmp_path / "modules.dep").write_text("kernel/m.ko.xz:\n")
+    out = tmp_path / "initrd"
+    build_initramfs(out, modules_dir=tmp_path, busybox=static_busybox, config_text="CONFIG_RD_GZIP=y\n", modules=["m"])
+    archive = gzip.decompress(out.read_bytes())
+    assert _extract_member(archive, "lib/modules/kernel/m.ko") == b"\x7fELF module bytes"
+    assert _extract_member(archive, LOAD_ORDER) == b"kernel/m.ko\n"
 
 
 def test_load_order_needs_modules_dep(tmp_path: Path) -> None:
@@ -160,7 +203,9 @@ def test_initramfs_contents(debian_kernel: Path) -> None:
     names = _cpio_list(archive)
     for required in ("init", "bin/busybox", "bin/sh", "bin/switch_root", "dev/console", LOAD_ORDER):
         assert required in names
-    order = [line for line in _extract_member(archive, LOAD_ORDER).decode().splitlines() if line]
+    lines = [line.split() for line in _extract_member(archive, LOAD_ORDER).decode().splitlines() if line]
+    order = [words[0] for words in lines]
+    assert all(words[1:] in ([], ["optional"]) for words in lines)
     loaded_names = {Path(p).name.removesuffix(".ko").replace("-", "_") for p in order}
     assert {"virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "vmw_vsock_virtio_transport"} <= loaded_names
     deps = read_modules_dep(version_dir)

@@ -245,7 +245,7 @@ def build_debian_kernel(
         size_bytes=dir_size(out_dir),
         cmdline=cmdline,
         boots_on={"firecracker": is_elf(vmlinux), "qemu-microvm": has_pvh_note(vmlinux)},
-        initramfs_modules=tuple(loaded),
+        initramfs_modules=tuple(m.path for m in loaded),
     )
 
 

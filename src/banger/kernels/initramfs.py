@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import lzma
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
@@ -132,28 +133,86 @@ def read_modules_dep(modules_dir: Path) -> dict[str, list[str]]:
     return deps
 
 
-def _module_name(rel_path: str) -> str:
+def _read_optional(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def read_softdeps(modules_dir: Path) -> dict[str, list[str]]:
+    """The "pre:" soft dependencies of modules.softdep: {module name: [module names or aliases]}."""
+    pre: dict[str, list[str]] = {}
+    for line in _read_optional(modules_dir / "modules.softdep"):
+        words = line.split()
+        if len(words) < 3 or words[0] != "softdep" or words[2] != "pre:":
+            continue
+        names = pre.setdefault(_norm(words[1]), [])
+        for word in words[3:]:
+            if word.endswith(":"):
+                break  # a following "post:" section
+            names.append(word)
+    return pre
+
+
+def read_aliases(modules_dir: Path) -> dict[str, list[str]]:
+    """Exact (wildcard-free) aliases of modules.alias: {alias: [module names]}, e.g. crypto-crc32c."""
+    aliases: dict[str, list[str]] = {}
+    for line in _read_optional(modules_dir / "modules.alias"):
+        words = line.split()
+        if len(words) == 3 and words[0] == "alias" and not any(c in words[1] for c in "*?["):
+            aliases.setdefault(words[1], []).append(_norm(words[2]))
+    return aliases
+
+
+def _norm(name: str) -> str:
+    # kbuild treats - and _ in module names alike; modules.dep keeps the file's own spelling.
+    return name.replace("-", "_")
+
+
+def module_name(rel_path: str) -> str:
+    """kernel/fs/ext4/ext4.ko.xz -> ext4."""
     name = rel_path.rsplit("/", 1)[-1]
-    for suffix in (".xz", ".gz", ".zst"):
+    for suffix in _DECOMPRESS:
         name = name.removesuffix(suffix)
     return name.removesuffix(".ko")
 
 
-def resolve_load_order(modules_dir: Path, wanted: Sequence[str]) -> list[str]:
-    """Relative paths of `wanted` modules present in the tree plus their dependencies, dependencies first."""
+@dataclass(frozen=True, slots=True)
+class ModuleLoad:
+    """One module for /init to insmod; optional ones (soft dependencies) may fail, e.g. CPU-specific crypto."""
+
+    path: str
+    optional: bool = False
+
+
+def resolve_load_order(modules_dir: Path, wanted: Sequence[str]) -> list[ModuleLoad]:
+    """`wanted` modules present in the tree, after their hard dependencies and their soft "pre:" ones."""
     deps = read_modules_dep(modules_dir)
-    # kbuild treats - and _ in module names alike; modules.dep keeps the file's own spelling.
-    by_name = {_module_name(p).replace("-", "_"): p for p in deps}
-    order: list[str] = []
-    for name in wanted:
-        path = by_name.get(name.replace("-", "_"))
-        if path is None:
-            continue  # built into the kernel, or not built at all: nothing to load
-        # depmod lists a module's dependencies so that the last must be loaded first.
+    softdeps = read_softdeps(modules_dir)
+    aliases = read_aliases(modules_dir)
+    by_name = {_norm(module_name(p)): p for p in deps}
+    order: dict[str, bool] = {}  # path -> optional, in load order
+    visiting: set[str] = set()
+
+    def add(path: str, optional: bool) -> None:
+        # depmod lists a module's (transitive) dependencies so that the last must be loaded first.
         for item in [*reversed(deps[path]), path]:
-            if item not in order:
-                order.append(item)
-    return order
+            if item in order:
+                order[item] = order[item] and optional  # a required load upgrades an optional one
+                continue
+            if item in visiting:
+                continue  # a soft-dependency cycle
+            visiting.add(item)
+            # ext4 needs crc32c through the crypto API, which modules.dep cannot see: modprobe's softdeps say so.
+            for soft in softdeps.get(_norm(module_name(item)), []):
+                for name in aliases.get(soft, [_norm(soft)]):
+                    if name in by_name:
+                        add(by_name[name], True)
+            order[item] = optional
+
+    for name in wanted:
+        path = by_name.get(_norm(name))
+        if path is not None:  # absent: built into the kernel, or not built at all; nothing to load
+            add(path, False)
+    return [ModuleLoad(path, optional) for path, optional in order.items()]
 
 
 def kernel_supports(config_text: str, option: str) -> bool:
@@ -197,7 +256,25 @@ def check_static_busybox(busybox: Path) -> None:
         )
 
 
-def initramfs_entries(modules_dir: Path, load_order: Sequence[str], busybox: Path) -> list[Entry]:
+def _unzstd(data: bytes) -> bytes:
+    out: bytes = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return out
+
+
+# Module files may be compressed (newer Debian ships .ko.xz); the initramfs stores them plain so busybox insmod,
+# whatever its build options, can load them.
+_DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {".xz": lzma.decompress, ".gz": gzip.decompress, ".zst": _unzstd}
+
+
+def _plain_module(modules_dir: Path, rel: str) -> tuple[str, bytes]:
+    data = (modules_dir / rel).read_bytes()
+    for suffix, decompress in _DECOMPRESS.items():
+        if rel.endswith(suffix):
+            return rel.removesuffix(suffix), decompress(data)
+    return rel, data
+
+
+def initramfs_entries(modules_dir: Path, load_order: Sequence[ModuleLoad], busybox: Path) -> list[Entry]:
     """Every member of banger's initramfs, parents before children."""
     entries = [directory(d) for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules")]
     # The kernel opens /dev/console for init's stdio before /init runs, so the node must be in the archive.
@@ -206,15 +283,18 @@ def initramfs_entries(modules_dir: Path, load_order: Sequence[str], busybox: Pat
     entries += [symlink(f"bin/{applet}", "busybox") for applet in APPLETS]
     entries.append(regular("init", init_script(), 0o755))
     made: set[str] = {"lib/modules"}
-    for rel in load_order:
+    lines: list[str] = []
+    for load in load_order:
+        rel, data = _plain_module(modules_dir, load.path)
         parts = rel.split("/")
         for depth in range(1, len(parts)):
             parent = "lib/modules/" + "/".join(parts[:depth])
             if parent not in made:
                 made.add(parent)
                 entries.append(directory(parent))
-        entries.append(regular(f"lib/modules/{rel}", (modules_dir / rel).read_bytes()))
-    entries.append(regular(LOAD_ORDER, "".join(f"{rel}\n" for rel in load_order).encode()))
+        entries.append(regular(f"lib/modules/{rel}", data))
+        lines.append(f"{rel} optional\n" if load.optional else f"{rel}\n")
+    entries.append(regular(LOAD_ORDER, "".join(lines).encode()))
     return entries
 
 
@@ -225,7 +305,7 @@ def build_initramfs(
     busybox: Path,
     config_text: str,
     modules: Sequence[str] = INITRAMFS_MODULES,
-) -> list[str]:
+) -> list[ModuleLoad]:
     """Write banger's compressed initramfs to `out` atomically; returns the modules it loads, in order."""
     check_static_busybox(busybox)
     load_order = resolve_load_order(modules_dir, modules)
