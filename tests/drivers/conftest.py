@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -17,11 +18,14 @@ from banger.drivers.base import VmmHandle
 from banger.drivers.firecracker import FirecrackerDriver
 from banger.drivers.host import HostCaps, detect, qemu_accel
 from banger.drivers.qemu import QemuDriver
+from banger.fsutil import temp_sibling_dir
+from banger.kernels import debian
 from banger.kernels.vmlinux import extract_vmlinux
+from banger.progress import no_progress
 
 CACHE = Path("/var/cache/banger-tests/drivers")
+DEBS = Path("/var/cache/banger-tests/kernel/debs")  # shared with the kernel tests' download cache
 REPO = Path(__file__).resolve().parents[2]
-KERNEL_PACKAGE = "linux-image-cloud-amd64"
 # Loaded in this order by the test init: virtio transport first, then what the tests poke at.
 MODULES = (
     "kernel/drivers/virtio/virtio_ring.ko",
@@ -73,52 +77,43 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _package_version() -> str:
-    out = proc.run_text(["apt-cache", "depends", KERNEL_PACKAGE], step="apt-cache depends")
-    for line in out.splitlines():
-        word = line.strip().removeprefix("Depends: ")
-        if word.startswith("linux-image-6"):
-            return word
-    raise RuntimeError(f"cannot resolve {KERNEL_PACKAGE} to a versioned package")
-
-
-def _build(dest: Path, package: str) -> None:
-    work = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    proc.run(["apt-get", "download", package], cwd=work, step="apt-get download kernel")
-    (deb,) = work.glob("*.deb")
-    proc.run(["dpkg-deb", "-x", deb, work / "x"], step="unpack kernel")
-    (vmlinuz,) = (work / "x/boot").glob("vmlinuz-*")
-    (moddir,) = (work / "x/lib/modules").iterdir()
-    root = work / "root"
-    for d in ("bin", "proc", "sys", "dev", "lib/banger"):
-        (root / d).mkdir(parents=True)
-    shutil.copy(proc.which("busybox"), root / "bin/busybox")
-    for i, mod in enumerate(MODULES):
-        shutil.copy(moddir / mod, root / "lib/banger" / f"{i:02d}-{Path(mod).name}")
-    (root / "init").write_text(INIT)
-    (root / "init").chmod(0o755)
-    names = proc.run(["find", "."], cwd=root, step="list initramfs").stdout
-    cpio = proc.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names, step="cpio").stdout
-    out = work / "out"
-    out.mkdir()
-    shutil.copy(vmlinuz, out / "vmlinuz")
-    extract_vmlinux(vmlinuz, out / "vmlinux")
-    (out / "initramfs.cpio").write_bytes(cpio)
-    out.rename(dest)
-    shutil.rmtree(work)
+def _build(dest: Path, pkg: debian.AptPackage) -> None:
+    deb = debian.fetch_deb(pkg, DEBS, no_progress)
+    with temp_sibling_dir(dest, "build") as work:
+        proc.run(["dpkg-deb", "-x", deb, work / "x"], step="unpack kernel")
+        (vmlinuz,) = (work / "x/boot").glob("vmlinuz-*")
+        (moddir,) = (work / "x/lib/modules").iterdir()
+        root = work / "root"
+        for d in ("bin", "proc", "sys", "dev", "lib/banger"):
+            (root / d).mkdir(parents=True)
+        shutil.copy(proc.which("busybox"), root / "bin/busybox")
+        for i, mod in enumerate(MODULES):
+            shutil.copy(moddir / mod, root / "lib/banger" / f"{i:02d}-{Path(mod).name}")
+        (root / "init").write_text(INIT)
+        (root / "init").chmod(0o755)
+        names = proc.run(["find", "."], cwd=root, step="list initramfs").stdout
+        cpio = proc.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names, step="cpio").stdout
+        out = work / "out"
+        out.mkdir()
+        shutil.copy(vmlinuz, out / "vmlinuz")
+        extract_vmlinux(vmlinuz, out / "vmlinux")
+        (out / "initramfs.cpio").write_bytes(cpio)
+        out.rename(dest)
 
 
 @pytest.fixture(scope="session")
 def test_kernel() -> GuestKernel:
-    """Debian's cloud kernel (bzImage) plus a busybox initramfs with the few modules the tests need."""
-    package = _package_version()
-    dest = CACHE / f"{package}-init-{hashlib.sha256((INIT + ''.join(MODULES)).encode()).hexdigest()[:12]}"
-    if not dest.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        _build(dest, package)
-    return GuestKernel(package, dest / "vmlinuz", dest / "vmlinux", dest / "initramfs.cpio")
+    """Debian's cloud kernel (bzImage and ELF vmlinux) plus a busybox initramfs with the few modules tests need."""
+    pkg = debian.resolve_image_package(debian.DEFAULT_PACKAGE)
+    digest = hashlib.sha256((INIT + "".join(MODULES)).encode()).hexdigest()[:12]
+    dest = CACHE / f"{pkg.name}_{pkg.version.replace(':', '%3a')}_{digest}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / ".build.lock").open("w") as lock:
+        # Concurrent pytest sessions would otherwise build the same entry twice.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not dest.exists():
+            _build(dest, pkg)
+    return GuestKernel(pkg.name, dest / "vmlinuz", dest / "vmlinux", dest / "initramfs.cpio")
 
 
 def firecracker_bin() -> str:
