@@ -43,14 +43,14 @@ def cache_lock(name: str) -> Iterator[None]:
 
 
 @functools.cache
-def image_package() -> debian.AptPackage:
-    """The versioned image package behind linux-image-cloud-amd64 (asked of apt once per session)."""
-    return debian.resolve_image_package(debian.DEFAULT_PACKAGE)
+def image_package(package: str = debian.DEFAULT_PACKAGE) -> debian.AptPackage:
+    """The versioned image package behind a metapackage (asked of apt once per session)."""
+    return debian.resolve_image_package(package)
 
 
-def kernel_cache_key() -> str:
+def kernel_cache_key(package: str = debian.DEFAULT_PACKAGE) -> str:
     """The candidate package version plus a hash of banger's build code: a new either means a new build."""
-    pkg = image_package()
+    pkg = image_package(package)
     return f"{pkg.name}_{pkg.version.replace(':', '%3a')}_{debian.build_inputs_digest()}"
 
 
@@ -60,9 +60,9 @@ class BuiltKernel:
     build_seconds: float | None  # None when it came from the cache
 
 
-def build_cached_kernel() -> BuiltKernel:
-    """Build (or reuse) the Debian cloud kernel under CACHE/<key>; the directory only appears complete."""
-    key = kernel_cache_key()
+def build_cached_kernel(package: str = debian.DEFAULT_PACKAGE) -> BuiltKernel:
+    """Build (or reuse) a Debian kernel under CACHE/<key>; the directory only appears complete."""
+    key = kernel_cache_key(package)
     target = CACHE / key
     with cache_lock(key):
         if (target / "manifest.json").is_file():
@@ -70,10 +70,10 @@ def build_cached_kernel() -> BuiltKernel:
         started = time.monotonic()
         with temp_sibling_dir(target, "build") as tmp:
             out = tmp / "kernel"
-            build = debian.build_debian_kernel(out, cache_dir=DEBS, progress=no_progress)
+            build = debian.build_debian_kernel(out, package=package, cache_dir=DEBS, progress=no_progress)
             build.manifest(TEST_KERNEL_NAME).write(out)
             out.rename(target)
-        _prune_old_builds(keep=3)
+        _prune_old_builds(keep=4)
         return BuiltKernel(target, time.monotonic() - started)
 
 

@@ -33,7 +33,7 @@ from banger.kernels.initramfs import (
 )
 from banger.kernels.manifest import CMDLINE, CONFIG, INITRD, MODULES, VMLINUX, read_manifest
 from banger.progress import no_progress
-from tests.kernels.conftest import ROOT_MARKER, BootFn, make_root_disk
+from tests.kernels.conftest import ROOT_MARKER, BootFn, build_cached_kernel, make_root_disk
 
 # --- initramfs pieces on crafted inputs -------------------------------------------------------------------------
 
@@ -296,3 +296,18 @@ def test_missing_init_is_a_clear_error(
         "banger-initramfs: ERROR: init /sbin/not-there not found or not executable on root /dev/vda" in result.console
     )
     assert ROOT_MARKER not in result.console
+
+
+@pytest.mark.vm
+def test_generic_kernel_package_boots_with_modular_ext4(
+    static_busybox: Path, tmp_path: Path, microvm_boot: BootFn
+) -> None:
+    # linux-image-amd64 builds ext4 and crc32c as modules: the initramfs must load ext4's hard dependencies and
+    # its crypto soft dependency, and shrug off crc32c-intel where the (TCG) CPU lacks SSE4.2.
+    kernel = build_cached_kernel("linux-image-amd64").dir
+    assert "\nCONFIG_EXT4_FS=m\n" in (kernel / CONFIG).read_text()
+    disk = make_root_disk(tmp_path / "root.ext4", static_busybox, ROOT_INIT)
+    result = microvm_boot(kernel, disk)
+    assert not result.timed_out
+    assert f"{ROOT_MARKER} pid=1" in result.console
+    assert "ERROR" not in result.console
