@@ -6,6 +6,7 @@ under this host's kvm_pvm (see test_firecracker.py); the process and socket life
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import stat
@@ -187,3 +188,32 @@ async def test_stop_of_a_guest_that_ignores_it_kills_after_timeout(
     assert not driver.is_alive(handle)
     assert not handle.control_socket.exists()
     assert await driver.stop(handle, timeout=2) is StopOutcome.ALREADY_GONE
+
+
+@pytest.mark.parametrize("after", [0.0, 0.03, 0.15])
+async def test_cancelled_launch_leaves_nothing(
+    driver: VmmDriver, tmp_path: Path, test_kernel: GuestKernel, vmm_reaper: list[VmmHandle], after: float
+) -> None:
+    """Cancelled at any point, a launch either completes or leaves no process and no socket behind."""
+    spec = spec_for(driver, tmp_path, test_kernel)
+    try:
+        handle = await asyncio.wait_for(driver.launch(spec), after)
+    except TimeoutError:
+        mine = [pid for pid in _pids() if str(tmp_path) in _cmdline(pid)]
+        assert mine == [], f"cancelled launch left VMM processes {mine}"
+        sockets = [p.name for p in spec.run_dir.glob("*") if p.is_socket()] if spec.run_dir.exists() else []
+        assert sockets == []
+    else:
+        vmm_reaper.append(handle)
+        await driver.kill(handle)
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,85 @@
+"""Detached VMM processes: identity by pid + start time, pidfd waits, kills that cannot hit a reused pid."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from banger.drivers import process
+from banger.drivers.base import VmmHandle, VmmKind
+from banger.errors import TimeoutError_, ToolError
+
+pytestmark = pytest.mark.anyio
+
+
+def spawn_sleep(tmp_path: Path, name: str = "sleep") -> VmmHandle:
+    exe = tmp_path / name
+    exe.symlink_to("/bin/sleep")
+    pid = process.spawn([str(exe), "60"], log_file=tmp_path / "log" / "vmm.log")
+    started = process.start_time(pid)
+    assert started is not None
+    sock = tmp_path / "ctl.sock"
+    sock.write_text("")
+    return VmmHandle(VmmKind.QEMU, pid, started, sock, tmp_path, (tmp_path / "other.sock",))
+
+
+async def test_identity_survives_odd_process_names(tmp_path: Path) -> None:
+    # comm may hold spaces and ')' — the stat parser must split after the last ')'.
+    handle = spawn_sleep(tmp_path, "we) ird (name")
+    try:
+        assert process.matches(handle)
+        ticks = os.sysconf("SC_CLK_TCK")
+        boot_age = time.clock_gettime(time.CLOCK_BOOTTIME)
+        assert abs(handle.start_time / ticks - boot_age) < 30  # started just now, in ticks since boot
+        assert os.getsid(handle.pid) == handle.pid  # its own session: outlives the daemon's
+        assert (tmp_path / "log" / "vmm.log").exists()
+    finally:
+        await process.kill(handle)
+    assert not process.matches(handle)
+
+
+async def test_wait_exit_times_out_then_sees_the_exit(tmp_path: Path) -> None:
+    handle = spawn_sleep(tmp_path)
+    began = time.monotonic()
+    assert not await process.wait_exit(handle, 0.3)
+    assert time.monotonic() - began >= 0.3
+    os.kill(handle.pid, 15)
+    assert await process.wait_exit(handle, 5)
+    assert process.start_time(handle.pid) is None  # reaped, not left a zombie
+
+
+async def test_kill_spares_a_process_whose_start_time_differs(tmp_path: Path) -> None:
+    handle = spawn_sleep(tmp_path)
+    impostor = dataclasses.replace(handle, start_time=handle.start_time - 1)  # as if the pid had been reused
+    try:
+        await process.kill(impostor)
+        assert process.matches(handle), "kill hit a process that was not the recorded VMM"
+    finally:
+        await process.kill(handle)
+    assert not process.matches(handle)
+
+
+def test_remove_sockets(tmp_path: Path) -> None:
+    handle = VmmHandle(VmmKind.FIRECRACKER, 1, 1, tmp_path / "a.sock", tmp_path, (tmp_path / "b.sock",))
+    for path in (handle.control_socket, *handle.cleanup_paths):
+        path.write_text("")
+    process.remove_sockets(handle)
+    process.remove_sockets(handle)  # idempotent
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spawn_missing_binary(tmp_path: Path) -> None:
+    with pytest.raises(ToolError, match="cannot start nope"):
+        process.spawn([str(tmp_path / "nope")], log_file=tmp_path / "log")
+
+
+async def test_deadline_names_what_it_waited_for() -> None:
+    import asyncio
+
+    with pytest.raises(TimeoutError_, match="the answer took longer than 0.05s"):
+        async with process.deadline(0.05, "the answer"):
+            await asyncio.sleep(5)
