@@ -1,0 +1,379 @@
+"""banger guest agent: serves the framed protocol (see protocol.py) over virtio-serial or vsock.
+
+Runs inside the guest as a child of banger-init, from the seed drive, with the stdlib only. Usage:
+
+    agent.py --serial org.banger.agent [--init-pid 1]   # virtio-serial port found by name
+    agent.py --vsock 1024 [--init-pid 1]                # AF_VSOCK listener, one session per connection
+    agent.py --connect /path/sock                       # Unix socket standing in for the serial port (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING or __package__:
+    from banger.guest import execs, ports
+    from banger.guest.protocol import VERSION, Fd, Frame, Kind, Mux, Stream, read_frame, stream_writer
+    from banger.guest.transfer import InboundPipe, OutboundPipe, TransferError, extract_tar, transfer_target, write_tar
+else:  # run from the seed drive, where the guest modules are plain siblings
+    import execs
+    import ports
+    from protocol import VERSION, Fd, Frame, Kind, Mux, Stream, read_frame, stream_writer
+    from transfer import InboundPipe, OutboundPipe, TransferError, extract_tar, transfer_target, write_tar
+
+RECONNECT_DELAY = 0.25
+_STARTED = time.monotonic()
+_ERROR_CODES: list[tuple[type[BaseException], str]] = [
+    (FileNotFoundError, "not_found"),
+    (PermissionError, "permission"),
+    (TransferError, "unsafe"),
+    (execs.ExecError, "exec_failed"),
+    (ValueError, "invalid"),
+    (KeyError, "invalid"),
+]
+
+
+def log(message: str) -> None:
+    """One line on the agent's stderr (the guest console under banger-init)."""
+    print(f"banger-agent: {message}", file=sys.stderr, flush=True)
+
+
+class Session:
+    """One protocol session: requests in flight and the connection they share."""
+
+    def __init__(self, mux: Mux, init_pid: int | None) -> None:
+        self.mux = mux
+        self.init_pid = init_pid
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.nonce: object = None
+
+    async def run(self) -> None:
+        """Serve frames until the host goes away."""
+        try:
+            while True:
+                await self.dispatch(await read_frame(self.mux.reader))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            await self.reset()
+
+    async def reset(self) -> None:
+        """Forget every stream (their processes are killed by their tasks' cleanup)."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.clear()
+        self.mux.close_streams()
+
+    async def dispatch(self, frame: Frame) -> None:
+        """Route one incoming frame."""
+        if frame.kind == Kind.HELLO:
+            # A host repeats HELLO until answered; only a new nonce (a new host) ends the previous session.
+            if frame.header.get("nonce") != self.nonce:
+                await self.reset()
+                self.nonce = frame.header.get("nonce")
+                await self.mux.send_padding()
+            await self.mux.send(Kind.HELLO, 0, nonce=frame.header.get("nonce"), version=VERSION, pid=os.getpid())
+        elif frame.kind == Kind.CANCEL:
+            if task := self.tasks.get(frame.id):
+                task.cancel()
+        elif frame.kind in HANDLERS and frame.id not in self.tasks:
+            stream = Stream(frame.id)
+            self.mux.streams[frame.id] = stream
+            self.tasks[frame.id] = asyncio.create_task(self.serve(stream, frame))
+        elif not self.mux.route(frame) and frame.kind not in (Kind.DATA, Kind.EOF, Kind.ACK, Kind.RESIZE, Kind.SIGNAL):
+            await self.mux.send(Kind.END, frame.id, ok=False, error=_error("unsupported", f"unknown {frame.kind!r}"))
+
+    async def serve(self, stream: Stream, frame: Frame) -> None:
+        """Run one request's handler and end its stream with its result or error."""
+        reply: dict[str, Any] | None
+        try:
+            result = await HANDLERS[Kind(frame.kind)](self, stream, frame)
+            reply = None if result is None else {"ok": True, **result}
+        except asyncio.CancelledError:
+            reply = {"ok": False, "error": _error("cancelled", "request cancelled")}
+        except Exception as exc:
+            code = next((c for t, c in _ERROR_CODES if isinstance(exc, t)), "failed")
+            reply = {"ok": False, "error": _error(code, str(exc) or type(exc).__name__)}
+        finally:
+            self.tasks.pop(stream.id, None)
+            self.mux.streams.pop(stream.id, None)
+            stream.credit.close()
+        if reply is not None:
+            try:
+                await self.mux.send(Kind.END, stream.id, **reply)
+            except (OSError, ConnectionError):
+                pass  # the host is gone; the session is being torn down
+
+
+def _error(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
+
+
+async def handle_health(session: Session, stream: Stream, frame: Frame) -> dict[str, Any]:
+    """Agent version, uptime and load."""
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return {
+        "version": VERSION,
+        "uptime": uptime,
+        "agent_uptime": time.monotonic() - _STARTED,
+        "load": list(os.getloadavg()),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+async def handle_ports(session: Session, stream: Stream, frame: Frame) -> dict[str, Any]:
+    """Listening TCP/UDP sockets with their owning processes."""
+    found = await asyncio.to_thread(ports.listening_ports)
+    return {"ports": [p.to_json() for p in found]}
+
+
+async def handle_poweroff(session: Session, stream: Stream, frame: Frame) -> None:
+    """Acknowledge, then ask banger-init to power the machine off."""
+    if session.init_pid is None:
+        raise ValueError("agent was not started by banger-init; refusing to power off")
+    try:
+        await session.mux.send(Kind.END, stream.id, ok=True)
+    finally:
+        # Even if the host hangs up as soon as it reads the reply (which cancels this task), the request stands.
+        log("poweroff requested by host")
+        os.kill(session.init_pid, signal.SIGTERM)
+
+
+async def handle_exec(session: Session, stream: Stream, frame: Frame) -> dict[str, Any]:
+    """Run a process, streaming its stdio over the stream."""
+    spec = execs.ExecSpec.from_header(frame.header)
+    child = execs.spawn(spec)
+    mux = session.mux
+    pumps = [asyncio.create_task(_pump_out(mux, stream, fd, src)) for fd, src in child.outputs()]
+    control = asyncio.create_task(_control(mux, stream, child))
+    try:
+        status = await child.wait()
+        # Output of a process that exited may still be in its pipes; grandchildren holding them are not waited for.
+        await asyncio.wait(pumps, timeout=execs.DRAIN_GRACE)
+        return status
+    finally:
+        for task in (control, *pumps):
+            task.cancel()
+        await asyncio.gather(control, *pumps, return_exceptions=True)
+        await child.kill()
+
+
+async def _pump_out(mux: Mux, stream: Stream, fd: Fd, src: int) -> None:
+    while data := await execs.read_fd(src, 65536):
+        if not await mux.send_data(stream, fd, data):
+            return
+    await mux.send(Kind.EOF, stream.id, fd=int(fd))
+
+
+async def _control(mux: Mux, stream: Stream, child: execs.Child) -> None:
+    stdin: asyncio.Queue[bytes | None] = asyncio.Queue()
+    # stdin is written by its own task so that a process not reading stdin cannot hold up SIGNAL or RESIZE.
+    writer = asyncio.create_task(_write_stdin(mux, stream, child, stdin))
+    try:
+        while True:
+            frame = await stream.inbox.get()
+            if frame.kind == Kind.DATA:
+                stdin.put_nowait(frame.payload)
+            elif frame.kind == Kind.EOF:
+                stdin.put_nowait(None)
+            elif frame.kind == Kind.RESIZE:
+                child.resize(int(frame.header["rows"]), int(frame.header["cols"]))
+            elif frame.kind == Kind.SIGNAL:
+                child.signal(int(frame.header["signal"]))
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+async def _write_stdin(mux: Mux, stream: Stream, child: execs.Child, queue: asyncio.Queue[bytes | None]) -> None:
+    while (data := await queue.get()) is not None:
+        await child.write_stdin(data)
+        mux.ack(stream.id, len(data))
+    child.close_stdin()
+
+
+async def handle_put(session: Session, stream: Stream, frame: Frame) -> dict[str, Any]:
+    """Receive a tar stream and place its contents at the requested path."""
+    target = transfer_target(Path(frame.header["path"]), str(frame.header.get("name", "")))
+    loop = asyncio.get_running_loop()
+    pipe = InboundPipe(loop, lambda n: session.mux.ack(stream.id, n))
+    worker = asyncio.create_task(asyncio.to_thread(extract_tar, pipe, target, keep_owner=False))
+    feeder = asyncio.create_task(_feed(stream, pipe))
+    try:
+        await worker
+    finally:
+        feeder.cancel()
+        pipe.abort()
+        await asyncio.gather(feeder, return_exceptions=True)
+    return {"path": str(target)}
+
+
+async def _feed(stream: Stream, pipe: InboundPipe) -> None:
+    while True:
+        frame = await stream.inbox.get()
+        if frame.kind == Kind.DATA:
+            pipe.feed(frame.payload)
+        elif frame.kind in (Kind.EOF, Kind.END):
+            pipe.feed_eof()
+            return
+
+
+async def handle_get(session: Session, stream: Stream, frame: Frame) -> dict[str, Any]:
+    """Send the requested path as a tar stream."""
+    source = Path(frame.header["path"])
+    if not os.path.lexists(source):
+        raise FileNotFoundError(f"{source}: no such file or directory")
+    loop = asyncio.get_running_loop()
+
+    async def send(chunk: bytes) -> bool:
+        return await session.mux.send_data(stream, Fd.OUT, chunk)
+
+    await asyncio.to_thread(write_tar, source, OutboundPipe(loop, send))
+    await session.mux.send(Kind.EOF, stream.id, fd=int(Fd.OUT))
+    return {"path": str(source)}
+
+
+Handler = Callable[[Session, Stream, Frame], Awaitable[dict[str, Any] | None]]
+HANDLERS: dict[Kind, Handler] = {
+    Kind.HEALTH: handle_health,
+    Kind.PORTS: handle_ports,
+    Kind.POWEROFF: handle_poweroff,
+    Kind.EXEC: handle_exec,
+    Kind.PUT: handle_put,
+    Kind.GET: handle_get,
+}
+
+
+async def serve_fd(fd: int, init_pid: int | None) -> None:
+    """Serve one session over a raw file descriptor until it reads EOF."""
+    reader = asyncio.StreamReader()
+
+    async def pump() -> None:
+        while data := await execs.read_fd(fd, 65536):
+            reader.feed_data(data)
+        reader.feed_eof()
+
+    async def write(data: bytes) -> None:
+        await execs.write_fd(fd, data)
+
+    pumper = asyncio.create_task(pump())
+    try:
+        await Session(Mux(reader, write), init_pid).run()
+    finally:
+        pumper.cancel()
+        await asyncio.gather(pumper, return_exceptions=True)
+
+
+def find_serial_port(name: str, sysfs: str = "/sys/class/virtio-ports") -> Path | None:
+    """The /dev node of the virtio-serial port called `name`, if the device exists."""
+    try:
+        entries = sorted(os.listdir(sysfs))
+    except FileNotFoundError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(sysfs, entry, "name")) as f:
+                if f.read().strip() == name:
+                    return Path("/dev") / entry
+        except OSError:
+            continue
+    return None
+
+
+async def serve_serial(name: str, init_pid: int | None) -> None:
+    """Serve sessions on a virtio-serial port forever."""
+    logged = False
+    while True:
+        path = find_serial_port(name)
+        if path is None:
+            if not logged:
+                log(f"waiting for virtio-serial port {name!r}")
+                logged = True
+            await asyncio.sleep(1)
+            continue
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            await serve_fd(fd, init_pid)
+        finally:
+            os.close(fd)
+        # The port reads EOF while no host is connected and poll() reports HUP, so there is no fd event to wait on.
+        await asyncio.sleep(RECONNECT_DELAY)
+
+
+async def serve_connect(path: str, init_pid: int | None) -> None:
+    """Serve sessions over a Unix socket we connect to, reconnecting after EOF like the serial port."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                raise
+            await asyncio.sleep(RECONNECT_DELAY)
+            continue
+        sock.setblocking(False)
+        try:
+            await serve_fd(sock.fileno(), init_pid)
+        finally:
+            sock.close()
+        await asyncio.sleep(RECONNECT_DELAY)
+
+
+async def serve_vsock(port: int, init_pid: int | None) -> None:
+    """Serve one session per AF_VSOCK connection on `port`."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.bind((socket.VMADDR_CID_ANY, port))
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await Session(Mux(reader, stream_writer(writer)), init_pid).run()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_conn, sock=sock)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point when run from the seed drive."""
+    parser = argparse.ArgumentParser(prog="banger-agent")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--serial", metavar="NAME")
+    where.add_argument("--vsock", metavar="PORT", type=int)
+    where.add_argument("--connect", metavar="PATH")
+    parser.add_argument("--init-pid", type=int)
+    args = parser.parse_args(argv)
+    # banger-init blocks signals to collect them with sigwaitinfo; that mask must not reach user processes.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    if args.serial:
+        coro = serve_serial(args.serial, args.init_pid)
+    elif args.vsock is not None:
+        coro = serve_vsock(args.vsock, args.init_pid)
+    else:
+        coro = serve_connect(args.connect, args.init_pid)
+    log(f"protocol v{VERSION} starting (pid {os.getpid()})")
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

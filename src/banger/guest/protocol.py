@@ -1,0 +1,249 @@
+"""Framing shared by the host client and the guest agent (stdlib only: it ships on the seed drive).
+
+Wire format. Both directions carry the same frames over one byte stream (virtio-serial port or vsock):
+
+    MAGIC "BGR1" | u32 header_len | u32 payload_len | header (UTF-8 JSON object) | payload (raw bytes)
+
+Integers are big-endian. A header always has "t" (a Kind) and "id" (stream id, an int); other keys depend on the
+kind. Headers are at most MAX_HEADER bytes, payloads at most MAX_CHUNK (virtio-serial accepts 32 KiB per write). A
+reader that finds no MAGIC where a frame should start, or a header that is not JSON, skips bytes until the next
+MAGIC: a peer that disconnects mid-frame on virtio-serial leaves a torn frame behind, and the next session must
+still get through. So whoever opens a session first sends SYNC_PADDING (zeros, longer than any frame), which
+completes a torn frame into garbage that the reader then skips.
+
+Sessions. The host opens a session by sending HELLO {nonce, version}; the agent forgets every stream of the
+previous session (killing its processes) and answers SYNC_PADDING + HELLO {nonce, version, pid}. Frames that
+arrive before the matching HELLO reply are ignored by the host, which resends HELLO (same nonce, no padding, no
+reset) until answered: bytes written before the guest opens its port may sit in QEMU's buffers for a while. On
+vsock every connection is its own session.
+
+Streams. Every request is a stream: the host picks a fresh id and sends the request frame (EXEC, PUT, GET, HEALTH,
+PORTS, POWEROFF). Either side may then send DATA {fd} frames (fd 0 = stdin / upload, 1 = stdout / download,
+2 = stderr) and EOF {fd}. The agent ends the stream with exactly one END frame: {"ok": true, ...result} or
+{"ok": false, "error": {"code", "message"}}. Exec results are {"exit_code": int|null, "signal": int|null}.
+Host-only control frames on a running exec: RESIZE {rows, cols}, SIGNAL {signal}. CANCEL stops any stream.
+
+Flow control. Each side may have at most WINDOW unacknowledged DATA payload bytes in flight per stream; the
+receiver sends ACK {n} once it has consumed n bytes (written them to a process, a file, or a host sink). So a slow
+consumer stalls only its own stream, never the connection.
+
+Room to grow: unknown kinds get an END with code "unsupported", so a newer host can probe an older agent (e.g. for
+long-running SESSION streams that outlive one connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+VERSION = 1
+MAGIC = b"BGR1"
+_PREFIX = struct.Struct(">4sII")
+MAX_CHUNK = 32 * 1024
+MAX_HEADER = 64 * 1024
+WINDOW = 256 * 1024
+# Zeros that complete any frame torn by a previous connection; they then fail to parse and the reader resyncs.
+SYNC_PADDING = bytes(_PREFIX.size + MAX_HEADER + MAX_CHUNK)
+SERIAL_PORT_NAME = "org.banger.agent"
+DEFAULT_VSOCK_PORT = 1024
+
+Header = dict[str, Any]
+
+
+class Kind(enum.StrEnum):
+    """Frame kinds; see the module docstring for who sends which."""
+
+    HELLO = "hello"
+    HEALTH = "health"
+    EXEC = "exec"
+    PUT = "put"
+    GET = "get"
+    PORTS = "ports"
+    POWEROFF = "poweroff"
+    DATA = "data"
+    EOF = "eof"
+    ACK = "ack"
+    RESIZE = "resize"
+    SIGNAL = "signal"
+    CANCEL = "cancel"
+    END = "end"
+
+
+class Fd(enum.IntEnum):
+    """Which byte stream of a request a DATA/EOF frame belongs to."""
+
+    IN = 0
+    OUT = 1
+    ERR = 2
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame."""
+
+    kind: str
+    id: int
+    header: Header
+    payload: bytes = b""
+
+
+def encode(kind: Kind, sid: int, payload: bytes = b"", **fields: Any) -> bytes:
+    """Serialise one frame."""
+    header = json.dumps({"t": str(kind), "id": sid, **fields}, separators=(",", ":")).encode()
+    if len(payload) > MAX_CHUNK:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds MAX_CHUNK")
+    return _PREFIX.pack(MAGIC, len(header), len(payload)) + header + payload
+
+
+async def _sync_to_magic(reader: asyncio.StreamReader) -> None:
+    while True:
+        try:
+            await reader.readuntil(MAGIC)
+            return
+        except asyncio.LimitOverrunError as exc:
+            # No MAGIC within the reader's limit: drop what cannot hold the start of one and keep looking.
+            await reader.readexactly(max(exc.consumed, 1))
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame:
+    """Read the next well-formed frame, skipping garbage; raises asyncio.IncompleteReadError at EOF."""
+    while True:
+        await _sync_to_magic(reader)
+        hlen, plen = struct.unpack(">II", await reader.readexactly(8))
+        if hlen > MAX_HEADER or plen > MAX_CHUNK:
+            continue  # a false MAGIC inside garbage: resync from here
+        raw = await reader.readexactly(hlen)
+        payload = await reader.readexactly(plen) if plen else b""
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            continue
+        if (
+            not isinstance(header, dict)
+            or not isinstance(header.get("t"), str)
+            or not isinstance(header.get("id"), int)
+        ):
+            continue
+        return Frame(header["t"], header["id"], header, payload)
+
+
+class Credit:
+    """Bytes one side may still send on a stream before the peer ACKs (loop-thread only)."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self._available = window
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    async def take(self, n: int) -> bool:
+        """Wait until `n` bytes may be sent; False if the stream went away meanwhile."""
+        while not self._closed and self._available < n:
+            self._changed.clear()
+            await self._changed.wait()
+        if self._closed:
+            return False
+        self._available -= n
+        return True
+
+    def grant(self, n: int) -> None:
+        """The peer consumed `n` bytes."""
+        self._available += n
+        self._changed.set()
+
+    def close(self) -> None:
+        """Wake every waiter with False."""
+        self._closed = True
+        self._changed.set()
+
+
+@dataclass
+class Stream:
+    """One multiplexed request as both sides track it."""
+
+    id: int
+    inbox: asyncio.Queue[Frame] = field(default_factory=asyncio.Queue)
+    credit: Credit = field(default_factory=Credit)
+
+
+Writer = Callable[[bytes], Awaitable[None]]
+
+
+class Mux:
+    """Frame I/O over one connection: serialised writes, per-stream credit, chunked data."""
+
+    def __init__(self, reader: asyncio.StreamReader, write: Writer) -> None:
+        self.reader = reader
+        self._write = write
+        self._lock = asyncio.Lock()
+        self.streams: dict[int, Stream] = {}
+
+    async def send(self, kind: Kind, sid: int, payload: bytes = b"", **fields: Any) -> None:
+        """Send one frame; frames never interleave."""
+        data = encode(kind, sid, payload, **fields)
+        async with self._lock:
+            await self._write(data)
+
+    async def send_padding(self) -> None:
+        """Send SYNC_PADDING (see the module docstring)."""
+        async with self._lock:
+            await self._write(SYNC_PADDING)
+
+    async def send_data(self, stream: Stream, fd: Fd, data: bytes) -> bool:
+        """Send bytes on a stream in chunks, waiting for credit; False if the stream closed."""
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_CHUNK):
+            chunk = bytes(view[start : start + MAX_CHUNK])
+            if not await stream.credit.take(len(chunk)):
+                return False
+            await self.send(Kind.DATA, stream.id, chunk, fd=int(fd))
+        return True
+
+    def ack(self, sid: int, n: int) -> None:
+        """Tell the peer we consumed `n` bytes of stream `sid` (fire and forget)."""
+        if n > 0:
+            asyncio.get_running_loop().create_task(self._ack(sid, n))
+
+    async def _ack(self, sid: int, n: int) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            await self.send(Kind.ACK, sid, n=n)
+
+    def route(self, frame: Frame) -> bool:
+        """Deliver a stream frame (ACKs update credit); False if no such stream."""
+        stream = self.streams.get(frame.id)
+        if stream is None:
+            return False
+        if frame.kind == Kind.ACK:
+            stream.credit.grant(int(frame.header.get("n", 0)))
+        else:
+            stream.inbox.put_nowait(frame)
+        return True
+
+    def close_streams(self) -> None:
+        """Wake everyone blocked on a stream of this connection."""
+        for stream in self.streams.values():
+            stream.credit.close()
+            stream.inbox.put_nowait(Frame(str(Kind.END), stream.id, {"ok": False, "error": _GONE}))
+        self.streams.clear()
+
+
+_GONE = {"code": "disconnected", "message": "agent connection closed"}
+
+
+def stream_writer(writer: asyncio.StreamWriter) -> Writer:
+    """Adapt an asyncio StreamWriter to a Mux writer that respects backpressure."""
+
+    async def write(data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    return write
