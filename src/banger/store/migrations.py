@@ -65,4 +65,16 @@ MIGRATIONS: list[str] = [
         UNIQUE (vm_id, name)
     );
     """,
+    # 4: published ports (host port -> guest port); banger's nft table carries them while the VM runs
+    """
+    CREATE TABLE forwards (
+        proto TEXT NOT NULL,
+        host_port INTEGER NOT NULL,
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        guest_port INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (proto, host_port)
+    );
+    CREATE INDEX forwards_by_vm ON forwards(vm_id);
+    """,
 ]
