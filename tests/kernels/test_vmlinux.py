@@ -97,6 +97,15 @@ def test_crafted_elf_facts(tmp_path: Path) -> None:
     assert elf_interpreter(path) is None
 
 
+def test_version_skips_format_strings(tmp_path: Path) -> None:
+    elf = make_elf()
+    decoy = b"Linux version %s (%s)\x00"
+    at = elf.index(BANNER) - 64
+    path = tmp_path / "vmlinux"
+    path.write_bytes(elf[:at] + decoy + elf[at + len(decoy) :])
+    assert read_kernel_version(path) == FAKE_VERSION
+
+
 @pytest.mark.parametrize("is64,endian", [(False, "<"), (True, ">"), (False, ">")])
 def test_other_elf_classes_and_byte_orders(tmp_path: Path, is64: bool, endian: str) -> None:
     path = tmp_path / "vmlinux"
@@ -117,8 +126,7 @@ def test_not_elf_is_a_clear_error(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     junk.write_bytes(b"MZ" + b"\x00" * 200)
     assert not is_elf(junk)
-    with pytest.raises(KernelImageError, match="not an ELF file"):
-        has_pvh_note(junk)
+    assert not has_pvh_note(junk)
     with pytest.raises(KernelImageError, match="not an ELF file"):
         elf_entry(junk)
     assert read_kernel_version(junk) is None
@@ -129,6 +137,8 @@ def test_empty_missing_and_truncated_files(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     with pytest.raises(KernelImageError, match="empty file"):
         has_pvh_note(empty)
+    with pytest.raises(KernelImageError, match="empty file"):
+        read_kernel_version(empty)
     with pytest.raises(NotFoundError, match="does not exist"):
         is_elf(tmp_path / "absent")
     with pytest.raises(NotFoundError):
@@ -219,6 +229,7 @@ def test_real_bzimage(debian_vmlinuz: Path, debian_kernel: Path, tmp_path: Path)
     (version_dir,) = (debian_kernel / MODULES).iterdir()
     version = version_dir.name
     assert not is_elf(debian_vmlinuz)
+    assert not has_pvh_note(debian_vmlinuz)  # the note lives in the ELF inside, not in the bzImage wrapper
     assert read_kernel_version(debian_vmlinuz) == version
     assert kernel_compression(debian_vmlinuz) in set(Compression)
     out = tmp_path / "vmlinux"

@@ -26,7 +26,7 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 _PT_INTERP = 3
 _PT_NOTE = 4
 _SHT_NOTE = 7
-_BANNER = re.compile(rb"Linux version (\S+) ")
+_BANNER = re.compile(rb"Linux version (\d\S*) ")
 
 
 class Compression(StrEnum):
@@ -150,6 +150,8 @@ def elf_entry(path: Path) -> int:
 def has_pvh_note(path: Path) -> bool:
     """True when the ELF carries a Xen PHYS32_ENTRY note, i.e. it can boot through the PVH entry point."""
     with _open_map(path) as data:
+        if data[:4] != ELF_MAGIC:
+            return False  # a bzImage or anything else: no PVH entry to find
         elf = _Elf.parse(data, path)
         try:
             segments = [(o, s) for t, o, s in elf.program_headers(data) if t == _PT_NOTE]
