@@ -20,6 +20,7 @@ from banger.drivers import process
 from banger.drivers.base import AgentChannel, AgentTransport, StopOutcome, VmmDriver, VmmHandle, VmmKind, VmSpec
 from banger.drivers.firecracker import FirecrackerDriver
 from banger.drivers.qemu import QemuDriver
+from banger.errors import InvalidInputError
 
 from .conftest import GuestKernel
 
@@ -89,6 +90,7 @@ from banger import proc
 from banger.drivers.base import VmSpec, AgentChannel, AgentTransport, NetSpec
 from banger.drivers.firecracker import FirecrackerDriver
 from banger.drivers.qemu import QemuDriver
+from banger.errors import InvalidInputError
 
 async def main() -> None:
     args = json.loads(sys.argv[1])
@@ -217,3 +219,12 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+async def test_socket_path_too_long_is_refused_before_anything_exists(
+    driver: VmmDriver, tmp_path: Path, test_kernel: GuestKernel
+) -> None:
+    spec = spec_for(driver, tmp_path / ("d" * 120), test_kernel)
+    with pytest.raises(InvalidInputError, match="socket path too long"):
+        await driver.launch(spec)
+    assert not spec.run_dir.exists()

@@ -45,6 +45,11 @@ def test_this_host(host_caps: HostCaps) -> None:
     assert host_caps.firecracker.version == "1.12.1"
     json.dumps(host_caps.to_dict())  # doctor --json and RPC need it JSON-able
     assert host_caps.to_dict()["kvm_flavor"] == "pvm"
+    findings = {f.check: f for f in host_caps.findings()}
+    assert not findings["kvm"].ok and "kvm_pvm" in findings["kvm"].detail
+    assert findings["qemu"].ok and findings["firecracker"].ok
+    assert not findings["firecracker-usable"].ok
+    assert findings["vmm-auto"].ok and findings["vmm-auto"].detail == "--vmm auto picks qemu with tcg"
 
 
 def test_this_host_selection(host_caps: HostCaps) -> None:

@@ -59,8 +59,10 @@ class NetSpec:
 class AgentChannel:
     """Where the agent channel ends on the host.
 
-    virtio-serial: `socket` is the Unix socket QEMU serves. vsock under Firecracker: `socket` is the hybrid
-    vsock Unix socket and `guest_cid` the guest's CID. vsock under QEMU: only `guest_cid` (vhost-vsock).
+    virtio-serial: `socket` is the Unix socket QEMU serves; connect and talk. vsock under Firecracker: `socket`
+    is the hybrid vsock Unix socket (connect, send `CONNECT <port>\\n`, read `OK <n>`; guest-initiated connections
+    go to a listener the host binds at `<socket>_<port>`) and `guest_cid` the guest's CID. vsock under QEMU:
+    only `guest_cid` (vhost-vsock, needs /dev/vhost-vsock).
     """
 
     transport: AgentTransport

@@ -138,9 +138,11 @@ class FirecrackerDriver:
         agent = spec.agent
         if agent is not None and (agent.transport is not AgentTransport.VSOCK or agent.socket is None):
             raise InvalidInputError("firecracker's agent channel must be vsock with a Unix socket path")
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
         api_socket = spec.run_dir / API_SOCKET
         cleanup = [agent.socket] if agent is not None and agent.socket is not None else []
+        # Guest-initiated vsock connections arrive on <uds>_<port>, so leave room for the suffix.
+        process.check_socket_paths(api_socket, *(Path(f"{p}_65535") for p in cleanup))
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (api_socket, *cleanup):
             # Firecracker refuses to bind over a leftover socket from an earlier run.
             stale.unlink(missing_ok=True)

@@ -39,6 +39,15 @@ class ToolInfo:
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One line of `banger doctor`: what was checked, whether it is fine, and why."""
+
+    check: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class HostCaps:
     """The host facts that decide which VMM and accelerator banger uses, each with a reason."""
 
@@ -57,6 +66,31 @@ class HostCaps:
         out = dataclasses.asdict(self)
         out["kvm_flavor"] = self.kvm_flavor.value
         out["cpu_virt_flags"] = list(self.cpu_virt_flags)
+        out["findings"] = [dataclasses.asdict(f) for f in self.findings()]
+        return out
+
+    def findings(self) -> list[Finding]:
+        """The checks `banger doctor` shows, each with its reason."""
+        out = [Finding("kvm", self.kvm_usable, self.kvm_reason)]
+        for name, tool in (("qemu", self.qemu), ("firecracker", self.firecracker)):
+            ok = tool.version is not None
+            out.append(Finding(name, ok, f"{tool.path} version {tool.version}" if ok else str(tool.problem)))
+        fc_problem = _firecracker_problem(self)
+        out.append(Finding("firecracker-usable", fc_problem is None, fc_problem or "firecracker can run guests here"))
+        out.append(
+            Finding(
+                "vhost-vsock",
+                self.vhost_vsock,
+                f"{DEV_VHOST_VSOCK} present"
+                if self.vhost_vsock
+                else f"{DEV_VHOST_VSOCK} absent (QEMU uses virtio-serial)",
+            )
+        )
+        try:
+            kind = select_vmm("auto", self)
+            out.append(Finding("vmm-auto", True, f"--vmm auto picks {kind.value}" + _accel_note(kind, self)))
+        except BangerError as exc:
+            out.append(Finding("vmm-auto", False, exc.message))
         return out
 
 
@@ -192,3 +226,7 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
         return None
     match = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.MULTILINE)
     return round(float(match.group(1)) * 1000) if match else None
+
+
+def _accel_note(kind: VmmKind, caps: HostCaps) -> str:
+    return f" with {qemu_accel(caps)}" if kind is VmmKind.QEMU else ""

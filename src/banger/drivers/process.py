@@ -13,12 +13,26 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from banger.drivers.base import VmmHandle
-from banger.errors import TimeoutError_, ToolError
+from banger.errors import InvalidInputError, TimeoutError_, ToolError
 
 log = logging.getLogger("banger.drivers")
 
 # Our own children, so their exit status can be collected; adopted VMMs are reaped by init instead.
 _children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+# sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_paths(*paths: Path) -> None:
+    """Refuse up front a Unix socket path too long to bind, rather than failing deep inside a VMM."""
+    for path in paths:
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            raise InvalidInputError(
+                f"socket path too long for a Unix socket ({len(os.fsencode(path))} > {MAX_SOCKET_PATH} bytes): {path}",
+                hint="use a shorter BANGER_HOME",
+            )
 
 
 def start_time(pid: int) -> int | None:

@@ -86,6 +86,7 @@ class QemuDriver:
         args = [self.binary, "-M", "microvm", "-accel", self.accel, "-name", _opt(spec.name)]
         args += ["-cpu", "host"] if self.accel == "kvm" else []
         args += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
+        # -no-reboot: a guest reboot ends the VMM, as under Firecracker; the daemon decides what happens next.
         args += ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
         args += ["-kernel", os.fspath(spec.kernel), "-append", self.cmdline(spec)]
         if spec.initrd is not None:
@@ -117,8 +118,10 @@ class QemuDriver:
                 f"a vsock agent channel under QEMU needs {DEV_VHOST_VSOCK}",
                 hint="modprobe vhost_vsock, or use virtio-serial",
             )
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
         qmp_path = spec.run_dir / QMP_SOCKET
+        agent_socket = spec.agent.socket if spec.agent is not None else None
+        process.check_socket_paths(qmp_path, *([agent_socket] if agent_socket else []))
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
         cleanup: list[Path] = []
         with contextlib.ExitStack() as fds:
             qmp_sock = fds.enter_context(_listen(qmp_path))
