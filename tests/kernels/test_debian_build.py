@@ -170,6 +170,10 @@ def test_tampered_cached_deb_is_not_used(tmp_path: Path) -> None:
 
 
 def test_build_artifacts_and_manifest(debian_kernel: Path) -> None:
+    # Exactly the build's products (+ the manifest the caller writes): no unpack leftovers.
+    assert sorted(p.name for p in debian_kernel.iterdir()) == sorted(
+        [CMDLINE, CONFIG, INITRD, "manifest.json", MODULES, VMLINUX]
+    )
     manifest = read_manifest(debian_kernel)
     (version_dir,) = (debian_kernel / MODULES).iterdir()
     assert manifest.kernel_version == version_dir.name

@@ -193,7 +193,11 @@ def build_debian_kernel(
     progress: Progress,
     cmdline: str = DEFAULT_CMDLINE,
 ) -> DebianKernelBuild:
-    """Build vmlinux, config, modules/<ver>, initrd.img and cmdline from a Debian kernel package into `out_dir`."""
+    """Build vmlinux, config, modules/<ver>, initrd.img and cmdline from a Debian kernel package into `out_dir`.
+
+    `out_dir` should be a fresh staging directory that the caller renames into place on success and deletes on
+    failure (it may then hold some of the files). Blocking: run it in a worker thread from async code.
+    """
     progress(ProgressEvent(f"resolve {package}"))
     pkg = resolve_image_package(package)
     busybox_pkg = apt_candidate(BUSYBOX_PACKAGE)
