@@ -84,9 +84,16 @@ def elf_arch(vmlinux: Path) -> str | None:
 
 
 def build_manifest(
-    kernel_dir: Path, *, name: str, distro: str, arch: str, kernel_version: str, source: str
+    kernel_dir: Path,
+    *,
+    name: str,
+    distro: str,
+    arch: str,
+    kernel_version: str,
+    source: str,
+    vmlinux_sha256: str | None = None,
 ) -> KernelManifest:
-    """A manifest describing the kernel files in `kernel_dir` (hashes the on-disk vmlinux)."""
+    """A manifest describing the kernel files in `kernel_dir` (hashes the on-disk vmlinux unless given)."""
     cmdline_path = kernel_dir / CMDLINE
     cmdline = cmdline_path.read_text(errors="replace").strip() if cmdline_path.is_file() else None
     vmlinux = kernel_dir / VMLINUX
@@ -95,7 +102,7 @@ def build_manifest(
         distro=distro,
         arch=arch,
         kernel_version=kernel_version,
-        sha256=sha256_file(vmlinux),
+        sha256=vmlinux_sha256 or sha256_file(vmlinux),
         source=source,
         size_bytes=dir_size(kernel_dir) - _size_if_file(kernel_dir / MANIFEST),
         boots_on={"firecracker": is_elf(vmlinux), "qemu-microvm": has_pvh_note(vmlinux)},

@@ -9,21 +9,25 @@ worker drains the rest, so the hash covers the whole file and a truncated frame 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
+import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import zstandard
 
-from banger.errors import AlreadyExistsError, DownloadError, IntegrityError
-from banger.fsutil import temp_sibling_dir
+from banger.errors import AlreadyExistsError, DownloadError, IntegrityError, UnsafeArchiveError
+from banger.fsutil import sha256_file, temp_sibling_dir
 from banger.kernels.catalog import CatalogEntry
 from banger.kernels.localops import build_manifest, install_dir, kernel_lock
-from banger.kernels.manifest import KernelManifest
+from banger.kernels.manifest import VMLINUX, KernelManifest
 from banger.kernels.safetar import COPY_BUFSIZE, ForwardReader, check_layout, extract_tar_stream, unpacked_limit
 from banger.names import validate_name
 from banger.progress import Progress, ProgressEvent, no_progress
@@ -38,7 +42,7 @@ class _Aborted(Exception):
 
 
 class _Pipe:
-    """Bounded hand-off of downloaded chunks from the event loop (producer) to the worker thread (consumer)."""
+    """A bounded byte queue between the event loop or a thread (producers) and a thread (consumer)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_bytes: int = PIPE_BYTES) -> None:
         self._loop = loop
@@ -48,22 +52,35 @@ class _Pipe:
         self._bytes = 0
         self._eof = False
         self._aborted = False
-        self._producer_waiting = False
+        self._loop_waiting = False
         self._space = asyncio.Event()
 
     async def put(self, data: bytes) -> None:
+        """Queue `data` from the event loop, waiting (without blocking the loop) while the pipe is full."""
         while True:
             with self._cond:
                 if self._aborted:
                     raise _Aborted
                 if self._bytes < self._max:
-                    self._chunks.append(data)
-                    self._bytes += len(data)
-                    self._cond.notify()
+                    self._append(data)
                     return
-                self._producer_waiting = True
+                self._loop_waiting = True
                 self._space.clear()
             await self._space.wait()
+
+    def put_blocking(self, data: bytes) -> None:
+        """Queue `data` from a thread, blocking while the pipe is full."""
+        with self._cond:
+            while self._bytes >= self._max and not self._aborted:
+                self._cond.wait()
+            if self._aborted:
+                raise _Aborted
+            self._append(data)
+
+    def _append(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._bytes += len(data)
+        self._cond.notify_all()
 
     def finish(self) -> None:
         """No more data: the consumer sees end of file once the queue is empty."""
@@ -72,7 +89,7 @@ class _Pipe:
             self._cond.notify_all()
 
     def abort(self) -> None:
-        """Stop both sides (either thread may call it); the consumer's next read raises _Aborted."""
+        """Stop both sides (any thread may call it); their next call raises _Aborted."""
         with self._cond:
             self._aborted = True
             self._chunks.clear()
@@ -80,6 +97,7 @@ class _Pipe:
         self._loop.call_soon_threadsafe(self._space.set)
 
     def read(self, size: int = -1, /) -> bytes:
+        """Up to `size` bytes (at least one unless at end of file), blocking until some arrive."""
         with self._cond:
             while not self._chunks and not self._eof and not self._aborted:
                 self._cond.wait()
@@ -96,8 +114,9 @@ class _Pipe:
                 parts.append(chunk)
                 have += len(chunk)
             self._bytes -= have
-            if self._producer_waiting:
-                self._producer_waiting = False
+            self._cond.notify_all()
+            if self._loop_waiting:
+                self._loop_waiting = False
                 self._loop.call_soon_threadsafe(self._space.set)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -186,51 +205,105 @@ class ZstdFrameWalker:
 
 
 class _Unpacker:
-    """The worker thread: zstd-decode the pipe's bytes and extract the tar into `dest`."""
+    """Two worker threads: one zstd-decodes the downloaded bytes, the other extracts the tar into `dest`.
 
-    def __init__(self, pipe: _Pipe, dest: Path, limit: int, loop: asyncio.AbstractEventLoop) -> None:
-        self._pipe = pipe
+    Decoding in its own thread (zstd releases the GIL) overlaps it with the file writes, as `zstd | tar` does.
+    """
+
+    def __init__(self, compressed: _Pipe, dest: Path, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._compressed = compressed
+        self._decoded = _Pipe(loop)
         self._dest = dest
         self._limit = limit
         self._loop = loop
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._running = 2
         self._stopped = False
+        self._hasher: threading.Thread | None = None
+        self.vmlinux_sha256: str | None = None
         self.done: asyncio.Future[None] = loop.create_future()
-        self._thread = threading.Thread(target=self._run, name=f"unpack:{dest.name}", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._decode,), name=f"zstd:{dest.name}", daemon=True),
+            threading.Thread(target=self._guard, args=(self._extract,), name=f"untar:{dest.name}", daemon=True),
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
-    def _run(self) -> None:
-        error: BaseException | None = None
+    def _decode(self) -> None:
+        # zstandard only needs .read(n) from its source.
+        source: Any = self._compressed
+        total = 0
         try:
             dctx = zstandard.ZstdDecompressor()
-            # zstandard only needs .read(n) from its source.
-            source: Any = self._pipe
             with dctx.stream_reader(source, read_size=COPY_BUFSIZE, read_across_frames=True, closefd=False) as zr:
-                reader = ForwardReader(zr, self._limit)
-                extract_tar_stream(reader, self._dest, limit=self._limit)
-                reader.drain()
+                while chunk := zr.read(COPY_BUFSIZE):
+                    total += len(chunk)
+                    if total > self._limit:
+                        raise UnsafeArchiveError(f"bundle decompresses to more than {self._limit} bytes; refusing it")
+                    self._decoded.put_blocking(chunk)
         except zstandard.ZstdError as exc:
-            error = IntegrityError(f"bundle is not valid zstd data: {exc}")
-        except BaseException as exc:
-            error = exc
-        if error is not None:
-            self._pipe.abort()
-        self._loop.call_soon_threadsafe(self._settle, error)
+            raise IntegrityError(f"bundle is not valid zstd data: {exc}") from exc
+        self._decoded.finish()
 
-    def _settle(self, error: BaseException | None) -> None:
+    def _extract(self) -> None:
+        reader = ForwardReader(self._decoded, self._limit)
+        extract_tar_stream(reader, self._dest, limit=self._limit, on_extracted=self._on_extracted)
+        reader.drain()  # to the end, so the decoder has checked every byte
+        if self._hasher is not None:
+            self._hasher.join()
+
+    def _on_extracted(self, name: str) -> None:
+        # The on-disk vmlinux is final once written (duplicates are refused), so hash it while the rest unpacks.
+        if name == VMLINUX:
+            self._hasher = threading.Thread(target=self._hash_vmlinux, name=f"sha256:{self._dest.name}", daemon=True)
+            self._hasher.start()
+
+    def _hash_vmlinux(self) -> None:
+        with contextlib.suppress(OSError):  # a failure just leaves the hash to be computed later
+            self.vmlinux_sha256 = sha256_file(self._dest / VMLINUX)
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except _Aborted:
+            pass
+        except BaseException as exc:
+            with self._lock:
+                self._error = self._error or exc
+            self._compressed.abort()
+            self._decoded.abort()
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            self._loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
         if self._stopped or self.done.done():
             return
-        if error is None:
+        if self._error is None:
             self.done.set_result(None)
         else:
-            self.done.set_exception(error)
+            self.done.set_exception(self._error)
 
     def stop(self) -> None:
-        """Abort and wait for the thread; it only blocks on the pipe (woken here) or on short local disk writes."""
+        """Abort and wait for the threads; they block only on the pipes (woken here) or on short disk writes."""
         self._stopped = True
-        self._pipe.abort()
-        self._thread.join()
+        self._compressed.abort()
+        self._decoded.abort()
+        for thread in self._threads:
+            thread.join()
+        if self._hasher is not None:
+            self._hasher.join()
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes tens of milliseconds; a daemon pays it once, not per pull.
+    return httpx.create_ssl_context()
 
 
 async def _download(
@@ -241,7 +314,7 @@ async def _download(
     frames = ZstdFrameWalker()
     done = 0
     try:
-        async with httpx.AsyncClient(timeout=_TIMEOUT, follow_redirects=True) as client:
+        async with httpx.AsyncClient(timeout=_TIMEOUT, follow_redirects=True, verify=_tls_context()) as client:
             async with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as resp:
                 if resp.status_code != 200:
                     raise DownloadError(f"download of {url} failed: HTTP {resp.status_code} {resp.reason_phrase}")
@@ -313,6 +386,7 @@ async def pull_kernel(
                 arch=entry.arch,
                 kernel_version=entry.kernel_version,
                 source=f"pull:{entry.tarball_url}",
+                vmlinux_sha256=unpacker.vmlinux_sha256,
             )
             manifest.write(staging)
             await install_dir(staging, target)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -227,8 +228,13 @@ def _bundle_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     return filtered
 
 
-def extract_tar_stream(reader: ForwardReader, dest: Path, *, limit: int) -> None:
-    """Extract the tar read from `reader` into the existing empty directory `dest`, member by member."""
+def extract_tar_stream(
+    reader: ForwardReader, dest: Path, *, limit: int, on_extracted: Callable[[str], None] | None = None
+) -> None:
+    """Extract the tar read from `reader` into the existing empty directory `dest`, member by member.
+
+    `on_extracted(name)` is called after each member is on disk (e.g. to start hashing vmlinux early).
+    """
     policy = MemberPolicy(limit=limit)
     try:
         tar = tarfile.TarFile(fileobj=reader, mode="r", errorlevel=2, copybufsize=COPY_BUFSIZE)  # type: ignore[arg-type]
@@ -240,6 +246,8 @@ def extract_tar_stream(reader: ForwardReader, dest: Path, *, limit: int) -> None
                 if name != member.name:
                     member = member.replace(name=name, deep=False)
                 tar.extract(member, str(dest), filter=_bundle_filter)
+                if on_extracted is not None:
+                    on_extracted(name)
                 # Members are not needed again; dropping them keeps memory flat for large module trees.
                 tar.members.clear()  # type: ignore[attr-defined]  # real attribute, not in typeshed
     except tarfile.FilterError as exc:
