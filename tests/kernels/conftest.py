@@ -2,6 +2,9 @@
 
 `debian_kernel` is meant for reuse by any VM test: it yields a kernel directory holding vmlinux, initrd.img,
 config, cmdline, modules/<ver> and manifest.json, exactly what `banger kernel build --from debian` produces.
+Tests in other folders get it (and `static_busybox`, `microvm_boot`) by importing them into their own conftest.py:
+`from tests.kernels.conftest import debian_kernel  # noqa: F401`. `build_cached_kernel()` and `boot_microvm()` are
+plain functions for non-fixture use.
 """
 
 from __future__ import annotations
