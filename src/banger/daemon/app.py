@@ -10,6 +10,7 @@ from banger.config import Settings
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
 from banger.store.db import Store
+from banger.vms.service import VmService
 
 
 @dataclass
@@ -20,17 +21,21 @@ class App:
     store: Store
     kernels: KernelService
     images: ImageService
+    vms: VmService
     started_at: float = field(default_factory=time.time)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def create(cls, settings: Settings, store: Store) -> App:
         """Build the services and bring them in line with what is on disk."""
+        kernels = KernelService(settings, store)
+        images = ImageService(settings, store)
         app = cls(
             settings=settings,
             store=store,
-            kernels=KernelService(settings, store),
-            images=ImageService(settings, store),
+            kernels=kernels,
+            images=images,
+            vms=VmService(settings, store, kernels, images),
         )
         app.kernels.reconcile()
         app.images.reconcile()

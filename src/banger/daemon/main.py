@@ -57,6 +57,7 @@ class Daemon:
         self.store = Store(self.paths.db)
         self.store.migrate()
         self.app = App.create(self.settings, self.store)
+        await self.app.vms.reconcile()
         self.server = RpcServer(build_registry(self.app))
         await self.server.start(self.paths.socket)
         loop = asyncio.get_running_loop()
@@ -90,6 +91,8 @@ class Daemon:
     async def shutdown(self) -> None:
         if self.server is not None:
             await self.server.stop(self.paths.socket)
+        if self.app is not None:
+            await self.app.vms.close()
         if self.store is not None:
             self.store.close()
         if self.app is not None:

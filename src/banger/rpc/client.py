@@ -67,16 +67,51 @@ class Client:
         assert self._sock is not None
         self._sock.sendall(data)
 
-    def _read_message(self) -> dict[str, Any]:
-        assert self._sock is not None
-        while b"\n" not in self._buf:
-            chunk = self._sock.recv(1 << 16)
-            if not chunk:
-                raise DaemonError("the daemon closed the connection unexpectedly (see `banger daemon logs`)")
-            self._buf += chunk
+    @property
+    def sock(self) -> socket.socket:
+        if self._sock is None:
+            raise DaemonError("not connected to the daemon")
+        return self._sock
+
+    def fill(self) -> None:
+        """Read what the socket has (one recv); EOF is an error."""
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise DaemonError("the daemon closed the connection unexpectedly (see `banger daemon logs`)")
+        self._buf += chunk
+
+    def pop_message(self) -> dict[str, Any] | None:
+        """The next complete message already buffered, or None."""
+        if b"\n" not in self._buf:
+            return None
         line, self._buf = self._buf.split(b"\n", 1)
         msg: dict[str, Any] = json.loads(line)
         return msg
+
+    def _read_message(self) -> dict[str, Any]:
+        while (msg := self.pop_message()) is None:
+            self.fill()
+        return msg
+
+    def send_request(self, method: str, params: dict[str, Any]) -> int:
+        """Send a call without waiting; returns its id."""
+        self._next_id += 1
+        self._send(protocol.request(method, params, self._next_id))
+        return self._next_id
+
+    @staticmethod
+    def result_of(msg: dict[str, Any]) -> Any:
+        """The result of a reply message, or its error raised as the matching BangerError."""
+        if "error" in msg:
+            err = msg["error"]
+            cls = error_class_for(int(err.get("code", 1)))
+            data = err.get("data") or {}
+            raise cls(str(err.get("message", "unknown error")), hint=data.get("hint"), data=data)
+        return msg.get("result")
+
+    def cancel(self, rid: int, grace: float = 15.0) -> None:
+        """Ask the daemon to cancel call `rid` and wait (bounded) for its cleanup; closes the connection."""
+        self._cancel(rid, grace)
 
     def call(
         self,
@@ -87,9 +122,7 @@ class Client:
         cancel_grace: float = 15.0,
     ) -> Any:
         """Call `method`; notifications for it go to on_notify. Ctrl-C sends $/cancel and waits for the daemon."""
-        self._next_id += 1
-        rid = self._next_id
-        self._send(protocol.request(method, params or {}, rid))
+        rid = self.send_request(method, params or {})
         try:
             return self._await_reply(rid, on_notify)
         except KeyboardInterrupt:
@@ -106,13 +139,7 @@ class Client:
                 continue
             if msg.get("id") != rid:
                 continue
-            if "error" in msg:
-                err = msg["error"]
-                cls = error_class_for(int(err.get("code", 1)))
-                data = err.get("data") or {}
-                exc = cls(str(err.get("message", "unknown error")), hint=data.get("hint"), data=data)
-                raise exc
-            return msg.get("result")
+            return self.result_of(msg)
 
     def _cancel(self, rid: int, grace: float) -> None:
         """Ask the daemon to cancel `rid` and wait (bounded) until it confirms its cleanup ran."""

@@ -3,7 +3,8 @@
 Beyond plain JSON-RPC, banger uses three notifications:
 - `$/progress` (daemon -> client): `{"id": <request id>, "event": ProgressEvent}` while a call runs;
 - `$/event` (daemon -> client): `{"id": <request id>, ...}` for streamed output of long calls;
-- `$/cancel` (client -> daemon): `{"id": <request id>}` cancels that call (closing the connection cancels all).
+- `$/cancel` (client -> daemon): `{"id": <request id>}` cancels that call (closing the connection cancels all);
+- `$/input` (client -> daemon): `{"id": <request id>, ...}` feeds a running call (stdin data, resize, signal).
 The first call on a connection is `rpc.hello`, which checks that CLI and daemon speak the same version.
 """
 
@@ -19,6 +20,7 @@ MAX_LINE = 16 * 1024 * 1024
 PROGRESS = "$/progress"
 EVENT = "$/event"
 CANCEL = "$/cancel"
+INPUT = "$/input"
 HELLO = "rpc.hello"
 
 

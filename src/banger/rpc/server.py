@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ class CallContext:
         self._conn = conn
         self.request_id = request_id
         self.method = method
+        # `$/input` notifications the client sends for this call (stdin data, resize, signals).
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.peer_uid, self.peer_gid = conn.peer_ids()
 
     def progress(self, event: ProgressEvent) -> None:
         """Send a progress notification for this call (dropped if the client is gone)."""
@@ -49,7 +53,18 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.tasks: dict[int | str, asyncio.Task[None]] = {}
+        self.contexts: dict[int | str, CallContext] = {}
         self.hello_done = False
+
+    def peer_ids(self) -> tuple[int, int]:
+        """uid and gid of the client process (SO_PEERCRED), so files it receives can be made its own."""
+        sock = self.writer.get_extra_info("socket")
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, gid = struct.unpack("3i", creds)
+            return uid, gid
+        except (OSError, AttributeError):
+            return os.getuid(), os.getgid()
 
     def send(self, data: bytes) -> None:
         if not self.writer.is_closing():
@@ -84,6 +99,11 @@ class Connection:
                 log.info("cancel requested for call %s", req.params.get("id"))
                 task.cancel()
             return
+        if req.method == protocol.INPUT:
+            ctx = self.contexts.get(req.params.get("id"))  # type: ignore[arg-type]
+            if ctx is not None:
+                ctx.inbox.put_nowait(req.params)
+            return
         if req.id is None:
             return  # other notifications from clients carry nothing we act on
         if req.id in self.tasks:
@@ -96,6 +116,7 @@ class Connection:
 
     def _finished(self, rid: int | str, task: asyncio.Task[None]) -> None:
         self.tasks.pop(rid, None)
+        self.contexts.pop(rid, None)
         self.server.inflight.discard(task)
 
     async def _call(self, req: protocol.Request) -> None:
@@ -103,8 +124,10 @@ class Connection:
         if req.method == protocol.HELLO:
             self.send(self._hello(req))
             return
+        ctx = CallContext(self, req.id, req.method)
+        self.contexts[req.id] = ctx
         try:
-            value = await self.server.registry.call(req.method, CallContext(self, req.id, req.method), req.params)
+            value = await self.server.registry.call(req.method, ctx, req.params)
         except asyncio.CancelledError:
             log.info("call %s (%s) cancelled; cleanup done", req.id, req.method)
             self.send(protocol.error(req.id, ErrorCode.CANCELLED, f"{req.method} was cancelled"))

@@ -1,0 +1,124 @@
+"""Interactive calls (vm exec, shell, logs -f): stdin and terminal events up, output events down."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import os
+import select
+import signal
+import struct
+import sys
+import termios
+import tty as ttymod
+from collections.abc import Iterator
+from typing import Any
+
+from banger.rpc import protocol
+from banger.rpc.client import Client
+
+
+def terminal_size(fd: int) -> tuple[int, int]:
+    """(rows, cols) of the terminal on fd, or 24x80."""
+    try:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+        return rows or 24, cols or 80
+    except OSError:
+        return 24, 80
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int) -> Iterator[None]:
+    """Put the terminal in raw mode (keys go to the guest, Ctrl-C included) and restore it after."""
+    old = termios.tcgetattr(fd)
+    try:
+        ttymod.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
+
+
+def stream_call(
+    client: Client, method: str, params: dict[str, Any], *, stdin: bool, tty: bool
+) -> dict[str, Any]:
+    """Run one streaming call to completion; returns its result.
+
+    Non-tty: Ctrl-C is forwarded to the guest process as SIGINT (a second one cancels the call).
+    tty: the terminal is raw, so Ctrl-C travels as a byte; window size changes are forwarded.
+    """
+    rid = client.send_request(method, params)
+    sock = client.sock
+    sock_fd = sock.fileno()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    pending: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        pending.append(signum)
+
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_winch = signal.signal(signal.SIGWINCH, on_signal) if tty else None
+    in_fd = sys.stdin.fileno() if stdin else None
+    out = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+    interrupts = 0
+
+    def send_input(**fields: Any) -> None:
+        sock.sendall(protocol.request(protocol.INPUT, {"id": rid, **fields}, None))
+
+    raw = raw_terminal(sys.stdin.fileno()) if tty and sys.stdin.isatty() else contextlib.nullcontext()
+    try:
+        with raw:
+            while True:
+                msg = client.pop_message()
+                if msg is None:
+                    fds = [sock_fd, wake_r] + ([in_fd] if in_fd is not None else [])
+                    ready, _, _ = select.select(fds, [], [])
+                    if wake_r in ready:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(wake_r, 512)
+                    for signum in pending:
+                        if signum == signal.SIGWINCH:
+                            send_input(resize=list(terminal_size(sys.stdin.fileno())))
+                        elif signum == signal.SIGINT:
+                            interrupts += 1
+                            if interrupts > 1:
+                                raise KeyboardInterrupt
+                            send_input(signal=int(signal.SIGINT))
+                    pending.clear()
+                    if in_fd is not None and in_fd in ready:
+                        data = os.read(in_fd, 65536)
+                        if data:
+                            send_input(data=base64.b64encode(data).decode())
+                        else:
+                            send_input(eof=True)
+                            in_fd = None
+                    if sock_fd in ready:
+                        client.fill()
+                    continue
+                if "method" in msg:
+                    params_ = msg.get("params") or {}
+                    if params_.get("id") != rid:
+                        continue
+                    if "fd" in params_:
+                        stream = out[2 if params_["fd"] == 2 else 1]
+                        stream.write(base64.b64decode(params_["data"]))
+                        stream.flush()
+                    elif "text" in params_:
+                        sys.stdout.write(params_["text"])
+                        sys.stdout.flush()
+                    continue
+                if msg.get("id") == rid:
+                    result: dict[str, Any] = client.result_of(msg)
+                    return result
+    except KeyboardInterrupt:
+        client.cancel(rid)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)

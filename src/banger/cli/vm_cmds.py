@@ -1,0 +1,419 @@
+"""`banger vm ...` and `banger doctor`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from banger.cli.common import json_option, rpc
+from banger.cli.connect import connect
+from banger.cli.output import emit_json, kv, table
+from banger.config import Paths
+from banger.errors import InvalidInputError
+
+# A login shell: bash where the image has it, else sh.
+LOGIN_SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi"]
+
+VM_COLUMNS = [
+    ("name", "NAME"),
+    ("state", "STATE"),
+    ("vmm", "VMM"),
+    ("ip", "IP"),
+    ("vcpus", "CPUS"),
+    ("memory_mib", "MEM(MiB)"),
+    ("image", "IMAGE"),
+    ("kernel", "KERNEL"),
+    ("reason", "REASON"),
+]
+
+
+@click.command()
+@json_option
+def doctor(as_json: bool) -> None:
+    """Report what this host can run (KVM, QEMU, Firecracker, vsock) and why."""
+    rep = rpc("host.doctor")
+    if as_json:
+        emit_json(rep)
+        return
+    kv(
+        [
+            ("kvm", f"{'usable' if rep['kvm_usable'] else 'not usable'} ({rep['kvm_flavor']}): {rep['kvm_reason']}"),
+            (
+                "qemu",
+                rep["qemu"]["version"]
+                and f"{rep['qemu']['version']} at {rep['qemu']['path']}"
+                or f"missing: {rep['qemu']['problem']}",
+            ),
+            (
+                "firecracker",
+                rep["firecracker"]["version"]
+                and f"{rep['firecracker']['version']} at {rep['firecracker']['path']}"
+                or f"missing: {rep['firecracker']['problem']}",
+            ),
+            ("vhost-vsock", "yes" if rep["vhost_vsock"] else "no (agent uses virtio-serial)"),
+            ("qemu accel", rep["qemu_accel"]),
+            ("vmm (auto)", rep["selected_vmm"] or rep.get("selected_vmm_problem")),
+        ]
+    )
+
+
+@click.group()
+def vm() -> None:
+    """Create, run and reach microVMs."""
+
+
+def _print_vm(info: dict[str, Any], as_json: bool, verb: str) -> None:
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(f"{verb} {info['name']} ({info['state']})")
+
+
+def _create_params(
+    name: str | None,
+    image: str | None,
+    kernel: str | None,
+    vcpus: int,
+    memory: int,
+    disk_size: str | None,
+    vmm: str | None,
+    start: bool,
+    timeout: float | None,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "kernel": kernel,
+        "vcpus": vcpus,
+        "memory_mib": memory,
+        "disk_size": disk_size,
+        "vmm": vmm,
+        "start": start,
+        "timeout": timeout,
+    }
+
+
+def create_options(fn: Any) -> Any:
+    """The options `vm create` and `vm run` share."""
+    for opt in reversed(
+        [
+            click.option("--image", default=None, help="Image name (default: config default_image)."),
+            click.option("--kernel", default=None, help="Kernel name (default: config default_kernel)."),
+            click.option("--vcpus", default=2, show_default=True, type=int),
+            click.option("--memory", default=1024, show_default=True, type=int, help="MiB of guest RAM."),
+            click.option("--disk-size", default=None, help="Root disk size, e.g. 8G (default: the image's)."),
+            click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]), default=None),
+            click.option("--timeout", type=float, default=None, help="Seconds to wait for the guest agent."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+@vm.command()
+@click.option("--name", default=None, help="VM name (default: a random adjective-noun).")
+@create_options
+@click.option("--no-start", is_flag=True, help="Only create it.")
+@json_option
+def create(
+    name: str | None,
+    image: str | None,
+    kernel: str | None,
+    vcpus: int,
+    memory: int,
+    disk_size: str | None,
+    vmm: str | None,
+    timeout: float | None,
+    no_start: bool,
+    as_json: bool,
+) -> None:
+    """Create a VM (and start it, unless --no-start)."""
+    params = _create_params(name, image, kernel, vcpus, memory, disk_size, vmm, not no_start, timeout)
+    _print_vm(rpc("vm.create", params, progress=not as_json), as_json, "created")
+
+
+def _lifecycle(method: str, verb: str, doc: str, *, progress: bool = False) -> None:
+    @vm.command(name=method.split(".")[1], help=doc)
+    @click.argument("name")
+    @json_option
+    def cmd(name: str, as_json: bool) -> None:
+        _print_vm(rpc(method, {"name": name}, progress=progress and not as_json), as_json, verb)
+
+
+_lifecycle("vm.start", "started", "Start a VM; returns when its agent answers.", progress=True)
+_lifecycle("vm.stop", "stopped", "Shut a VM down cleanly (killed after a timeout).")
+_lifecycle("vm.restart", "restarted", "Stop and start a VM.", progress=True)
+_lifecycle("vm.kill", "killed", "Kill a VM's VMM at once.")
+
+
+@vm.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Kill running VMs first.")
+def rm(names: tuple[str, ...], force: bool) -> None:
+    """Remove VMs and every file of them."""
+    for name in names:
+        rpc("vm.rm", {"name": name, "force": force})
+        click.echo(f"removed {name}")
+
+
+@vm.command("ls")
+@json_option
+def ls(as_json: bool) -> None:
+    """List VMs."""
+    rows = rpc("vm.list")
+    if as_json:
+        emit_json(rows)
+    else:
+        table(rows, VM_COLUMNS, empty="no VMs (create one with `banger vm create`)")
+
+
+@vm.command()
+@click.argument("name")
+@json_option
+def show(name: str, as_json: bool) -> None:
+    """Show one VM."""
+    info = rpc("vm.show", {"name": name})
+    if as_json:
+        emit_json(info)
+        return
+    kv(
+        [
+            (k, info.get(k))
+            for k in (
+                "name",
+                "id",
+                "state",
+                "reason",
+                "vmm",
+                "pid",
+                "ip",
+                "kernel",
+                "image",
+                "vcpus",
+                "memory_mib",
+                "disk_bytes",
+                "created_at",
+                "dir",
+                "console_log",
+            )
+        ]
+    )
+
+
+@vm.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new console output.")
+@click.option("-n", "--lines", default=200, show_default=True)
+def logs(name: str, follow: bool, lines: int) -> None:
+    """Print the guest's console log."""
+    if not follow:
+        click.echo(rpc("vm.logs", {"name": name, "lines": lines})["text"])
+        return
+    _stream("vm.logs", {"name": name, "lines": lines, "follow": True}, stdin=False, tty=False)
+
+
+@vm.command()
+@click.argument("name")
+def console(name: str) -> None:
+    """Follow the guest's serial console (read-only; use `vm shell` to type)."""
+    _stream("vm.logs", {"name": name, "lines": 50, "follow": True}, stdin=False, tty=False)
+
+
+def _stream(method: str, params: dict[str, Any], *, stdin: bool, tty: bool) -> dict[str, Any]:
+    from banger.cli.stream import stream_call
+
+    client = connect(Paths.from_env())
+    try:
+        return stream_call(client, method, params, stdin=stdin, tty=tty)
+    finally:
+        client.close()
+
+
+def _exit_code(result: dict[str, Any]) -> int:
+    if result.get("signal"):
+        return 128 + int(result["signal"])
+    return int(result.get("exit_code") or 0)
+
+
+def run_exec(
+    name: str,
+    argv: list[str],
+    *,
+    tty: bool,
+    interactive: bool,
+    env: dict[str, str],
+    workdir: str | None,
+    user: str | None,
+) -> int:
+    """Run argv in VM `name` with streamed stdio; returns the exit code to exit with."""
+    from banger.cli.stream import terminal_size
+
+    rows, cols = terminal_size(sys.stdin.fileno()) if tty else (24, 80)
+    params = {
+        "name": name,
+        "argv": argv,
+        "env": env,
+        "cwd": workdir,
+        "user": user,
+        "tty": tty,
+        "rows": rows,
+        "cols": cols,
+    }
+    return _exit_code(_stream("vm.exec", params, stdin=interactive, tty=tty))
+
+
+def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"bad -e {pair!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@vm.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal.")
+@click.option("-i", "--interactive", is_flag=True, help="Send stdin to the command.")
+@click.option("-e", "--env", "env", multiple=True, help="KEY=VALUE for the command's environment.")
+@click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
+@click.option("-u", "--user", default=None, help="User to run as in the guest.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(
+    name: str,
+    tty: bool,
+    interactive: bool,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run a command in a VM: `banger vm exec NAME -- CMD...`; its exit code becomes banger's."""
+    sys.exit(
+        run_exec(
+            name,
+            list(command),
+            tty=tty,
+            interactive=interactive or tty,
+            env=_env_pairs(env),
+            workdir=workdir,
+            user=user,
+        )
+    )
+
+
+@vm.command()
+@click.argument("name")
+@click.option("-u", "--user", default=None, help="User to log in as.")
+def shell(name: str, user: str | None) -> None:
+    """Open an interactive shell in a VM (a PTY, with window resize)."""
+    term = os.environ.get("TERM", "xterm-256color")
+    sys.exit(
+        run_exec(
+            name,
+            LOGIN_SHELL,
+            tty=True,
+            interactive=True,
+            env={"TERM": term},
+            workdir=None,
+            user=user,
+        )
+    )
+
+
+def _split_remote(arg: str) -> tuple[str | None, str]:
+    name, sep, path = arg.partition(":")
+    if sep and name and "/" not in name:
+        return name, path
+    return None, arg
+
+
+@vm.command()
+@click.argument("src")
+@click.argument("dest")
+def cp(src: str, dest: str) -> None:
+    """Copy files or directories between host and VM: `vm cp ./f NAME:/path` or `vm cp NAME:/path ./f`."""
+    sname, spath = _split_remote(src)
+    dname, dpath = _split_remote(dest)
+    if (sname is None) == (dname is None):
+        raise InvalidInputError("exactly one of SRC and DEST must be NAME:PATH")
+    if dname is not None:
+        res = rpc("vm.cp", {"name": dname, "direction": "in", "src": os.path.abspath(spath), "dest": dpath})
+    else:
+        assert sname is not None
+        res = rpc("vm.cp", {"name": sname, "direction": "out", "src": spath, "dest": os.path.abspath(dpath)})
+    click.echo(f"copied {res['copied']} -> {res['to']}")
+
+
+@vm.command()
+@click.argument("name")
+@json_option
+def ports(name: str, as_json: bool) -> None:
+    """List the guest's listening TCP/UDP ports and their processes."""
+    rows = rpc("vm.ports", {"name": name})
+    if as_json:
+        emit_json(rows)
+    else:
+        table(
+            rows,
+            [("proto", "PROTO"), ("address", "ADDRESS"), ("port", "PORT"), ("pid", "PID"), ("process", "PROCESS")],
+            empty="no listening ports",
+        )
+
+
+@vm.command(context_settings={"ignore_unknown_options": True})
+@click.option("--name", default=None, help="VM name (default: random).")
+@create_options
+@click.option("--rm", "remove", is_flag=True, help="Remove the VM when the command or shell ends.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(
+    name: str | None,
+    image: str | None,
+    kernel: str | None,
+    vcpus: int,
+    memory: int,
+    disk_size: str | None,
+    vmm: str | None,
+    timeout: float | None,
+    remove: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Create and start a VM, then run COMMAND in it (or open a shell). Builds kernel and image if missing."""
+    rpc("vm.prepare", {"image": image, "kernel": kernel}, progress=True)
+    info = rpc(
+        "vm.create", _create_params(name, image, kernel, vcpus, memory, disk_size, vmm, True, timeout), progress=True
+    )
+    vm_name = info["name"]
+    click.echo(f"started {vm_name}", err=True)
+    code = 0
+    try:
+        if command:
+            code = run_exec(
+                vm_name,
+                list(command),
+                tty=sys.stdin.isatty() and sys.stdout.isatty(),
+                interactive=not sys.stdin.isatty() or sys.stdout.isatty(),
+                env={},
+                workdir=None,
+                user=None,
+            )
+        else:
+            term = os.environ.get("TERM", "xterm-256color")
+            code = run_exec(
+                vm_name,
+                LOGIN_SHELL,
+                tty=True,
+                interactive=True,
+                env={"TERM": term},
+                workdir=None,
+                user=None,
+            )
+    finally:
+        if remove:
+            rpc("vm.rm", {"name": vm_name, "force": True})
+            click.echo(f"removed {vm_name}", err=True)
+    sys.exit(code)

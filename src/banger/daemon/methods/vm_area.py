@@ -1,0 +1,189 @@
+"""vm.* methods: lifecycle, logs, exec, cp, ports; and host.doctor."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from banger.daemon.app import App
+from banger.errors import InvalidInputError
+from banger.rpc.registry import MethodRegistry
+from banger.rpc.server import CallContext
+from banger.vms import guestops
+
+
+def register(reg: MethodRegistry, app: App) -> None:
+    vms = app.vms
+
+    @reg.method("host.doctor")
+    async def doctor(ctx: CallContext) -> dict[str, Any]:
+        """What this host can run (KVM flavour, VMM binaries, vsock) and why."""
+        caps = vms.caps()
+        report = caps.to_dict()
+        from banger.drivers import host
+
+        try:
+            report["selected_vmm"] = host.select_vmm("auto", caps).value
+        except Exception as exc:
+            report["selected_vmm"] = None
+            report["selected_vmm_problem"] = str(exc)
+        report["qemu_accel"] = host.qemu_accel(caps)
+        return report
+
+    @reg.method("vm.prepare")
+    async def prepare(ctx: CallContext, kernel: str | None = None, image: str | None = None) -> dict[str, Any]:
+        """Make sure the kernel and image exist (pulling or building the defaults on a fresh host)."""
+        from banger.vms.prepare import ensure_boot_artifacts
+
+        default_kernel = str(app.settings.get("default_kernel"))
+        default_image = str(app.settings.get("default_image"))
+        return await ensure_boot_artifacts(
+            app.kernels,
+            app.images,
+            kernel=kernel or default_kernel,
+            image=image or default_image,
+            default_kernel=default_kernel,
+            default_image=default_image,
+            progress=ctx.progress,
+        )
+
+    @reg.method("vm.create")
+    async def create(
+        ctx: CallContext,
+        name: str | None = None,
+        image: str | None = None,
+        kernel: str | None = None,
+        vcpus: int = 2,
+        memory_mib: int = 1024,
+        disk_size: str | None = None,
+        vmm: str | None = None,
+        start: bool = True,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Create a VM (and start it unless start=false)."""
+        vm = await vms.create(
+            name=name,
+            image=image,
+            kernel=kernel,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_size=disk_size,
+            vmm=vmm,
+            progress=ctx.progress,
+        )
+        if start:
+            vm = await vms.start(vm.id, progress=ctx.progress, timeout=timeout)
+        return vm.to_json()
+
+    @reg.method("vm.start")
+    async def start(ctx: CallContext, name: str, timeout: float | None = None) -> dict[str, Any]:
+        """Boot a VM; returns when its agent answers."""
+        return (await vms.start(name, progress=ctx.progress, timeout=timeout)).to_json()
+
+    @reg.method("vm.stop")
+    async def stop(ctx: CallContext, name: str, timeout: float = 20.0) -> dict[str, Any]:
+        """Shut a VM down cleanly (killed after timeout)."""
+        return (await vms.stop(name, timeout=timeout)).to_json()
+
+    @reg.method("vm.restart")
+    async def restart(ctx: CallContext, name: str, timeout: float | None = None) -> dict[str, Any]:
+        """Stop then start a VM."""
+        await vms.stop(name)
+        return (await vms.start(name, progress=ctx.progress, timeout=timeout)).to_json()
+
+    @reg.method("vm.kill")
+    async def kill(ctx: CallContext, name: str) -> dict[str, Any]:
+        """Kill a VM's VMM at once."""
+        return (await vms.kill(name)).to_json()
+
+    @reg.method("vm.rm")
+    async def rm(ctx: CallContext, name: str, force: bool = False) -> dict[str, Any]:
+        """Remove a VM and all its files."""
+        await vms.remove(name, force=force)
+        return {"removed": name}
+
+    @reg.method("vm.list")
+    async def list_(ctx: CallContext) -> list[dict[str, Any]]:
+        """All VMs."""
+        return [vm.to_json() for vm in vms.all()]
+
+    @reg.method("vm.show")
+    async def show(ctx: CallContext, name: str) -> dict[str, Any]:
+        """One VM, with its files and runtime details."""
+        vm = vms.get(name)
+        data = vm.to_json()
+        data["dir"] = str(vms.vm_dir(vm.id))
+        data["console_log"] = str(vms.vm_dir(vm.id) / "console.log")
+        data["runtime"] = vm.runtime
+        return data
+
+    @reg.method("vm.logs")
+    async def logs(ctx: CallContext, name: str, follow: bool = False, lines: int = 200) -> dict[str, Any]:
+        """The guest console log; with follow, new output streams as events until cancelled."""
+        vm = vms.get(name)
+        path = vms.vm_dir(vm.id) / "console.log"
+        text = vms.console_tail(vm.id, lines) if lines > 0 else ""
+        if not follow:
+            return {"text": text}
+        ctx.event({"text": text + ("\n" if text else "")})
+        pos = path.stat().st_size if path.exists() else 0
+        while True:
+            await asyncio.sleep(0.25)
+            if not path.exists():
+                continue
+            size = path.stat().st_size
+            if size > pos:
+                with path.open("rb") as f:
+                    f.seek(pos)
+                    chunk = f.read(size - pos)
+                pos = size
+                ctx.event({"text": chunk.decode(errors="replace")})
+
+    @reg.method("vm.exec")
+    async def exec_(
+        ctx: CallContext,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> dict[str, Any]:
+        """Run a command in the guest; stdio streams over `$/event` and `$/input`."""
+        client = await guestops.agent_for(vms, name)
+        return await guestops.exec_streaming(
+            client,
+            argv,
+            env=env or {},
+            cwd=cwd,
+            user=user,
+            tty=tty,
+            rows=rows,
+            cols=cols,
+            inbox=ctx.inbox,
+            emit=ctx.event,
+        )
+
+    @reg.method("vm.cp")
+    async def cp(ctx: CallContext, name: str, direction: str, src: str, dest: str) -> dict[str, Any]:
+        """Copy files or directories into (direction=in) or out of (direction=out) a VM, modes kept."""
+        client = await guestops.agent_for(vms, name)
+        if direction == "in":
+            if not Path(src).exists():
+                raise InvalidInputError(f"{src} does not exist")
+            where = await client.put(src, dest)
+            return {"copied": src, "to": f"{name}:{where}"}
+        if direction == "out":
+            local = await client.get(src, dest)
+            guestops.chown_to(Path(local), ctx.peer_uid, ctx.peer_gid)
+            return {"copied": f"{name}:{src}", "to": str(local)}
+        raise InvalidInputError(f"direction must be 'in' or 'out', got {direction!r}")
+
+    @reg.method("vm.ports")
+    async def ports(ctx: CallContext, name: str) -> list[dict[str, Any]]:
+        """Listening TCP and UDP ports in the guest, with their processes."""
+        client = await guestops.agent_for(vms, name)
+        return [p.to_json() for p in await client.ports()]

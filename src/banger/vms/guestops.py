@@ -1,0 +1,93 @@
+"""Operations inside a running VM through its agent: exec with streamed stdio, copy, ports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from banger.errors import InvalidInputError
+from banger.guest.client import AgentClient
+from banger.vms.model import VmState
+from banger.vms.service import VmService
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+async def agent_for(vms: VmService, name: str) -> AgentClient:
+    """The agent of a running VM (a clear error when it is not running)."""
+    vm = vms.get(name)
+    if vm.state is not VmState.RUNNING or not vm.runtime:
+        raise InvalidInputError(f"VM {vm.name} is {vm.state.value}, not running", hint=f"banger vm start {vm.name}")
+    return await vms.agents.get(vm.id, Path(vm.runtime["agent_socket"]), 30.0)
+
+
+async def exec_streaming(
+    client: AgentClient,
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    cwd: str | None,
+    user: str | None,
+    tty: bool,
+    rows: int,
+    cols: int,
+    inbox: asyncio.Queue[dict[str, Any]],
+    emit: Emit,
+) -> dict[str, Any]:
+    """Run argv in the guest: output chunks go to `emit`, `$/input` messages from the CLI feed stdin/resize/signals."""
+    if not argv:
+        raise InvalidInputError("no command given")
+
+    def sink(fd: int) -> Callable[[bytes], None]:
+        return lambda data: emit({"fd": fd, "data": base64.b64encode(data).decode()})
+
+    handle = await client.start_exec(
+        argv, env=env, cwd=cwd, user=user, tty=tty, rows=rows, cols=cols, stdout=sink(1), stderr=sink(2)
+    )
+
+    async def pump_input() -> None:
+        while True:
+            msg = await inbox.get()
+            if "data" in msg:
+                await handle.write(base64.b64decode(msg["data"]))
+            if msg.get("eof"):
+                await handle.close_stdin()
+            if "resize" in msg:
+                rows_, cols_ = msg["resize"]
+                await handle.resize(int(rows_), int(cols_))
+            if "signal" in msg:
+                await handle.signal(int(msg["signal"]))
+
+    feeder = asyncio.create_task(pump_input())
+    try:
+        status = await handle.wait()
+    except BaseException:
+        await handle.cancel()
+        raise
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(BaseException):
+            await feeder
+    return {"exit_code": status.exit_code, "signal": status.signal}
+
+
+def chown_to(path: Path, uid: int, gid: int) -> None:
+    """Give a file the daemon wrote on the caller's behalf to the caller (recursively for directories)."""
+    if os.geteuid() != 0 or uid == 0:
+        return
+    for p in _walk(path):
+        with contextlib.suppress(OSError):
+            os.lchown(p, uid, gid)
+
+
+def _walk(path: Path) -> list[Path]:
+    out = [path]
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            out.extend(Path(root) / n for n in (*dirs, *files))
+    return out

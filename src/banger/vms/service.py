@@ -1,0 +1,397 @@
+"""The VM service: create, start, stop, kill, remove, and look after VMM processes (also across restarts)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from banger.aio import in_thread
+from banger.config import Settings
+from banger.drivers import host
+from banger.drivers.base import AgentChannel, AgentTransport, Disk, VmmDriver, VmmHandle, VmmKind, VmSpec
+from banger.drivers.firecracker import FirecrackerDriver
+from banger.drivers.qemu import QemuDriver
+from banger.errors import AlreadyExistsError, BangerError, InvalidInputError, NotFoundError
+from banger.images.service import ImageService
+from banger.images.spec import parse_size
+from banger.kernels.manifest import INITRD, VMLINUX
+from banger.kernels.service import KernelService
+from banger.names import generate_name, validate_name
+from banger.progress import Progress, ProgressEvent, no_progress
+from banger.store.db import Store
+from banger.vms.agents import AgentPool
+from banger.vms.disk import clone_root_disk
+from banger.vms.model import LIVE_STATES, VmRecord, VmState
+
+if TYPE_CHECKING:
+    from banger.guest.seed import SeedMeta
+
+log = logging.getLogger("banger.vms")
+
+ROOT_DISK = "root.ext4"
+SEED_DISK = "seed.ext4"
+CONSOLE_LOG = "console.log"
+AGENT_SOCKET = "agent.sock"
+STOP_TIMEOUT = 20.0
+# Arguments banger adds to every guest's kernel command line: the root disk and banger's init stub.
+GUEST_CMDLINE = "root=/dev/vda rw init=/sbin/banger-init"
+
+
+class VmService:
+    """Owns VM rows, VM directories and VMM processes."""
+
+    def __init__(self, settings: Settings, store: Store, kernels: KernelService, images: ImageService) -> None:
+        self.settings = settings
+        self.store = store
+        self.kernels = kernels
+        self.images = images
+        self.agents = AgentPool()
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._caps: host.HostCaps | None = None
+
+    # -- records ---------------------------------------------------------------------------------------------
+
+    def vm_dir(self, vm_id: str) -> Path:
+        return self.settings.paths.vms / vm_id
+
+    def run_dir(self, vm_id: str) -> Path:
+        # Unix socket paths are limited to 108 bytes: keep the run dir short.
+        return self.settings.paths.run_dir / vm_id
+
+    def get(self, name: str) -> VmRecord:
+        """A VM by name (or id), or NotFoundError."""
+        row = self.store.one("SELECT * FROM vms WHERE name=? OR id=?", (name, name))
+        if row is None:
+            raise NotFoundError(f"no VM named {name!r}", hint="see `banger vm ls`")
+        return VmRecord.from_row(row)
+
+    def all(self) -> list[VmRecord]:
+        return [VmRecord.from_row(r) for r in self.store.query("SELECT * FROM vms ORDER BY created_at, name")]
+
+    def _set_state(self, vm: VmRecord, state: VmState, reason: str | None = None) -> None:
+        vm.state, vm.reason = state, reason
+        self.store.execute("UPDATE vms SET state=?, reason=? WHERE id=?", (state.value, reason, vm.id))
+        log.info("vm %s: %s%s", vm.name, state.value, f" ({reason})" if reason else "")
+
+    def _set_runtime(self, vm: VmRecord, runtime: dict[str, Any] | None) -> None:
+        vm.runtime = runtime
+        self.store.execute(
+            "UPDATE vms SET runtime=? WHERE id=?", (json.dumps(runtime) if runtime is not None else None, vm.id)
+        )
+
+    def lock(self, vm_id: str) -> asyncio.Lock:
+        """Lifecycle operations on one VM run one at a time."""
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    # -- drivers ---------------------------------------------------------------------------------------------
+
+    def caps(self) -> host.HostCaps:
+        if self._caps is None:
+            self._caps = host.detect(
+                qemu_bin=self.settings.get("qemu_bin"), firecracker_bin=self.settings.get("firecracker_bin")
+            )
+        return self._caps
+
+    def driver(self, kind: VmmKind) -> VmmDriver:
+        caps = self.caps()
+        if kind is VmmKind.QEMU:
+            return QemuDriver(caps.qemu.path or "qemu-system-x86_64", host.qemu_accel(caps))
+        return FirecrackerDriver(caps.firecracker.path or "firecracker")
+
+    # -- create ----------------------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        name: str | None,
+        image: str | None,
+        kernel: str | None,
+        vcpus: int,
+        memory_mib: int,
+        disk_size: str | None,
+        vmm: str | None,
+        progress: Progress = no_progress,
+    ) -> VmRecord:
+        """Record a VM and clone its root disk; refuses up front what this host cannot run."""
+        kind = host.select_vmm(vmm or str(self.settings.get("vmm")), self.caps())
+        kernel_name = kernel or str(self.settings.get("default_kernel"))
+        image_name = image or str(self.settings.get("default_image"))
+        kinfo = self.kernels.get(kernel_name)
+        if kind is VmmKind.FIRECRACKER and not (kinfo.get("boots_on") or {}).get("firecracker", False):
+            raise InvalidInputError(f"kernel {kernel_name!r} has no ELF entry Firecracker can boot")
+        iinfo = self.images.get(image_name)
+        if vcpus < 1 or vcpus > 64:
+            raise InvalidInputError(f"vcpus must be between 1 and 64 (got {vcpus})")
+        if memory_mib < 128:
+            raise InvalidInputError(f"memory must be at least 128 MiB (got {memory_mib})")
+        image_path = Path(iinfo["path"])
+        disk_bytes = parse_size(disk_size) if disk_size else image_path.stat().st_size
+        taken = {r["name"] for r in self.store.query("SELECT name FROM vms")}
+        if name is None:
+            name = generate_name(taken)
+        validate_name(name, "VM name")
+        if name in taken:
+            raise AlreadyExistsError(f"a VM named {name!r} already exists")
+        vm = VmRecord(
+            id=secrets.token_hex(6),
+            name=name,
+            state=VmState.CREATED,
+            vmm=kind.value,
+            kernel=kernel_name,
+            image=image_name,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_bytes=disk_bytes,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            spec={"net": "none"},
+        )
+        vdir = self.vm_dir(vm.id)
+        vdir.mkdir(parents=True)
+        try:
+            progress(ProgressEvent(step=f"clone image {image_name}"))
+            await in_thread(clone_root_disk, image_path, vdir / ROOT_DISK, disk_bytes)
+            self.store.execute(
+                "INSERT INTO vms (id, name, state, reason, vmm, kernel, image, vcpus, memory_mib, disk_bytes, "
+                "created_at, spec, runtime) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
+                (
+                    vm.id,
+                    vm.name,
+                    vm.state.value,
+                    None,
+                    vm.vmm,
+                    vm.kernel,
+                    vm.image,
+                    vm.vcpus,
+                    vm.memory_mib,
+                    vm.disk_bytes,
+                    vm.created_at,
+                    json.dumps(vm.spec),
+                ),
+            )
+        except BaseException:
+            shutil.rmtree(vdir, ignore_errors=True)
+            raise
+        log.info("vm %s created (%s, kernel %s, image %s)", vm.name, vm.vmm, vm.kernel, vm.image)
+        return vm
+
+    # -- start -----------------------------------------------------------------------------------------------
+
+    async def start(self, name: str, *, progress: Progress = no_progress, timeout: float | None = None) -> VmRecord:
+        """Boot a VM and return once its agent answers; on failure the VM is in state error with the reason."""
+        vm = self.get(name)
+        async with self.lock(vm.id):
+            vm = self.get(vm.id)
+            if vm.state in LIVE_STATES:
+                if vm.state is VmState.RUNNING:
+                    return vm
+                raise InvalidInputError(f"VM {vm.name} is {vm.state.value}")
+            return await self._boot(vm, progress, timeout or float(self.settings.get("agent_timeout")))
+
+    def _spec(self, vm: VmRecord) -> VmSpec:
+        manifest = self.kernels.boot_files(vm.kernel)
+        kdir = Path(self.kernels.get(vm.kernel)["path"])
+        vdir, rdir = self.vm_dir(vm.id), self.run_dir(vm.id)
+        base = (manifest.cmdline or "console=ttyS0 reboot=k panic=1").split()
+        # Our own root= and init= replace whatever the kernel's default line says about them.
+        base = [a for a in base if not a.startswith(("root=", "init=", "rw", "ro"))]
+        kind = VmmKind(vm.vmm)
+        if kind is VmmKind.QEMU:
+            agent = AgentChannel(AgentTransport.VIRTIO_SERIAL, socket=rdir / AGENT_SOCKET)
+        else:
+            agent = AgentChannel(AgentTransport.VSOCK, socket=rdir / AGENT_SOCKET, guest_cid=3)
+        return VmSpec(
+            name=vm.name,
+            vcpus=vm.vcpus,
+            memory_mib=vm.memory_mib,
+            kernel=kdir / VMLINUX,
+            initrd=kdir / INITRD if (kdir / INITRD).is_file() else None,
+            cmdline=" ".join([*base, GUEST_CMDLINE]),
+            console_log=vdir / CONSOLE_LOG,
+            run_dir=rdir,
+            disks=(Disk(vdir / ROOT_DISK), Disk(vdir / SEED_DISK, read_only=True)),
+            agent=agent,
+        )
+
+    def _seed_meta(self, vm: VmRecord) -> SeedMeta:
+        from banger.guest.seed import SeedMeta
+
+        return SeedMeta(hostname=vm.name, vm_name=vm.name)
+
+    async def _boot(self, vm: VmRecord, progress: Progress, timeout: float) -> VmRecord:
+        self._set_state(vm, VmState.STARTING)
+        driver = self.driver(VmmKind(vm.vmm))
+        handle: VmmHandle | None = None
+        try:
+            spec = self._spec(vm)
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+            progress(ProgressEvent(step="write seed drive"))
+            from banger.guest.seed import build_seed
+
+            await in_thread(build_seed, self.vm_dir(vm.id) / SEED_DISK, self._seed_meta(vm))
+            progress(ProgressEvent(step=f"launch {vm.vmm}"))
+            handle = await driver.launch(spec)
+            agent_socket = str(spec.agent.socket) if spec.agent else ""
+            self._set_runtime(vm, {"handle": handle.to_dict(), "agent_socket": agent_socket})
+            self._watch(vm.id, driver, handle)
+            progress(ProgressEvent(step="wait for guest agent"))
+            assert spec.agent is not None and spec.agent.socket is not None
+            await self.agents.get(vm.id, spec.agent.socket, timeout)
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, BangerError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, asyncio.CancelledError):
+                reason = "start was cancelled"
+            tail = self.console_tail(vm.id)
+            if handle is not None:
+                self._unwatch(vm.id)
+                await driver.kill(handle)
+            await self.agents.drop(vm.id)
+            self._set_runtime(vm, None)
+            self._set_state(vm, VmState.ERROR, reason)
+            if isinstance(exc, BangerError):
+                raise BangerError(
+                    f"VM {vm.name} failed to start: {reason}", data={"console_tail": tail}, hint=_tail_hint(tail)
+                ) from exc
+            raise
+        self._set_state(vm, VmState.RUNNING)
+        return self.get(vm.id)
+
+    def console_tail(self, vm_id: str, lines: int = 15) -> str:
+        """The last lines the guest printed on its console."""
+        path = self.vm_dir(vm_id) / CONSOLE_LOG
+        try:
+            text = path.read_bytes()[-16384:].decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- watch -----------------------------------------------------------------------------------------------
+
+    def _watch(self, vm_id: str, driver: VmmDriver, handle: VmmHandle) -> None:
+        """Notice a VMM that exits without being asked to (killed behind our back, guest crash)."""
+        self._unwatch(vm_id)
+        self._watchers[vm_id] = asyncio.create_task(self._watch_task(vm_id, driver, handle), name=f"watch:{vm_id}")
+
+    def _unwatch(self, vm_id: str) -> None:
+        task = self._watchers.pop(vm_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def _watch_task(self, vm_id: str, driver: VmmDriver, handle: VmmHandle) -> None:
+        from banger.drivers import process
+
+        while not await process.wait_exit(handle, 3600):
+            pass
+        self._watchers.pop(vm_id, None)
+        async with self.lock(vm_id):
+            try:
+                vm = self.get(vm_id)
+            except NotFoundError:
+                return
+            if vm.state in LIVE_STATES:
+                await self.agents.drop(vm_id)
+                await driver.kill(handle)  # removes its sockets
+                self._set_runtime(vm, None)
+                self._set_state(vm, VmState.ERROR, "the VMM process exited unexpectedly")
+
+    # -- stop / kill / rm ------------------------------------------------------------------------------------
+
+    def _handle(self, vm: VmRecord) -> VmmHandle | None:
+        data = (vm.runtime or {}).get("handle")
+        return VmmHandle.from_dict(data) if data else None
+
+    async def stop(self, name: str, *, timeout: float = STOP_TIMEOUT) -> VmRecord:
+        """Shut the guest down cleanly (agent poweroff, then the VMM's own way), killing it after `timeout`."""
+        vm = self.get(name)
+        async with self.lock(vm.id):
+            vm = self.get(vm.id)
+            handle = self._handle(vm)
+            if handle is None or vm.state not in LIVE_STATES:
+                return vm
+            self._set_state(vm, VmState.STOPPING)
+            self._unwatch(vm.id)
+            driver = self.driver(VmmKind(vm.vmm))
+            from banger.drivers import process
+
+            graceful = False
+            with contextlib.suppress(Exception):
+                client = await self.agents.get(vm.id, Path(vm.runtime["agent_socket"]), 5.0)  # type: ignore[index]
+                await client.poweroff(timeout=5.0)
+                graceful = await process.wait_exit(handle, timeout)
+            if graceful:
+                process.remove_sockets(handle)
+            else:
+                await driver.stop(handle, timeout)
+            await self.agents.drop(vm.id)
+            self._set_runtime(vm, None)
+            self._set_state(vm, VmState.STOPPED)
+            return vm
+
+    async def kill(self, name: str) -> VmRecord:
+        """Kill the VMM at once."""
+        vm = self.get(name)
+        async with self.lock(vm.id):
+            vm = self.get(vm.id)
+            handle = self._handle(vm)
+            self._unwatch(vm.id)
+            await self.agents.drop(vm.id)
+            if handle is not None:
+                await self.driver(VmmKind(vm.vmm)).kill(handle)
+            self._set_runtime(vm, None)
+            if vm.state is not VmState.CREATED:
+                self._set_state(vm, VmState.STOPPED)
+            return vm
+
+    async def remove(self, name: str, *, force: bool) -> None:
+        """Delete a VM and every file of it; a running VM needs `force` (it is killed)."""
+        vm = self.get(name)
+        if vm.state in LIVE_STATES:
+            if not force:
+                raise InvalidInputError(f"VM {vm.name} is {vm.state.value}", hint="stop it first, or use rm -f")
+            await self.kill(vm.id)
+        async with self.lock(vm.id):
+            await in_thread(shutil.rmtree, self.vm_dir(vm.id), ignore_errors=True)
+            await in_thread(shutil.rmtree, self.run_dir(vm.id), ignore_errors=True)
+            self.store.execute("DELETE FROM vms WHERE id=?", (vm.id,))
+        self._locks.pop(vm.id, None)
+        log.info("vm %s removed", vm.name)
+
+    # -- daemon lifecycle ------------------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """At daemon start: re-adopt VMMs that kept running, and record the ones that died meanwhile."""
+        for vm in self.all():
+            if vm.state not in LIVE_STATES:
+                continue
+            handle = self._handle(vm)
+            driver = self.driver(VmmKind(vm.vmm))
+            adopted = driver.adopt(handle) if handle is not None else None
+            if adopted is None:
+                if handle is not None:
+                    await driver.kill(handle)  # only removes leftovers: the process is gone
+                self._set_runtime(vm, None)
+                self._set_state(vm, VmState.ERROR, "the VMM process exited while the daemon was not running")
+                continue
+            log.info("vm %s: re-adopted %s pid %d", vm.name, vm.vmm, adopted.pid)
+            if vm.state is not VmState.RUNNING:
+                self._set_state(vm, VmState.RUNNING)
+            self._watch(vm.id, driver, adopted)
+
+    async def close(self) -> None:
+        """At daemon stop: VMs keep running; only our watchers and agent connections end."""
+        for vm_id in list(self._watchers):
+            self._unwatch(vm_id)
+        await self.agents.close_all()
+
+
+def _tail_hint(tail: str) -> str | None:
+    if not tail:
+        return None
+    return "guest console (last lines):\n" + tail

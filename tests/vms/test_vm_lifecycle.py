@@ -1,0 +1,211 @@
+"""Real guests under QEMU microvm (TCG here), driven through the real CLI and daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VENV_BIN, BangerEnv
+from tests.foundation.test_daemon import process_gone, wait_for
+
+pytestmark = pytest.mark.vm
+
+
+def vm_info(env: BangerEnv, name: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(env.cli("vm", "show", name, "--json", check=True).stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def running_vm(vm_home: BangerEnv) -> str:
+    r = vm_home.cli("vm", "create", "--name", "alpha", "--vcpus", "1", "--memory", "512", "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["state"] == "running"
+    return "alpha"
+
+
+def test_exec_streams_and_exit_code(vm_home: BangerEnv, running_vm: str) -> None:
+    r = vm_home.cli("vm", "exec", running_vm, "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 3")
+    assert r.returncode == 3
+    assert r.stdout == "to-out\n"
+    assert r.stderr == "to-err\n"
+    r = vm_home.cli(
+        "vm",
+        "exec",
+        running_vm,
+        "-e",
+        "GREETING=hi there",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        'echo "$GREETING from $(pwd) as $(id -un)"',
+        check=True,
+    )
+    assert r.stdout == "hi there from /tmp as root\n"
+
+
+def test_exec_stdin(vm_home: BangerEnv, running_vm: str) -> None:
+    payload = "".join(f"line {i}\n" for i in range(2000))
+    r = vm_home.cli("vm", "exec", "-i", running_vm, "--", "sh", "-c", "wc -l; md5sum", input=payload, check=True)
+    lines, digest = r.stdout.split("\n")[:2]
+    import hashlib
+
+    assert lines.strip() == "2000"
+    assert digest.split()[0] == hashlib.md5(payload.encode()).hexdigest()
+
+
+def test_exec_ctrl_c_is_forwarded(vm_home: BangerEnv, running_vm: str) -> None:
+    proc = vm_home.popen(
+        "vm",
+        "exec",
+        running_vm,
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-int; exit 42' INT; echo ready; while :; do sleep 0.1; done",
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    out, _err = proc.communicate(timeout=60)
+    assert "got-int" in out
+    assert proc.returncode == 42
+
+
+def test_ls_and_show_json(vm_home: BangerEnv, running_vm: str) -> None:
+    rows = json.loads(vm_home.cli("vm", "ls", "--json", check=True).stdout)
+    assert [r["name"] for r in rows] == [running_vm]
+    info = vm_info(vm_home, running_vm)
+    assert info["state"] == "running" and info["vmm"] == "qemu" and info["pid"]
+    assert "alpha" in vm_home.cli("vm", "ls", check=True).stdout
+
+
+def test_cp_round_trip(vm_home: BangerEnv, running_vm: str, tmp_path: Path) -> None:
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (src / "run.sh").chmod(0o750)
+    (src / "sub" / "data.bin").write_bytes(os.urandom(300_000))
+    vm_home.cli("vm", "cp", str(src), f"{running_vm}:/root/tree", check=True)
+    r = vm_home.cli(
+        "vm", "exec", running_vm, "--", "sh", "-c", "stat -c %a /root/tree/run.sh; /root/tree/run.sh", check=True
+    )
+    assert r.stdout == "750\nhi\n"
+    back = tmp_path / "back"
+    vm_home.cli("vm", "cp", f"{running_vm}:/root/tree", str(back), check=True)
+    assert (back / "sub" / "data.bin").read_bytes() == (src / "sub" / "data.bin").read_bytes()
+    assert (back / "run.sh").stat().st_mode & 0o777 == 0o750
+
+
+def test_ports_lists_a_listener(vm_home: BangerEnv, running_vm: str) -> None:
+    vm_home.cli(
+        "vm",
+        "exec",
+        running_vm,
+        "--",
+        "sh",
+        "-c",
+        "setsid python3 -m http.server 8765 >/dev/null 2>&1 < /dev/null & sleep 0.1",
+        check=True,
+    )
+
+    def listening() -> list:  # type: ignore[type-arg]
+        rows = json.loads(vm_home.cli("vm", "ports", running_vm, "--json", check=True).stdout)
+        return [p for p in rows if p["port"] == 8765 and p["proto"].startswith("tcp")]
+
+    found = wait_for(listening, timeout=60, what="guest port 8765 to listen")
+    assert "python3" in (found[0].get("process") or "")
+
+
+def test_shell_on_a_pty(vm_home: BangerEnv, running_vm: str) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # child: become the CLI on the pseudo-terminal
+        os.environ.update(vm_home.env)
+        os.execv(str(VENV_BIN / "banger"), ["banger", "vm", "shell", running_vm])
+    buf = b""
+    try:
+        os.write(fd, b"echo sum-$((20+22)); tty\n")
+        deadline = time.monotonic() + 60
+        while b"sum-42" not in buf or b"/dev/pts/" not in buf:
+            assert time.monotonic() < deadline, f"no shell output; got {buf!r}"
+            ready, _, _ = select.select([fd], [], [], 1)
+            if ready:
+                buf += os.read(fd, 4096)
+        os.write(fd, b"exit 7\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 7
+    finally:
+        os.close(fd)
+
+
+def test_daemon_sigkill_keeps_vm(vm_home: BangerEnv, running_vm: str) -> None:
+    before = vm_info(vm_home, running_vm)
+    pid = vm_home.daemon_pid()
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: vm_home.daemon_pid() is None, what="daemon lock release")
+    vm_home.cli("daemon", "start", check=True)
+    after = vm_info(vm_home, running_vm)
+    assert after["state"] == "running" and after["pid"] == before["pid"]
+    r = vm_home.cli("vm", "exec", running_vm, "--", "echo", "still-here", check=True)
+    assert r.stdout == "still-here\n"
+
+
+def test_stop_start_and_vmm_killed_behind_our_back(vm_home: BangerEnv, running_vm: str) -> None:
+    info = vm_home.cli("vm", "stop", running_vm, "--json", check=True, timeout=120)
+    assert json.loads(info.stdout)["state"] == "stopped"
+    vm_home.cli("vm", "start", running_vm, check=True, timeout=600)
+    pid = vm_info(vm_home, running_vm)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    state = wait_for(
+        lambda: vm_info(vm_home, running_vm)["state"] == "error" and vm_info(vm_home, running_vm),
+        timeout=30,
+        what="VM marked error after its VMM was killed",
+    )
+    assert "exited unexpectedly" in state["reason"]
+
+
+def test_rm_leaves_nothing(vm_home: BangerEnv, running_vm: str) -> None:
+    info = vm_info(vm_home, running_vm)
+    vm_dir = Path(info["dir"])
+    vm_home.cli("vm", "start", running_vm, check=True, timeout=600)
+    pid = vm_info(vm_home, running_vm)["pid"]
+    r = vm_home.cli("vm", "rm", running_vm)
+    assert r.returncode == 1 and "rm -f" in r.stderr
+    vm_home.cli("vm", "rm", "-f", running_vm, check=True)
+    assert not vm_dir.exists()
+    assert not (vm_home.home / "run" / info["id"]).exists()
+    assert process_gone(pid)
+    assert json.loads(vm_home.cli("vm", "ls", "--json", check=True).stdout) == []
+
+
+def test_broken_rootfs_gives_console_tail(vm_home: BangerEnv) -> None:
+    vm_home.cli("vm", "create", "--name", "broken", "--no-start", check=True, timeout=300)
+    info = vm_info(vm_home, "broken")
+    root = Path(info["dir"]) / "root.ext4"
+    with root.open("r+b") as f:  # wipe the superblock: the initramfs cannot mount it
+        f.write(b"\0" * (1 << 20))
+    r = vm_home.cli("vm", "start", "broken", timeout=600)
+    assert r.returncode == 1
+    assert "failed to start" in r.stderr
+    assert "banger-initramfs" in r.stderr  # the console tail is part of the error
+    assert vm_info(vm_home, "broken")["state"] == "error"
+    vm_home.cli("vm", "rm", "broken", check=True)
+
+
+def test_firecracker_refused_before_anything_is_created(vm_home: BangerEnv) -> None:
+    doctor = json.loads(vm_home.cli("doctor", "--json", check=True).stdout)
+    if doctor["kvm_usable"]:
+        pytest.skip("this host has usable hardware KVM; the refusal under test cannot happen")
+    r = vm_home.cli("vm", "create", "--name", "fc", "--vmm", "firecracker")
+    assert r.returncode == 1 and "KVM" in r.stderr
+    assert "fc" not in vm_home.cli("vm", "ls", check=True).stdout
