@@ -25,7 +25,7 @@ ENTRY: dict[str, Any] = {
 }
 
 
-def catalog(*entries: dict[str, Any], version: object = 1) -> str:
+def catalog(*entries: object, version: object = 1) -> str:
     return json.dumps({"version": version, "entries": list(entries)})
 
 
