@@ -129,3 +129,30 @@ def test_malformed_catalog_is_clear(banger_env: BangerEnv, tmp_path: Path) -> No
     r = banger_env.cli("kernel", "list", "--available")
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and "missing" in r.stderr
+
+
+def test_kernel_build_from_debian_then_bundle_and_pull(
+    banger_env: BangerEnv,
+    http_server: LoopbackServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from tests.kernels.conftest import DEBS
+
+    # Share the verified .deb cache with the kernel library tests, so this run does not download again.
+    (banger_env.home / "cache").mkdir(parents=True)
+    (banger_env.home / "cache" / "debian").symlink_to(DEBS)
+    r = banger_env.cli("kernel", "build", "--from", "debian", "--name", "deb", "--json", check=True, timeout=1800)
+    built = json.loads(r.stdout)
+    assert built["source"].startswith("build:debian:")
+    assert built["boots_on"] == {"firecracker": True, "qemu-microvm": True}
+    assert built["has_initrd"] and built["has_modules"]
+    out = tmp_path / "deb.tar.zst"
+    url = http_server.base + "/deb.tar.zst"
+    entry = json.loads(banger_env.cli("kernel", "bundle", "deb", "-o", str(out), "--url", url, check=True).stdout)
+    http_server.add("/deb.tar.zst", Route(body=out.read_bytes()))
+    entry["name"] = "deb-pulled"
+    banger_env.env["BANGER_CATALOG"] = str(write_catalog(tmp_path / "c.json", [entry]))
+    banger_env.cli("kernel", "pull", "deb-pulled", check=True, timeout=600)
+    pulled = json.loads(banger_env.cli("kernel", "show", "deb-pulled", "--json", check=True).stdout)
+    assert pulled["sha256"] == built["sha256"]
+    assert pulled["boots_on"] == built["boots_on"]

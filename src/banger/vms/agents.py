@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from banger.errors import TimeoutError_
 from banger.guest.client import AgentClient
@@ -18,6 +20,23 @@ log = logging.getLogger("banger.vms")
 _RETRY_S = 0.2
 
 
+@dataclass(frozen=True)
+class AgentEndpoint:
+    """Where a VM's agent is reached: a Unix socket, plus the vsock port for Firecracker's hybrid vsock."""
+
+    socket: Path
+    vsock_port: int | None = None
+
+    @classmethod
+    def from_runtime(cls, runtime: dict[str, Any]) -> AgentEndpoint:
+        return cls(Path(runtime["agent_socket"]), runtime.get("agent_vsock_port"))
+
+    async def connect(self, timeout: float) -> AgentClient:
+        if self.vsock_port is not None:
+            return await AgentClient.connect_firecracker_vsock(self.socket, self.vsock_port, timeout=timeout)
+        return await AgentClient.connect_unix(self.socket, timeout=timeout)
+
+
 class AgentPool:
     """Connected AgentClients keyed by VM id."""
 
@@ -25,7 +44,7 @@ class AgentPool:
         self._clients: dict[str, AgentClient] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def get(self, vm_id: str, socket: Path, timeout: float) -> AgentClient:
+    async def get(self, vm_id: str, endpoint: AgentEndpoint, timeout: float) -> AgentClient:
         """A connected, healthy client for `vm_id`, connecting (and waiting for the agent) if needed."""
         lock = self._locks.setdefault(vm_id, asyncio.Lock())
         async with lock:
@@ -34,7 +53,7 @@ class AgentPool:
                 return client
             if client is not None:
                 await self.drop(vm_id)
-            client = await wait_for_agent(socket, timeout)
+            client = await wait_for_agent(endpoint, timeout)
             self._clients[vm_id] = client
             return client
 
@@ -50,13 +69,13 @@ class AgentPool:
             await self.drop(vm_id)
 
 
-async def wait_for_agent(socket: Path, timeout: float) -> AgentClient:
+async def wait_for_agent(endpoint: AgentEndpoint, timeout: float) -> AgentClient:
     """Connect to the agent channel and wait for a health answer, within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while (left := deadline - time.monotonic()) > 0:
         try:
-            client = await AgentClient.connect_unix(socket, timeout=min(left, 30.0))
+            client = await endpoint.connect(timeout=min(left, 30.0))
         except (TimeoutError, OSError, TimeoutError_) as exc:
             last = exc
             await asyncio.sleep(_RETRY_S)

@@ -12,6 +12,7 @@ from typing import Any
 
 from banger.errors import InvalidInputError
 from banger.guest.client import AgentClient
+from banger.vms.agents import AgentEndpoint
 from banger.vms.model import VmState
 from banger.vms.service import VmService
 
@@ -23,7 +24,7 @@ async def agent_for(vms: VmService, name: str) -> AgentClient:
     vm = vms.get(name)
     if vm.state is not VmState.RUNNING or not vm.runtime:
         raise InvalidInputError(f"VM {vm.name} is {vm.state.value}, not running", hint=f"banger vm start {vm.name}")
-    return await vms.agents.get(vm.id, Path(vm.runtime["agent_socket"]), 30.0)
+    return await vms.agents.get(vm.id, AgentEndpoint.from_runtime(vm.runtime), 30.0)
 
 
 async def exec_streaming(

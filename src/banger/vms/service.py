@@ -19,6 +19,7 @@ from banger.drivers.base import AgentChannel, AgentTransport, Disk, VmmDriver, V
 from banger.drivers.firecracker import FirecrackerDriver
 from banger.drivers.qemu import QemuDriver
 from banger.errors import AlreadyExistsError, BangerError, InvalidInputError, NotFoundError
+from banger.guest.protocol import DEFAULT_VSOCK_PORT
 from banger.images.service import ImageService
 from banger.images.spec import parse_size
 from banger.kernels.manifest import INITRD, VMLINUX
@@ -26,7 +27,7 @@ from banger.kernels.service import KernelService
 from banger.names import generate_name, validate_name
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
-from banger.vms.agents import AgentPool
+from banger.vms.agents import AgentEndpoint, AgentPool
 from banger.vms.disk import clone_root_disk
 from banger.vms.model import LIVE_STATES, VmRecord, VmState
 
@@ -238,12 +239,14 @@ class VmService:
             await in_thread(build_seed, self.vm_dir(vm.id) / SEED_DISK, self._seed_meta(vm))
             progress(ProgressEvent(step=f"launch {vm.vmm}"))
             handle = await driver.launch(spec)
-            agent_socket = str(spec.agent.socket) if spec.agent else ""
-            self._set_runtime(vm, {"handle": handle.to_dict(), "agent_socket": agent_socket})
+            assert spec.agent is not None and spec.agent.socket is not None
+            runtime: dict[str, Any] = {"handle": handle.to_dict(), "agent_socket": str(spec.agent.socket)}
+            if spec.agent.transport is AgentTransport.VSOCK:
+                runtime["agent_vsock_port"] = DEFAULT_VSOCK_PORT
+            self._set_runtime(vm, runtime)
             self._watch(vm.id, driver, handle)
             progress(ProgressEvent(step="wait for guest agent"))
-            assert spec.agent is not None and spec.agent.socket is not None
-            await self.agents.get(vm.id, spec.agent.socket, timeout)
+            await self.agents.get(vm.id, AgentEndpoint.from_runtime(runtime), timeout)
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, BangerError) else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, asyncio.CancelledError):
@@ -322,7 +325,7 @@ class VmService:
 
             graceful = False
             with contextlib.suppress(Exception):
-                client = await self.agents.get(vm.id, Path(vm.runtime["agent_socket"]), 5.0)  # type: ignore[index]
+                client = await self.agents.get(vm.id, AgentEndpoint.from_runtime(vm.runtime or {}), 5.0)
                 await client.poweroff(timeout=5.0)
                 graceful = await process.wait_exit(handle, timeout)
             if graceful:
