@@ -130,6 +130,9 @@ def _refusal_cases() -> list[object]:
     good_tar = tar_bytes(good_members())
     good = zst(good_tar)
     bomb = zst(tar_bytes([reg("vmlinux", FAKE_VMLINUX), reg("modules/zeros", bytes(80 << 20))]))
+    trailing_bomb = zst(good_tar + bytes(80 << 20))  # small members, then a flood after the end of the tar
+    corrupt = bytearray(zst(tar_bytes(good_members(os.urandom(200_000)))))
+    corrupt[len(corrupt) // 2] ^= 0xFF
     cases = [
         ("absolute", zst(tar_bytes([reg("/vmlinux", FAKE_VMLINUX)])), UnsafeArchiveError, "absolute", True),
         ("dotdot", zst(tar_bytes([reg("modules/../../x", b"")])), UnsafeArchiveError, "leaves", True),
@@ -143,6 +146,8 @@ def _refusal_cases() -> list[object]:
         ("vmlinux-link", zst(tar_bytes([special("vmlinux", b"2", "config")])), UnsafeArchiveError, "regular", True),
         ("not-elf", zst(tar_bytes([reg("vmlinux", b"MZ" + bytes(100))])), InvalidInputError, "ELF", True),
         ("bomb", bomb, UnsafeArchiveError, "more than", True),
+        ("trailing-bomb", trailing_bomb, UnsafeArchiveError, "decompresses to more than", True),
+        ("corrupt-zstd", bytes(corrupt), IntegrityError, "zstd", True),
         ("not-zstd", b"definitely not zstd" * 100, IntegrityError, "zstd", True),
         ("truncated-frame", good[:-7], IntegrityError, "truncated", True),
         ("truncated-tar", zst(good_tar[:1024]), IntegrityError, "tar", True),
