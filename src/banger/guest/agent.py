@@ -335,9 +335,18 @@ async def serve_connect(path: str, init_pid: int | None) -> None:
 
 
 async def serve_vsock(port: int, init_pid: int | None) -> None:
-    """Serve one session per AF_VSOCK connection on `port`."""
-    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    sock.bind((socket.VMADDR_CID_ANY, port))
+    """Serve one session per AF_VSOCK connection on `port` (returns at once if the VM has no vsock device)."""
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as exc:
+        log(f"vsock unavailable ({exc}); not listening on port {port}")
+        return
+    try:
+        sock.bind((socket.VMADDR_CID_ANY, port))
+    except OSError as exc:
+        sock.close()
+        log(f"vsock unavailable ({exc}); not listening on port {port}")
+        return
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -346,6 +355,7 @@ async def serve_vsock(port: int, init_pid: int | None) -> None:
             writer.close()
 
     server = await asyncio.start_server(on_conn, sock=sock)
+    log(f"listening on vsock port {port}")
     async with server:
         await server.serve_forever()
 
@@ -353,23 +363,29 @@ async def serve_vsock(port: int, init_pid: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point when run from the seed drive."""
     parser = argparse.ArgumentParser(prog="banger-agent")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--serial", metavar="NAME")
-    where.add_argument("--vsock", metavar="PORT", type=int)
-    where.add_argument("--connect", metavar="PATH")
-    parser.add_argument("--init-pid", type=int)
+    parser.add_argument("--serial", metavar="NAME", help="serve the virtio-serial port with this name")
+    parser.add_argument("--vsock", metavar="PORT", type=int, help="listen on this AF_VSOCK port")
+    parser.add_argument("--connect", metavar="PATH", help="connect to this Unix socket instead (tests)")
+    parser.add_argument("--init-pid", type=int, help="pid to SIGTERM when the host asks for poweroff")
     args = parser.parse_args(argv)
     # banger-init blocks signals to collect them with sigwaitinfo; that mask must not reach user processes.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    servers = []
     if args.serial:
-        coro = serve_serial(args.serial, args.init_pid)
-    elif args.vsock is not None:
-        coro = serve_vsock(args.vsock, args.init_pid)
-    else:
-        coro = serve_connect(args.connect, args.init_pid)
+        servers.append(serve_serial(args.serial, args.init_pid))
+    if args.vsock is not None:
+        servers.append(serve_vsock(args.vsock, args.init_pid))
+    if args.connect:
+        servers.append(serve_connect(args.connect, args.init_pid))
+    if not servers:
+        parser.error("give at least one of --serial, --vsock, --connect")
     log(f"protocol v{VERSION} starting (pid {os.getpid()})")
+
+    async def serve_all() -> None:
+        await asyncio.gather(*servers)
+
     try:
-        asyncio.run(coro)
+        asyncio.run(serve_all())
     except KeyboardInterrupt:
         return 130
     return 0

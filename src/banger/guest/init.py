@@ -1,0 +1,332 @@
+"""banger-init: PID 1 of a banger guest, run from the seed drive by the image's /sbin/banger-init stub.
+
+Stdlib only, and it must never import banger. It mounts what the stub did not, names the host, configures the
+network from meta.json, starts the agent and keeps it running, reaps orphans, and powers the machine off on
+SIGTERM, on SIGINT (Ctrl-Alt-Del, once CAD is routed to init) or when the agent relays a host's poweroff request.
+Everything it does is logged as `banger-init: ...` lines on the console. Pure helpers are unit-tested on the host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+SEED_DIR = "/run/banger/seed"
+META_PATH = f"{SEED_DIR}/meta.json"
+READY_MARKER = "banger-init: ready"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+TERM_GRACE = 5.0
+KILL_GRACE = 2.0
+RB_POWER_OFF = 0x4321FEDC
+RB_DISABLE_CAD = 0
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_RDONLY, MS_REMOUNT = 0x2, 0x4, 0x8, 0x1, 0x20
+SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGPWR, signal.SIGUSR2}
+WATCHED = {signal.SIGCHLD, signal.SIGHUP, *SHUTDOWN_SIGNALS}
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """One pseudo-filesystem init makes sure of."""
+
+    source: str
+    target: str
+    fstype: str
+    flags: int
+    data: str = ""
+
+
+BASE_MOUNTS = (
+    MountSpec("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC),
+    MountSpec("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC),
+    MountSpec("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+    MountSpec("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"),
+    MountSpec("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    MountSpec("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+    MountSpec("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+)
+
+
+def say(message: str) -> None:
+    """One console line; never fails (a broken console must not kill PID 1)."""
+    try:
+        print(f"banger-init: {message}", flush=True)
+    except OSError:
+        pass
+
+
+# ---- pure helpers (unit-tested on the host) ----
+
+
+def parse_mountinfo(text: str) -> set[str]:
+    """Mount points listed in /proc/self/mountinfo (octal escapes decoded)."""
+    points = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            points.add(fields[4].encode().decode("unicode_escape"))
+    return points
+
+
+def plan_mounts(mounted: set[str]) -> list[MountSpec]:
+    """Base mounts still missing; never one over a directory that already has mounts below it (the seed)."""
+    return [
+        m for m in BASE_MOUNTS if m.target not in mounted and not any(p.startswith(m.target + "/") for p in mounted)
+    ]
+
+
+def network_commands(network: dict[str, Any] | None, names_by_mac: dict[str, str]) -> list[list[str]]:
+    """`ip` argument lists that bring up loopback and each interface from meta.json's network section."""
+    cmds = [["ip", "link", "set", "dev", "lo", "up"]]
+    for iface in (network or {}).get("interfaces", []):
+        name = str(iface["name"])
+        current = names_by_mac.get(str(iface["mac"]).lower(), name)
+        if current != name:
+            cmds.append(["ip", "link", "set", "dev", current, "name", name])
+        if iface.get("mtu"):
+            cmds.append(["ip", "link", "set", "dev", name, "mtu", str(iface["mtu"])])
+        cmds.append(["ip", "address", "add", f"{iface['address']}/{iface['prefix']}", "dev", name])
+        cmds.append(["ip", "link", "set", "dev", name, "up"])
+        if gateway := iface.get("gateway"):
+            family = ["-6"] if ":" in str(gateway) else ["-4"]
+            cmds.append(["ip", *family, "route", "add", "default", "via", str(gateway), "dev", name])
+    return cmds
+
+
+def resolv_conf(network: dict[str, Any] | None) -> str | None:
+    """/etc/resolv.conf text for the metadata's nameservers and search domains; None when there are none."""
+    if not network or not (network.get("nameservers") or network.get("search")):
+        return None
+    lines = ["# written by banger-init from the seed drive"]
+    if network.get("search"):
+        lines.append("search " + " ".join(network["search"]))
+    lines += [f"nameserver {ns}" for ns in network.get("nameservers", [])[:3]]  # the resolver reads three at most
+    return "\n".join(lines) + "\n"
+
+
+def hosts_file(hostname: str) -> str:
+    """/etc/hosts text that lets the guest resolve its own name."""
+    return (
+        "127.0.0.1\tlocalhost\n"
+        f"127.0.1.1\t{hostname}\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\n"
+        "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+    )
+
+
+def agent_argv(meta: dict[str, Any], python: str, seed_dir: str = SEED_DIR) -> list[str]:
+    """How to start the agent for the transport meta.json asks for."""
+    agent = meta.get("agent") or {}
+    transport = agent.get("transport", "auto")
+    argv = [python, "-B", f"{seed_dir}/agent.py", "--init-pid", "1"]
+    if transport in ("auto", "virtio-serial"):
+        argv += ["--serial", str(agent.get("serial_port", "org.banger.agent"))]
+    if transport in ("auto", "vsock"):
+        argv += ["--vsock", str(agent.get("vsock_port", 1024))]
+    return argv
+
+
+# ---- effects ----
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def do_mount(m: MountSpec) -> None:
+    """mount(2) one filesystem, creating its mount point if needed."""
+    os.makedirs(m.target, exist_ok=True)
+    _check(_libc.mount(m.source.encode(), m.target.encode(), m.fstype.encode(), m.flags, m.data.encode()), m.target)
+
+
+def mount_base() -> None:
+    """Mount the pseudo-filesystems the stub did not."""
+    if not os.path.ismount("/proc"):
+        do_mount(BASE_MOUNTS[0])
+    with open("/proc/self/mountinfo") as f:
+        mounted = parse_mountinfo(f.read())
+    for m in plan_mounts(mounted):
+        try:
+            do_mount(m)
+        except OSError as exc:
+            say(f"warning: cannot mount {m.fstype} on {m.target}: {exc}")
+
+
+def ensure_console() -> None:
+    """Give init stdio on /dev/console if the kernel could not (no /dev/console in the image)."""
+    try:
+        os.fstat(1)
+    except OSError:
+        fd = os.open("/dev/console", os.O_RDWR | os.O_NOCTTY)
+        for target in (0, 1, 2):
+            os.dup2(fd, target)
+        if fd > 2:
+            os.close(fd)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+
+
+def write_etc(path: str, text: str) -> None:
+    """Replace a file (or a dangling symlink such as resolv.conf's) atomically; log if the root is read-only."""
+    tmp = f"{path}.banger-tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        say(f"warning: cannot write {path}: {exc}")
+
+
+def names_by_mac(sysfs: str = "/sys/class/net") -> dict[str, str]:
+    """Current interface names keyed by lowercase MAC."""
+    found = {}
+    for name in os.listdir(sysfs):
+        try:
+            with open(f"{sysfs}/{name}/address") as f:
+                found[f.read().strip().lower()] = name
+        except OSError:
+            continue
+    return found
+
+
+def configure(meta: dict[str, Any]) -> None:
+    """Hostname, /etc/hosts, network and resolv.conf from the metadata."""
+    hostname = str(meta.get("hostname") or "banger")
+    with open("/proc/sys/kernel/hostname", "w") as f:
+        f.write(hostname)
+    write_etc("/etc/hosts", hosts_file(hostname))
+    say(f"hostname {hostname}")
+    network = meta.get("network")
+    ip = shutil.which("ip", path=DEFAULT_PATH)
+    for argv in network_commands(network, names_by_mac()):
+        if ip is None:
+            say("warning: no `ip` tool in the image; network left unconfigured")
+            break
+        done = subprocess.run([ip, *argv[1:]], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            say(f"warning: {' '.join(argv)} failed: {done.stderr.strip()}")
+    if network:
+        for iface in network.get("interfaces", []):
+            say(f"network {iface['name']} {iface['address']}/{iface['prefix']} via {iface.get('gateway')}")
+    if (text := resolv_conf(network)) is not None:
+        write_etc("/etc/resolv.conf", text)
+
+
+def _unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def start_agent(meta: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """Start the agent (signals unblocked, plain environment)."""
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    # init is single-threaded, so preexec_fn is safe here; the mask would otherwise reach every user process.
+    return subprocess.Popen(agent_argv(meta, sys.executable), env=env, cwd="/", preexec_fn=_unblock_signals)
+
+
+def reap() -> list[tuple[int, int]]:
+    """Collect every exited child (PID 1 inherits all orphans)."""
+    done: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return done
+        if pid == 0:
+            return done
+        done.append((pid, status))
+
+
+def _drain(timeout: float) -> bool:
+    """Reap until no process is left or `timeout` passes; True if everything is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reap()
+        try:
+            os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.2))
+
+
+def power_off(reason: str) -> None:
+    """Stop every process, sync, remount / read-only and power off. Does not return."""
+    say(f"shutting down ({reason})")
+    os.kill(-1, signal.SIGTERM)  # from PID 1, -1 means every other process
+    if not _drain(TERM_GRACE):
+        say("processes still running after SIGTERM; killing them")
+        os.kill(-1, signal.SIGKILL)
+        _drain(KILL_GRACE)
+    os.sync()
+    if _libc.mount(None, b"/", None, MS_REMOUNT | MS_RDONLY, None) != 0:
+        say(f"warning: cannot remount / read-only: {os.strerror(ctypes.get_errno())}")
+    os.sync()
+    say("powering off")
+    _libc.reboot(RB_POWER_OFF)
+    say(f"reboot(POWER_OFF) failed: {os.strerror(ctypes.get_errno())}")
+    sys.exit(1)
+
+
+def supervise(meta: dict[str, Any]) -> None:
+    """Run the agent, restart it if it dies, reap orphans, and power off when asked."""
+    agent = start_agent(meta)
+    say(f"{READY_MARKER[len('banger-init: ') :]} (agent pid {agent.pid})")
+    backoff, restart_at = 1.0, None
+    while True:
+        timeout = None if restart_at is None else max(0.0, restart_at - time.monotonic())
+        info = signal.sigwaitinfo(WATCHED) if timeout is None else signal.sigtimedwait(WATCHED, timeout)
+        if info is not None and info.si_signo in SHUTDOWN_SIGNALS:
+            power_off(signal.Signals(info.si_signo).name)
+        for pid, status in reap():
+            if pid == agent.pid:
+                say(f"agent exited ({_describe(status)}); restarting in {backoff:.0f}s")
+                restart_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, 30.0)
+        if restart_at is not None and time.monotonic() >= restart_at:
+            agent, restart_at = start_agent(meta), None
+            say(f"agent restarted (pid {agent.pid})")
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+def main() -> None:
+    """PID 1 entry point."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
+    try:
+        mount_base()
+        ensure_console()
+        say(f"starting from {SEED_DIR} (python {sys.version.split()[0]})")
+        with open(META_PATH) as f:
+            meta = json.load(f)
+        configure(meta)
+        _check(_libc.reboot(RB_DISABLE_CAD), "reboot(CAD_OFF)")  # Ctrl-Alt-Del now arrives as SIGINT
+        supervise(meta)
+    except Exception:
+        # PID 1 must not exit (that panics the kernel and hides the reason): report, then power off cleanly.
+        say("fatal error:\n" + traceback.format_exc())
+        power_off("init failed")
+
+
+if __name__ == "__main__":
+    if os.getpid() != 1:
+        sys.exit("banger-init: must run as PID 1")
+    main()
