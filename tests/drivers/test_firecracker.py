@@ -111,6 +111,8 @@ async def test_kill_cleans_up(
     [
         ({"kernel": Path("/nonexistent/vmlinux")}, "PUT /boot-source"),
         ({"vcpus": 64}, "PUT /machine-config"),
+        # Not an ELF file: accepted as a path, refused when the loader reads it at start.
+        ({"kernel": Path("/etc/os-release")}, "PUT /actions InstanceStart"),
     ],
 )
 async def test_rejected_configuration_is_a_clear_error(

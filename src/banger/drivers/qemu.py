@@ -37,9 +37,9 @@ def _listen(path: Path) -> socket.socket:
     try:
         sock.bind(os.fspath(path))
         sock.listen(1)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise ToolError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
     return sock
 
 
@@ -123,20 +123,20 @@ class QemuDriver:
         process.check_socket_paths(qmp_path, *([agent_socket] if agent_socket else []))
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         cleanup: list[Path] = []
-        with contextlib.ExitStack() as fds:
-            qmp_sock = fds.enter_context(_listen(qmp_path))
-            agent_fd: int | None = None
-            if spec.agent is not None and spec.agent.transport is AgentTransport.VIRTIO_SERIAL and spec.agent.socket:
-                agent_fd = fds.enter_context(_listen(spec.agent.socket)).fileno()
-                cleanup.append(spec.agent.socket)
-            argv = self.argv(spec, qmp_sock.fileno(), agent_fd)
-            pass_fds = [qmp_sock.fileno()] + ([agent_fd] if agent_fd is not None else [])
-            try:
+        try:
+            with contextlib.ExitStack() as fds:
+                qmp_sock = fds.enter_context(_listen(qmp_path))
+                agent_fd: int | None = None
+                if spec.agent is not None and spec.agent.transport is AgentTransport.VIRTIO_SERIAL and agent_socket:
+                    cleanup.append(agent_socket)
+                    agent_fd = fds.enter_context(_listen(agent_socket)).fileno()
+                argv = self.argv(spec, qmp_sock.fileno(), agent_fd)
+                pass_fds = [qmp_sock.fileno()] + ([agent_fd] if agent_fd is not None else [])
                 pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, pass_fds=pass_fds)
-            except BaseException:
-                for path in (qmp_path, *cleanup):
-                    path.unlink(missing_ok=True)
-                raise
+        except BaseException:
+            for path in (qmp_path, *cleanup):
+                path.unlink(missing_ok=True)
+            raise
         # Our copies of the listening sockets are closed; QEMU holds its own.
         started = process.start_time(pid)
         handle = VmmHandle(self.kind, pid, started or -1, qmp_path, spec.run_dir, tuple(cleanup))
