@@ -32,6 +32,7 @@ MODULES = (
     "kernel/drivers/virtio/virtio.ko",
     "kernel/drivers/virtio/virtio_mmio.ko",
     "kernel/drivers/char/virtio_console.ko",
+    "kernel/drivers/block/virtio_blk.ko",
     "kernel/drivers/input/evdev.ko",
     "kernel/drivers/acpi/button.ko",
 )
@@ -48,6 +49,9 @@ for p in /sys/class/virtio-ports/*; do
   if [ "$(cat "$p/name" 2>/dev/null)" = org.banger.agent ]; then
     echo "hello from $(basename "$p")" > "/dev/$(basename "$p")"
   fi
+done
+for b in /sys/block/vd*; do
+  [ -e "$b" ] && echo "BANGER-DISK $(basename "$b") ro=$(cat "$b/ro") sectors=$(cat "$b/size")"
 done
 echo BANGER-TEST-INIT-UP
 case "$(cat /proc/cmdline)" in

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from banger.drivers import process
-from banger.drivers.base import AgentChannel, AgentTransport, StopOutcome, VmmHandle, VmSpec
+from banger.drivers.base import AgentChannel, AgentTransport, Disk, StopOutcome, VmmHandle, VmSpec
 from banger.drivers.host import DEV_VHOST_VSOCK
 from banger.drivers.qemu import QemuDriver
 from banger.errors import ToolError, UnsupportedError
@@ -22,7 +22,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.anyio]
 BOOT_TIMEOUT = 240.0
 
 
-def make_spec(tmp_path: Path, kernel: GuestKernel, mode: str, *, agent: bool = False) -> VmSpec:
+def make_spec(
+    tmp_path: Path, kernel: GuestKernel, mode: str, *, agent: bool = False, disks: tuple[Disk, ...] = ()
+) -> VmSpec:
     channel = AgentChannel(AgentTransport.VIRTIO_SERIAL, socket=tmp_path / "agent.sock") if agent else None
     return VmSpec(
         name=f"test-{mode}",
@@ -34,6 +36,7 @@ def make_spec(tmp_path: Path, kernel: GuestKernel, mode: str, *, agent: bool = F
         console_log=tmp_path / "console.log",
         run_dir=tmp_path / "run",
         agent=channel,
+        disks=disks,
     )
 
 
@@ -51,7 +54,11 @@ async def wait_console(path: Path, marker: str, handle: VmmHandle, timeout: floa
 async def test_boot_agent_channel_and_graceful_powerdown(
     tmp_path: Path, test_kernel: GuestKernel, qemu_driver: QemuDriver, vmm_reaper: list[VmmHandle]
 ) -> None:
-    spec = make_spec(tmp_path, test_kernel, "powerbutton", agent=True)
+    root, seed = tmp_path / "root.img", tmp_path / "seed.img"
+    root.write_bytes(b"\0" * (4 << 20))
+    seed.write_bytes(b"\0" * (1 << 20))
+    disks = (Disk(root), Disk(seed, read_only=True))
+    spec = make_spec(tmp_path, test_kernel, "powerbutton", agent=True, disks=disks)
     handle = await qemu_driver.launch(spec)
     vmm_reaper.append(handle)
     assert qemu_driver.is_alive(handle)
@@ -69,6 +76,9 @@ async def test_boot_agent_channel_and_graceful_powerdown(
     await wait_console(spec.console_log, "BANGER-WAITING-FOR-POWER-BUTTON", handle)
     text = console_text(spec.console_log)
     assert "Linux version" in text
+    # Root disk first and writable, seed disk second and read-only (sizes in 512-byte sectors).
+    assert "BANGER-DISK vda ro=0 sectors=8192" in text
+    assert "BANGER-DISK vdb ro=1 sectors=2048" in text
     if qemu_driver.accel == "tcg":
         assert "tsc_early_khz=" in text  # TCG gets the host TSC frequency on its command line
 
@@ -124,7 +134,7 @@ async def test_missing_kernel_is_a_clear_error_and_leaves_nothing(
 
 
 def test_argv_wires_devices(tmp_path: Path) -> None:
-    from banger.drivers.base import Disk, NetSpec
+    from banger.drivers.base import NetSpec
 
     driver = QemuDriver("/usr/bin/qemu-system-x86_64", "kvm")
     spec = VmSpec(
