@@ -117,6 +117,10 @@ def test_kernel() -> GuestKernel:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not dest.exists():
             _build(dest, pkg)
+            for stale in CACHE.iterdir():
+                # Older kernels or init scripts: each entry is only ever used by its exact key.
+                if stale.is_dir() and stale != dest and not stale.name.startswith("."):
+                    shutil.rmtree(stale, ignore_errors=True)
     return GuestKernel(pkg.name, dest / "vmlinuz", dest / "vmlinux", dest / "initramfs.cpio")
 
 
