@@ -1,0 +1,40 @@
+"""network.* methods (status, host DNS setup) and vm.forward (published ports)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from banger.aio import in_thread
+from banger.daemon.app import App
+from banger.errors import NotFoundError
+from banger.rpc.registry import MethodRegistry
+from banger.rpc.server import CallContext
+
+
+def register(reg: MethodRegistry, app: App) -> None:
+    @reg.method("network.status")
+    async def status(ctx: CallContext) -> dict[str, Any]:
+        """Bridge, leases, published ports, nft table, DNS and ip_forward as they are now."""
+        return await in_thread(app.network.status)
+
+    @reg.method("network.setup_host")
+    async def setup_host(ctx: CallContext) -> dict[str, Any]:
+        """Route the host's *.<domain> lookups to banger's DNS (systemd-resolved), or explain how."""
+        return await app.network.setup_host()
+
+    @reg.method("vm.forward")
+    async def forward(
+        ctx: CallContext, name: str, host_port: int, guest_port: int | None = None, remove: bool = False
+    ) -> list[dict[str, Any]]:
+        """Publish host TCP port -> guest port (or stop publishing it); returns the VM's published ports."""
+        vm = app.vms.get(name)
+        net = app.network
+        current = {f["host_port"]: f["guest_port"] for f in net.forwards(vm.id)}
+        if remove:
+            if host_port not in current:
+                raise NotFoundError(f"VM {vm.name} does not publish host port {host_port}")
+            del current[host_port]
+        else:
+            current[host_port] = host_port if guest_port is None else guest_port
+        await in_thread(net.set_forwards, vm.id, sorted(current.items()))
+        return net.forwards(vm.id)
