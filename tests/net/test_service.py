@@ -29,6 +29,15 @@ reply = DNSRecord.parse(DNSRecord.question(sys.argv[2]).send(sys.argv[1], 53, ti
 print(reply.header.rcode, *sorted(str(rr.rdata) for rr in reply.rr))
 """
 
+LISTEN = """
+import socket, sys, time
+s = socket.socket()
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
 
 def _settings(tmp_path: Path, subnet: str = "172.30.77.0/24") -> Settings:
     return Settings(paths=Paths(tmp_path / "home"), values={**DEFAULTS, "subnet": subnet})
@@ -161,6 +170,10 @@ def test_vm_network_lifecycle(netns: Namespaces, tmp_path: Path, store: Store) -
         assert f"dnat to {ip_a}:80" in table and f"dnat to {ip_a}:22" in table
         with pytest.raises(InUseError, match="8080.*alpha"):
             svc.set_forwards(beta, [(8080, 81)])
+        listener = netns.spawn_python(ns, LISTEN, "7000")
+        assert netns.wait_line(listener) == "ready"
+        with pytest.raises(InUseError, match="7000 is in use by a process on the host"):
+            svc.set_forwards(beta, [(7000, 80)])
         svc.set_forwards(beta, [(9090, 90)])
         assert "9090" not in (nft_table(netns, ns) or ""), "forwards of a VM that is not running stay out"
         assert [(f["vm"], f["host_port"], f["active"]) for f in svc.forwards()] == [

@@ -43,3 +43,19 @@ def host_instructions(gateway: IPv4Address, domain: str) -> str:
         f"or put `nameserver {gateway}` first in /etc/resolv.conf (banger's DNS forwards other names "
         "to the upstream resolvers, but only while bangerd runs)."
     )
+
+
+def listening_tcp_ports(netns: str | None = None) -> set[int]:
+    """TCP ports some process on the host listens on (any address)."""
+    argv = [proc.which("ss", hint="install the iproute2 package"), "-H", "-l", "-t", "-n"]
+    if netns:
+        argv[1:1] = ["-N", netns]
+    out = proc.run(argv, step="list listening TCP ports").stdout.decode()
+    ports: set[int] = set()
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            _, _, port = fields[3].rpartition(":")
+            if port.isdigit():
+                ports.add(int(port))
+    return ports

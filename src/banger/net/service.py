@@ -47,7 +47,7 @@ from banger.fsutil import atomic_write
 from banger.net import ipam, nft
 from banger.net.dns import DnsServer, resolved_running, systemd_resolved_setup, upstream_resolvers
 from banger.net.dnsthread import DnsThread
-from banger.net.hostinfo import bridge_state, host_instructions, ip_forward
+from banger.net.hostinfo import bridge_state, host_instructions, ip_forward, listening_tcp_ports
 from banger.net.links import BridgeConfig, Links, guest_mac, tap_mac, tap_name
 from banger.net.nft import NatState, PortForward, Proto
 from banger.store.db import Store
@@ -158,6 +158,8 @@ class NetworkService:
 
     async def setup(self) -> None:
         """Bridge, ip_forward, nft table and DNS; on a host that cannot do it, record why and carry on."""
+        if self._dns is not None:
+            return  # already set up in this process
         try:
             await in_thread(self._setup_kernel)
         except (BangerError, OSError) as exc:
@@ -417,9 +419,15 @@ class NetworkService:
         hosts = [h for h, _ in pairs]
         if len(set(hosts)) != len(hosts):
             raise InvalidInputError("a host port is listed twice")
+        # DNAT of a port a host process listens on would silently take it over (think ssh on 22): refuse.
+        listening = listening_tcp_ports(self.netns) if self.available else set()
         with self._lock, self.store.transaction() as conn:
             if conn.execute("SELECT 1 FROM ip_leases WHERE vm_id=?", (vm_id,)).fetchone() is None:
                 raise InvalidInputError(f"VM {vm_id} has no network, so it cannot publish ports")
+            mine = {r["host_port"] for r in conn.execute("SELECT host_port FROM forwards WHERE vm_id=?", (vm_id,))}
+            busy = sorted((set(hosts) & listening) - mine)
+            if busy:
+                raise InUseError(f"host port {busy[0]} is in use by a process on the host")
             for host_port in hosts:
                 other = conn.execute(
                     "SELECT v.name FROM forwards f JOIN vms v ON v.id = f.vm_id "
