@@ -87,6 +87,17 @@ def test_explicit_size_too_small_is_refused_cleanly(debian_image: Path, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_size_checked_against_the_real_rootfs(debian_image: Path, tmp_path: Path) -> None:
+    # Bigger than the tarball, smaller than the rootfs plus ext4 overhead: caught after extraction, before mkfs.
+    tar_mib = cached_rootfs(ROOTFS_CACHE, cache_key(plan_for(DEBIAN_SPEC))).stat().st_size // MiB
+    spec = ImageSpec(name="snug", size_bytes=(tar_mib + 8) * MiB)
+    rec = Recorder()
+    with pytest.raises(InvalidInputError, match=r"too small for this rootfs \(needs about"):
+        build_image(spec, tmp_path / "snug.ext4", cache_dir=ROOTFS_CACHE, progress=rec)
+    assert BuildStep.EXTRACT in rec.steps and BuildStep.MKFS not in rec.steps
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
     out = tmp_path / "x.ext4"
     out.write_bytes(b"keep")

@@ -16,12 +16,12 @@ import shutil
 from pathlib import Path
 
 from banger import __version__, proc
-from banger.errors import AlreadyExistsError, ConfigError
+from banger.errors import AlreadyExistsError, ConfigError, InvalidInputError
 from banger.fsutil import atomic_write, temp_sibling_dir
 from banger.images.guestside import add_guest_side, check_rootfs, stub_sha256
 from banger.images.mkfs import choose_size, make_ext4
 from banger.images.presets import BOOTSTRAP_OUTPUT, BootstrapOutput, BootstrapPlan, bootstrap_command, make_plan
-from banger.images.spec import IMAGE_FORMAT_VERSION, BuildStep, ImageInfo, ImageSpec
+from banger.images.spec import IMAGE_FORMAT_VERSION, BuildStep, ImageInfo, ImageSpec, MiB
 from banger.images.tarball import extract_rootfs, pack_rootfs
 from banger.progress import Progress, ProgressEvent
 
@@ -119,6 +119,12 @@ def build_image(spec: ImageSpec, out_path: Path, *, cache_dir: Path, progress: P
         progress(ProgressEvent(step=BuildStep.CACHE_HIT, message=str(tar)))
     else:
         bootstrap(plan, tar, progress=progress)
+    if spec.size_bytes is not None and spec.size_bytes < tar.stat().st_size:
+        # Obvious misfits fail before the extraction; finish_image makes the precise check.
+        raise InvalidInputError(
+            f"image size {spec.size_bytes // MiB}M is too small for this rootfs "
+            f"(needs more than {tar.stat().st_size // MiB}M)"
+        )
     with temp_sibling_dir(out_path, "build") as work:
         stage = work / "rootfs"
         stage.mkdir(mode=0o755)
