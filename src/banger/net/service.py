@@ -138,10 +138,12 @@ class NetworkService:
 
     @property
     def subnet(self) -> IPv4Network:
+        """The guests' subnet."""
         return self.config.subnet
 
     @property
     def gateway(self) -> IPv4Address:
+        """The bridge's address: the guests' gateway and DNS server."""
         return self.config.gateway
 
     def _run_file(self, name: str) -> Path:
