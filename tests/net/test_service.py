@@ -13,9 +13,10 @@ from dnslib import RCODE
 
 from banger.config import DEFAULTS, Paths, Settings
 from banger.errors import InUseError, InvalidInputError, NotFoundError, UnsupportedError
+from banger.net.guestnet import GuestNet
 from banger.net.ipam import SubnetFullError
 from banger.net.links import guest_mac, tap_mac, tap_name
-from banger.net.service import GuestNet, NetworkService
+from banger.net.service import NetworkService
 from banger.store.db import Store
 
 from .conftest import Namespaces

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -59,3 +60,9 @@ def listening_tcp_ports(netns: str | None = None) -> set[int]:
             if port.isdigit():
                 ports.add(int(port))
     return ports
+
+
+def run_all(commands: Sequence[Sequence[str]]) -> None:
+    """Run host configuration commands (resolvectl ...) in order, stopping at the first failure."""
+    for argv in commands:
+        proc.run(argv, step="route DNS lookups to banger via systemd-resolved")

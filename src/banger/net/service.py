@@ -25,9 +25,8 @@ import os
 import sqlite3
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -47,48 +46,17 @@ from banger.fsutil import atomic_write
 from banger.net import ipam, nft
 from banger.net.dns import DnsServer, resolved_running, systemd_resolved_setup, upstream_resolvers
 from banger.net.dnsthread import DnsThread
-from banger.net.hostinfo import bridge_state, host_instructions, ip_forward, listening_tcp_ports
+from banger.net.guestnet import GuestNet
+from banger.net.hostinfo import bridge_state, host_instructions, ip_forward, listening_tcp_ports, run_all
 from banger.net.links import BridgeConfig, Links, guest_mac, tap_mac, tap_name
 from banger.net.nft import NatState, PortForward, Proto
 from banger.store.db import Store
 
 log = logging.getLogger("banger.net")
 
-GUEST_MTU = 1500
 _LEASE_ATTEMPTS = 5
 _PREV_FORWARD = "ip_forward.prev"
 _HOST_SETUP_MARK = "network-host-setup"
-
-
-@dataclass(frozen=True)
-class GuestNet:
-    """What a plugged VM needs: the VMM's TAP and MAC, and the guest's static address configuration."""
-
-    tap: str
-    guest_mac: str
-    ip: IPv4Address
-    prefix: int
-    gateway: IPv4Address
-    nameservers: tuple[IPv4Address, ...]
-    search: tuple[str, ...]
-    mtu: int = GUEST_MTU
-
-    @property
-    def interface(self) -> IPv4Interface:
-        """The guest address with its prefix length."""
-        return IPv4Interface(f"{self.ip}/{self.prefix}")
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON (for the guest's seed metadata)."""
-        return {
-            "tap": self.tap,
-            "mac": self.guest_mac,
-            "address": str(self.interface),
-            "gateway": str(self.gateway),
-            "nameservers": [str(n) for n in self.nameservers],
-            "search": list(self.search),
-            "mtu": self.mtu,
-        }
 
 
 def _now() -> str:
@@ -475,8 +443,7 @@ class NetworkService:
         commands = systemd_resolved_setup(self.config.name, str(self.gateway), self.domain)
         if self.netns is not None or not resolved_running():
             return {"configured": False, "commands": [], "message": host_instructions(self.gateway, self.domain)}
-        for argv in commands:
-            await in_thread(proc.run, argv, step="route DNS lookups to banger via systemd-resolved")
+        await in_thread(run_all, commands)
         await in_thread(atomic_write, self.settings.paths.home / _HOST_SETUP_MARK, b"systemd-resolved\n")
         return {
             "configured": True,
@@ -491,8 +458,7 @@ class NetworkService:
         if not resolved_running():
             return
         try:
-            for argv in systemd_resolved_setup(self.config.name, str(self.gateway), self.domain):
-                proc.run(argv, step="route DNS lookups to banger via systemd-resolved")
+            run_all(systemd_resolved_setup(self.config.name, str(self.gateway), self.domain))
         except BangerError as exc:
             log.warning("network: could not re-apply systemd-resolved routing: %s", exc)
 
