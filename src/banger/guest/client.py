@@ -107,6 +107,8 @@ class ExecHandle:
     def start(self) -> None:
         """Begin delivering output to the sinks."""
         self._pump = asyncio.create_task(self._run())
+        # Callers that cancel a process and never wait for it must not leave an unretrieved exception behind.
+        self._pump.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _run(self) -> ExitStatus:
         mux = self.client.mux
