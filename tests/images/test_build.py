@@ -74,8 +74,10 @@ def test_unreachable_mirror_names_the_step_and_leaves_nothing(tmp_path: Path) ->
     with pytest.raises(ToolError) as exc:
         build_image(spec, outdir / "broken.ext4", cache_dir=cache, progress=rec)
     assert str(exc.value).startswith("bootstrap debian rootfs: mmdebstrap exited with")
-    assert "127.0.0.1" in str(exc.value) or "apt" in str(exc.value)
-    assert rec.steps == [BuildStep.BOOTSTRAP]
+    # The cause (apt's own words), not just mmdebstrap's closing lines.
+    assert "Connection refused" in str(exc.value)
+    assert set(rec.steps) == {BuildStep.BOOTSTRAP}
+    assert any(e.message and e.message.startswith("I: running apt-get update") for e in rec.events)
     assert not outdir.exists() or list(outdir.iterdir()) == []
     assert [str(p.relative_to(cache)) for p in cache.rglob("*")] in ([], ["rootfs"])
 

@@ -21,6 +21,7 @@ from banger.fsutil import atomic_write, temp_sibling_dir
 from banger.images.guestside import add_guest_side, check_rootfs, stub_sha256
 from banger.images.mkfs import choose_size, make_ext4
 from banger.images.presets import BOOTSTRAP_OUTPUT, BootstrapOutput, BootstrapPlan, bootstrap_command, make_plan
+from banger.images.runner import run_streaming
 from banger.images.spec import IMAGE_FORMAT_VERSION, BuildStep, ImageInfo, ImageSpec, MiB
 from banger.images.tarball import extract_rootfs, pack_rootfs
 from banger.progress import Progress, ProgressEvent
@@ -81,13 +82,24 @@ def bootstrap(plan: BootstrapPlan, out_tar: Path, *, progress: Progress) -> None
         if cmd.keys_dir is not None and cmd.keys_into_root is not None:
             shutil.copytree(cmd.keys_dir, root / cmd.keys_into_root)
         argv = [proc.which(cmd.argv[0], hint=_TOOL_HINTS.get(cmd.argv[0])), *cmd.argv[1:]]
-        proc.run(argv, env=cmd.env, step=f"bootstrap {plan.preset} rootfs", timeout=BOOTSTRAP_TIMEOUT)
+        run_streaming(
+            argv,
+            env=cmd.env,
+            step=f"bootstrap {plan.preset} rootfs",
+            progress=_relabel(progress, BuildStep.BOOTSTRAP),
+            timeout=BOOTSTRAP_TIMEOUT,
+        )
         if cmd.output is BootstrapOutput.DIR:
             pack_rootfs(root, staged_tar, progress=progress, step=BuildStep.BOOTSTRAP)
         os.replace(staged_tar, out_tar)
     meta = {"plan": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(plan).items()}}
     atomic_write(out_tar.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     progress(ProgressEvent(step=BuildStep.BOOTSTRAP, message="done"))
+
+
+def _relabel(progress: Progress, step: str) -> Progress:
+    """Report a tool's output lines under the build's own step label."""
+    return lambda event: progress(dataclasses.replace(event, step=step))
 
 
 def finish_image(
