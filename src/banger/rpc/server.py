@@ -109,7 +109,10 @@ class Connection:
         if req.id in self.tasks:
             self.send(protocol.error(req.id, ErrorCode.INVALID_REQUEST, f"request id {req.id!r} already in use"))
             return
-        task = asyncio.create_task(self._call(req), name=f"rpc:{req.method}:{req.id}")
+        # The context exists before the task runs: `$/input` lines right behind the call must find it.
+        ctx = CallContext(self, req.id, req.method)
+        self.contexts[req.id] = ctx
+        task = asyncio.create_task(self._call(req, ctx), name=f"rpc:{req.method}:{req.id}")
         self.tasks[req.id] = task
         self.server.inflight.add(task)
         task.add_done_callback(functools.partial(self._finished, req.id))
@@ -119,13 +122,11 @@ class Connection:
         self.contexts.pop(rid, None)
         self.server.inflight.discard(task)
 
-    async def _call(self, req: protocol.Request) -> None:
+    async def _call(self, req: protocol.Request, ctx: CallContext) -> None:
         assert req.id is not None
         if req.method == protocol.HELLO:
             self.send(self._hello(req))
             return
-        ctx = CallContext(self, req.id, req.method)
-        self.contexts[req.id] = ctx
         try:
             value = await self.server.registry.call(req.method, ctx, req.params)
         except asyncio.CancelledError:
