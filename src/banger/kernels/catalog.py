@@ -6,6 +6,7 @@ Format (version 1)::
       "tarball_url": "https://.../k.tar.zst", "tarball_sha256": "<64 hex>", "size_bytes": 123,
       "description": "..."}]}
 
+`tarball_url` may also be a file:/// URL (a local bundle, e.g. one written by `banger kernel bundle`).
 `size_bytes` is the size of the compressed tarball; pull uses it for progress and to cap decompression.
 """
 
@@ -87,8 +88,8 @@ def _entry(raw: object, index: int, origin: str) -> CatalogEntry:
         raise InvalidInputError(f"{where}: invalid name {name!r} (1-63 lowercase letters, digits, inner hyphens)")
     if not _SHA256.match(raw["tarball_sha256"]):
         raise InvalidInputError(f"{where} ({name}): 'tarball_sha256' must be 64 lowercase hex digits")
-    if not raw["tarball_url"].startswith(("http://", "https://")):
-        raise InvalidInputError(f"{where} ({name}): 'tarball_url' must be an http(s) URL")
+    if not raw["tarball_url"].startswith(("http://", "https://", "file:///")):
+        raise InvalidInputError(f"{where} ({name}): 'tarball_url' must be an http(s) or file:/// URL")
     return CatalogEntry(
         name=name,
         distro=raw["distro"],

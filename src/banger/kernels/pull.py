@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
-import ssl
+import os
 import threading
 import time
+import urllib.parse
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import zstandard
 
 from banger.errors import AlreadyExistsError, DownloadError, IntegrityError, UnsafeArchiveError
 from banger.fsutil import sha256_file, temp_sibling_dir
+from banger.kernels.bulkhttp import BulkTransport, tls_context
 from banger.kernels.catalog import CatalogEntry
 from banger.kernels.localops import build_manifest, install_dir, kernel_lock
 from banger.kernels.manifest import VMLINUX, KernelManifest
@@ -42,11 +43,17 @@ class _Aborted(Exception):
 
 
 class _Pipe:
-    """A bounded byte queue between the event loop or a thread (producers) and a thread (consumer)."""
+    """A bounded byte queue between the event loop or a thread (producers) and a thread (consumer).
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_bytes: int = PIPE_BYTES) -> None:
+    Both sides are woken in batches: the consumer once `batch` bytes wait (or at end of file), the producer once
+    `batch` bytes of room are free. Waking per 64 KiB network chunk would bounce the GIL between threads
+    a thousand times per 64 MB.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_bytes: int = PIPE_BYTES, batch: int = 1) -> None:
         self._loop = loop
         self._max = max_bytes
+        self._batch = batch
         self._cond = threading.Condition()
         self._chunks: deque[bytes] = deque()
         self._bytes = 0
@@ -80,7 +87,8 @@ class _Pipe:
     def _append(self, data: bytes) -> None:
         self._chunks.append(data)
         self._bytes += len(data)
-        self._cond.notify_all()
+        if self._bytes >= self._batch:
+            self._cond.notify_all()
 
     def finish(self) -> None:
         """No more data: the consumer sees end of file once the queue is empty."""
@@ -97,28 +105,25 @@ class _Pipe:
         self._loop.call_soon_threadsafe(self._space.set)
 
     def read(self, size: int = -1, /) -> bytes:
-        """Up to `size` bytes (at least one unless at end of file), blocking until some arrive."""
+        """The next queued chunk, cut to `size` (b"" only at end of file); blocks until one arrives."""
         with self._cond:
-            while not self._chunks and not self._eof and not self._aborted:
-                self._cond.wait()
+            if not self._chunks:
+                while self._bytes < self._batch and not self._eof and not self._aborted:
+                    self._cond.wait()
             if self._aborted:
                 raise _Aborted
-            parts: list[bytes] = []
-            have = 0
-            while self._chunks and (size < 0 or have < size):
-                chunk = self._chunks.popleft()
-                if size >= 0 and have + len(chunk) > size:
-                    cut = size - have
-                    self._chunks.appendleft(chunk[cut:])
-                    chunk = chunk[:cut]
-                parts.append(chunk)
-                have += len(chunk)
-            self._bytes -= have
+            chunk = self._chunks.popleft() if self._chunks else b""
+            if 0 <= size < len(chunk):
+                self._chunks.appendleft(chunk[size:])
+                chunk = chunk[:size]
+            self._bytes -= len(chunk)
+            if self._bytes > self._max - self._batch:
+                return chunk
             self._cond.notify_all()
             if self._loop_waiting:
                 self._loop_waiting = False
                 self._loop.call_soon_threadsafe(self._space.set)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return chunk
 
 
 class ZstdFrameWalker:
@@ -300,10 +305,31 @@ class _Unpacker:
             self._hasher.join()
 
 
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    # Loading the CA bundle takes tens of milliseconds; a daemon pays it once, not per pull.
-    return httpx.create_ssl_context()
+@contextlib.asynccontextmanager
+async def _open_source(url: str) -> AsyncIterator[tuple[int | None, AsyncIterator[bytes]]]:
+    """(length if known, chunks) of the bundle at an http(s) or file:// URL."""
+    if url.startswith("file://"):
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+        try:
+            f = path.open("rb")
+        except OSError as exc:
+            raise DownloadError(f"cannot read {url}: {exc.strerror}") from exc
+        with f:
+            yield os.fstat(f.fileno()).st_size, _file_chunks(f)
+        return
+    async with httpx.AsyncClient(
+        transport=BulkTransport(tls_context()), timeout=_TIMEOUT, follow_redirects=True
+    ) as client:
+        async with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as resp:
+            if resp.status_code != 200:
+                raise DownloadError(f"download of {url} failed: HTTP {resp.status_code} {resp.reason_phrase}")
+            length = resp.headers.get("content-length")
+            yield (int(length) if length and length.isdigit() else None), resp.aiter_raw()
+
+
+async def _file_chunks(f: BinaryIO) -> AsyncIterator[bytes]:
+    while chunk := await asyncio.to_thread(f.read, COPY_BUFSIZE):
+        yield chunk
 
 
 async def _download(
@@ -313,32 +339,28 @@ async def _download(
     sha = hashlib.sha256()
     frames = ZstdFrameWalker()
     done = 0
+    step = f"downloading {entry.name}"
     try:
-        async with httpx.AsyncClient(timeout=_TIMEOUT, follow_redirects=True, verify=_tls_context()) as client:
-            async with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as resp:
-                if resp.status_code != 200:
-                    raise DownloadError(f"download of {url} failed: HTTP {resp.status_code} {resp.reason_phrase}")
-                length = resp.headers.get("content-length")
-                total = int(length) if length and length.isdigit() else entry.size_bytes
-                step = f"downloading {entry.name}"
-                progress(ProgressEvent(step=step, done=0, total=total, unit="B"))
-                last = time.monotonic()
-                async for chunk in resp.aiter_raw():
-                    sha.update(chunk)
-                    frames.feed(chunk)
-                    done += len(chunk)
-                    if done > limit:
-                        raise DownloadError(f"download of {url} exceeds {limit} bytes; refusing it")
-                    try:
-                        await pipe.put(chunk)
-                    except _Aborted:
-                        await unpacker.done  # raises the worker's error
-                        raise
-                    now = time.monotonic()
-                    if now - last >= _PROGRESS_EVERY_S:
-                        last = now
-                        progress(ProgressEvent(step=step, done=done, total=total, unit="B"))
-                progress(ProgressEvent(step=step, done=done, total=total, unit="B"))
+        async with _open_source(url) as (length, chunks):
+            total = length if length is not None else entry.size_bytes
+            progress(ProgressEvent(step=step, done=0, total=total, unit="B"))
+            last = time.monotonic()
+            async for chunk in chunks:
+                sha.update(chunk)
+                frames.feed(chunk)
+                done += len(chunk)
+                if done > limit:
+                    raise DownloadError(f"download of {url} exceeds {limit} bytes; refusing it")
+                try:
+                    await pipe.put(chunk)
+                except _Aborted:
+                    await unpacker.done  # raises the worker's error
+                    raise
+                now = time.monotonic()
+                if now - last >= _PROGRESS_EVERY_S:
+                    last = now
+                    progress(ProgressEvent(step=step, done=done, total=total, unit="B"))
+            progress(ProgressEvent(step=step, done=done, total=total, unit="B"))
     except httpx.HTTPError as exc:
         raise DownloadError(f"download of {url} failed after {done} bytes: {exc or type(exc).__name__}") from exc
     pipe.finish()
@@ -363,7 +385,7 @@ async def pull_kernel(
             raise AlreadyExistsError(f"kernel {entry.name!r} is already installed", hint="use --force to replace it")
         with temp_sibling_dir(target, "pull") as staging:
             loop = asyncio.get_running_loop()
-            pipe = _Pipe(loop)
+            pipe = _Pipe(loop, batch=COPY_BUFSIZE)
             unpacker = _Unpacker(pipe, staging, limit, loop)
             unpacker.start()
             try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from banger.errors import AlreadyExistsError, InvalidInputError, NotFoundError
+from banger.errors import AlreadyExistsError, DownloadError, InvalidInputError, NotFoundError
 from banger.fsutil import sha256_file
 from banger.kernels.localops import import_kernel, remove_kernel_dir, write_bundle
 from banger.kernels.manifest import read_manifest
@@ -126,3 +126,18 @@ def test_remove_kernel_dir(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="not installed"):
         asyncio.run(remove_kernel_dir(kernels, "gone"))
     assert os.listdir(kernels) == []
+
+
+def test_bundle_pulls_from_file_url(tmp_path: Path) -> None:
+    kernels = tmp_path / "kernels"
+    asyncio.run(import_kernel(make_source(tmp_path), kernels, name="orig"))
+    out = tmp_path / "my bundle.tar.zst"
+    sha, size = write_bundle(kernels / "orig", out)
+    entry = entry_for("local", out.as_uri(), out.read_bytes(), sha)
+    assert entry.size_bytes == size and "%20" in entry.tarball_url
+    manifest = asyncio.run(pull_kernel(entry, kernels))
+    assert manifest.source == f"pull:{out.as_uri()}"
+    assert tree_without_manifest(kernels / "local") == tree_without_manifest(kernels / "orig")
+    with pytest.raises(DownloadError, match="cannot read"):
+        asyncio.run(pull_kernel(entry_for("nope", (tmp_path / "missing.tar.zst").as_uri(), b""), kernels))
+    assert sorted(os.listdir(kernels)) == ["local", "orig"]
