@@ -152,6 +152,42 @@ def test_slow_consumer_does_not_block_other_streams(tmp_path: Path) -> None:
     with_client(tmp_path, body)
 
 
+def test_output_left_after_exit_is_not_cut_short(tmp_path: Path) -> None:
+    async def body(c: AgentClient) -> None:
+        got = bytearray()
+
+        async def slow_sink(data: bytes) -> None:
+            if not got:
+                # 300 kB is the 256 KiB window plus less than a pipe: the process exits at once, and the rest
+                # waits for credit longer than the agent's drain grace.
+                await asyncio.sleep(2.5)
+            got.extend(data)
+
+        status = await c.exec(["head", "-c", "300000", "/dev/zero"], stdout=slow_sink)
+        assert status.ok and len(got) == 300000
+        # A background grandchild holding stdout open does not keep the exec from finishing.
+        started = time.monotonic()
+        r = await c.run(["sh", "-c", "sleep 30 & echo done"])
+        assert r.stdout == b"done\n" and time.monotonic() - started < 10
+
+    with_client(tmp_path, body)
+
+
+def test_failing_sink_cancels_the_process(tmp_path: Path) -> None:
+    async def body(c: AgentClient) -> None:
+        marker = tmp_path / "pid"
+
+        def bad_sink(data: bytes) -> None:
+            raise RuntimeError("sink broke")
+
+        with pytest.raises(RuntimeError, match="sink broke"):
+            await c.exec(["sh", "-c", f"echo $$ > {marker}; echo hi; exec sleep 30"], stdout=bad_sink, timeout=20)
+        await _wait_gone(int(marker.read_text()))
+        assert (await c.run(["echo", "still"])).stdout == b"still\n"
+
+    with_client(tmp_path, body)
+
+
 def test_exec_timeout_kills_the_process(tmp_path: Path) -> None:
     async def body(c: AgentClient) -> None:
         marker = tmp_path / "pid"

@@ -158,25 +158,47 @@ async def handle_exec(session: Session, stream: Stream, frame: Frame) -> dict[st
     spec = execs.ExecSpec.from_header(frame.header)
     child = execs.spawn(spec)
     mux = session.mux
-    pumps = [asyncio.create_task(_pump_out(mux, stream, fd, src)) for fd, src in child.outputs()]
+    pumps = [_Pump(mux, stream, fd, src) for fd, src in child.outputs()]
     control = asyncio.create_task(_control(mux, stream, child))
     try:
         status = await child.wait()
-        # Output of a process that exited may still be in its pipes; grandchildren holding them are not waited for.
-        await asyncio.wait(pumps, timeout=execs.DRAIN_GRACE)
+        await _drain(pumps)
         return status
     finally:
-        for task in (control, *pumps):
+        for task in (control, *(p.task for p in pumps)):
             task.cancel()
-        await asyncio.gather(control, *pumps, return_exceptions=True)
+        await asyncio.gather(control, *(p.task for p in pumps), return_exceptions=True)
         await child.kill()
 
 
-async def _pump_out(mux: Mux, stream: Stream, fd: Fd, src: int) -> None:
-    while data := await execs.read_fd(src, 65536):
-        if not await mux.send_data(stream, fd, data):
+class _Pump:
+    """Copies one output fd of a process into DATA frames; remembers since when it has been waiting for input."""
+
+    def __init__(self, mux: Mux, stream: Stream, fd: Fd, src: int) -> None:
+        self.reading_since: float | None = None
+        self.task = asyncio.create_task(self._run(mux, stream, fd, src))
+
+    async def _run(self, mux: Mux, stream: Stream, fd: Fd, src: int) -> None:
+        while True:
+            self.reading_since = time.monotonic()
+            data = await execs.read_fd(src, 65536)
+            self.reading_since = None
+            if not data or not await mux.send_data(stream, fd, data):
+                break
+        await mux.send(Kind.EOF, stream.id, fd=int(fd))
+
+
+async def _drain(pumps: list[_Pump]) -> None:
+    """After exit, forward what is left in the pipes; stop once they stay silent for DRAIN_GRACE.
+
+    A pump waiting for credit (a slow host) is never cut short, but a background grandchild that keeps the pipe
+    open must not keep the exec from finishing.
+    """
+    while pending := [p for p in pumps if not p.task.done()]:
+        now = time.monotonic()
+        if all(p.reading_since is not None and now - p.reading_since >= execs.DRAIN_GRACE for p in pending):
             return
-    await mux.send(Kind.EOF, stream.id, fd=int(fd))
+        await asyncio.wait([p.task for p in pending], timeout=execs.DRAIN_GRACE / 4)
 
 
 async def _control(mux: Mux, stream: Stream, child: execs.Child) -> None:

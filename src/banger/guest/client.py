@@ -112,17 +112,23 @@ class ExecHandle:
 
     async def _run(self) -> ExitStatus:
         mux = self.client.mux
-        while True:
-            frame = await self.stream.inbox.get()
-            if frame.kind == Kind.DATA:
-                await _deliver(self.stderr if frame.header.get("fd") == Fd.ERR else self.stdout, frame.payload)
-                # ACK only after the sink took the bytes: a slow sink throttles its own process, nothing else.
-                mux.ack(self.stream.id, len(frame.payload))
-            elif frame.kind == Kind.END:
-                self.client.forget(self.stream)
-                if not frame.header.get("ok"):
-                    _raise_for(frame.header)
-                return ExitStatus(frame.header.get("exit_code"), frame.header.get("signal"))
+        try:
+            while True:
+                frame = await self.stream.inbox.get()
+                if frame.kind == Kind.DATA:
+                    await _deliver(self.stderr if frame.header.get("fd") == Fd.ERR else self.stdout, frame.payload)
+                    # ACK only after the sink took the bytes: a slow sink throttles its own process, nothing else.
+                    mux.ack(self.stream.id, len(frame.payload))
+                elif frame.kind == Kind.END:
+                    if not frame.header.get("ok"):
+                        _raise_for(frame.header)
+                    return ExitStatus(frame.header.get("exit_code"), frame.header.get("signal"))
+        except BaseException:
+            if self.stream.id in mux.streams:  # a sink failed: the process must not run on unwatched
+                await self.cancel()
+            raise
+        finally:
+            self.client.forget(self.stream)
 
     async def write(self, data: bytes) -> None:
         """Send bytes to the process's stdin (waits while the agent's window is full)."""
