@@ -1,9 +1,11 @@
 """`kernel pull`: stream a catalog bundle over HTTP(S), verify it, unpack it safely, install it atomically.
 
-The download runs on the event loop (so cancelling the task stops it at once, even while the server stalls);
-zstd decoding and tar extraction run in one worker thread fed through a bounded in-memory pipe. The sha256 and a
-walk of the zstd frame structure are computed over the compressed bytes as they arrive; after the tar ends the
-worker drains the rest, so the hash covers the whole file and a truncated frame is caught.
+The download runs on the event loop (so cancelling the task stops it at once, even while the server stalls).
+zstd decoding and tar extraction run in two worker threads joined by bounded in-memory pipes, like
+`curl | zstd -d | tar -x`, so the loop is never blocked. The sha256 and a walk of the zstd frame structure are
+computed over the compressed bytes as they arrive; after the tar ends the workers drain the rest, so the hash
+covers the whole file and a truncated frame is caught. Everything lands in a temp dir beside the target, which
+is renamed into place only when complete and verified.
 """
 
 from __future__ import annotations
@@ -274,7 +276,7 @@ class _Unpacker:
         try:
             work()
         except _Aborted:
-            pass
+            pass  # another side failed or the pull was stopped; that side holds the error
         except BaseException as exc:
             with self._lock:
                 self._error = self._error or exc
@@ -332,10 +334,9 @@ async def _file_chunks(f: BinaryIO) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _download(
-    entry: CatalogEntry, pipe: _Pipe, unpacker: _Unpacker, limit: int, progress: Progress
-) -> tuple[str, int]:
+async def _download(entry: CatalogEntry, pipe: _Pipe, progress: Progress) -> tuple[str, int]:
     url = entry.tarball_url
+    limit = unpacked_limit(entry.size_bytes)
     sha = hashlib.sha256()
     frames = ZstdFrameWalker()
     done = 0
@@ -351,11 +352,7 @@ async def _download(
                 done += len(chunk)
                 if done > limit:
                     raise DownloadError(f"download of {url} exceeds {limit} bytes; refusing it")
-                try:
-                    await pipe.put(chunk)
-                except _Aborted:
-                    await unpacker.done  # raises the worker's error
-                    raise
+                await pipe.put(chunk)  # _Aborted here means the unpacker failed; pull_kernel reports its error
                 now = time.monotonic()
                 if now - last >= _PROGRESS_EVERY_S:
                     last = now
@@ -388,10 +385,20 @@ async def pull_kernel(
             pipe = _Pipe(loop, batch=COPY_BUFSIZE)
             unpacker = _Unpacker(pipe, staging, limit, loop)
             unpacker.start()
+            download = asyncio.create_task(_download(entry, pipe, progress))
             try:
-                digest, size = await _download(entry, pipe, unpacker, limit, progress)
+                # A refused bundle must fail the pull at once, even if the server then stalls.
+                both: list[asyncio.Future[Any]] = [download, unpacker.done]
+                await asyncio.wait(both, return_when=asyncio.FIRST_EXCEPTION)
+                if unpacker.done.done() and (error := unpacker.done.exception()) is not None:
+                    raise error
+                digest, size = await download
                 await unpacker.done
             finally:
+                download.cancel()
+                await asyncio.wait([download])
+                if not download.cancelled():
+                    download.exception()  # retrieved: the unpacker's error is the one that explains the failure
                 unpacker.stop()
             if digest != entry.tarball_sha256:
                 raise IntegrityError(

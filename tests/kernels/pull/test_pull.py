@@ -266,9 +266,10 @@ def test_lock_is_honoured_across_processes(http_server: LoopbackServer, tmp_path
         with pytest.raises(BusyError):
             asyncio.run(pull_kernel(entry, tmp_path, wait=False))
     finally:
-        assert holder.stdin is not None
+        assert holder.stdin is not None and holder.stdout is not None
         holder.stdin.close()
         holder.wait(10)
+        holder.stdout.close()
     asyncio.run(pull_kernel(entry, tmp_path, wait=True))
     assert sorted(os.listdir(tmp_path)) == ["k"]
 
@@ -291,3 +292,13 @@ def test_frame_walker_needs_a_complete_frame() -> None:
     assert two.frames == 2
     with pytest.raises(IntegrityError, match="not zstd"):
         ZstdFrameWalker().feed(io.BytesIO(b"PK\x03\x04rest").read())
+
+
+def test_refusal_is_prompt_even_if_server_then_stalls(http_server: LoopbackServer, tmp_path: Path) -> None:
+    bad = zst(tar_bytes([special("modules/dev", tarfile.CHRTYPE), reg("vmlinux", os.urandom(4 << 20))]))
+    url = serve(http_server, "bad-stall", bad, stall_after=len(bad) // 2)
+    t0 = time.monotonic()
+    with pytest.raises(UnsafeArchiveError, match="device"):
+        asyncio.run(pull_kernel(entry_for("k", url, bad), tmp_path))
+    assert time.monotonic() - t0 < 5  # not the 60 s read timeout
+    assert snapshot(tmp_path) == {}
