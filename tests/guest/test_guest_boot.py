@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.guest.client import AgentClient
+from banger.guest.client import AgentClient, AgentError
 from banger.guest.init import READY_MARKER
 from banger.guest.seed import NetInterface, Network, SeedMeta, build_seed
 from tests.images.conftest import _cache_lock as image_cache_lock
@@ -116,6 +116,14 @@ async def _exercise(vm: BootedVm, tmp_path: Path) -> None:
     await client.close()
     client = await _connect(vm)
     assert (await client.run(["echo", "back"])).stdout == b"back\n"
+    # An agent killed under a connected host: init restarts it, and its announcement ends the host's session.
+    old_pid = (await client.health()).pid
+    with pytest.raises(AgentError, match="connection closed"):
+        await client.run(["kill", "-9", str(old_pid)], timeout=60)
+    assert not client.connected
+    await client.close()
+    client = await _connect(vm)
+    assert (await client.health()).pid != old_pid
     await client.poweroff()
     await client.close()
 
@@ -127,4 +135,5 @@ def test_boot_reaches_agent_and_powers_off(booted_vm: BootedVm, tmp_path: Path) 
     console = booted_vm.console.read_text(errors="replace")
     assert READY_MARKER in console
     assert "banger-init: powering off" in console
+    assert "agent exited (killed by SIGKILL); restarting" in console
     assert "Kernel panic" not in console

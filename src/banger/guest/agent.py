@@ -292,12 +292,22 @@ async def serve_fd(fd: int, init_pid: int | None) -> None:
     async def write(data: bytes) -> None:
         await execs.write_fd(fd, data)
 
+    mux = Mux(reader, write)
     pumper = asyncio.create_task(pump())
+    announcer = asyncio.create_task(_announce(mux))
     try:
-        await Session(Mux(reader, write), init_pid).run()
+        await Session(mux, init_pid).run()
     finally:
-        pumper.cancel()
-        await asyncio.gather(pumper, return_exceptions=True)
+        for task in (pumper, announcer):
+            task.cancel()
+        await asyncio.gather(pumper, announcer, return_exceptions=True)
+
+
+async def _announce(mux: Mux) -> None:
+    # A host may stay connected to the port while this agent restarts (it crashed, init started it again); a HELLO
+    # nobody asked for tells that host its session is gone. Writes block until a host is there to read them.
+    await mux.send_padding()
+    await mux.send(Kind.HELLO, 0, nonce=None, version=VERSION, pid=os.getpid())
 
 
 def find_serial_port(name: str, sysfs: str = "/sys/class/virtio-ports") -> Path | None:

@@ -222,8 +222,12 @@ class AgentClient:
             while True:
                 frame = await read_frame(self.mux.reader)
                 if frame.kind == Kind.HELLO:
-                    if frame.header.get("nonce") == self._nonce and not self._hello.done():
-                        self._hello.set_result(frame.header)
+                    if frame.header.get("nonce") == self._nonce:
+                        if not self._hello.done():
+                            self._hello.set_result(frame.header)
+                    elif self._hello.done():
+                        log.info("guest agent restarted (pid %s); session over", frame.header.get("pid"))
+                        return
                 elif self._hello.done():
                     self.mux.route(frame)  # unknown ids are leftovers of streams we gave up on
         except (asyncio.IncompleteReadError, ConnectionError, OSError):

@@ -15,7 +15,9 @@ Sessions. The host opens a session by sending HELLO {nonce, version}; the agent 
 previous session (killing its processes) and answers SYNC_PADDING + HELLO {nonce, version, pid}. Frames that
 arrive before the matching HELLO reply are ignored by the host, which resends HELLO (same nonce, no padding, no
 reset) until answered: bytes written before the guest opens its port may sit in QEMU's buffers for a while. On
-vsock every connection is its own session.
+vsock every connection is its own session. Whenever the agent opens the serial port it also announces itself
+with SYNC_PADDING + HELLO {nonce: null}: a host that sees such a HELLO after its handshake knows the agent was
+restarted under it and that its session is gone.
 
 Streams. Every request is a stream: the host picks a fresh id and sends the request frame (EXEC, PUT, GET, HEALTH,
 PORTS, POWEROFF). Either side may then send DATA {fd} frames (fd 0 = stdin / upload, 1 = stdout / download,
