@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from banger.errors import AlreadyExistsError, InvalidInputError, ToolError
+from banger.errors import AlreadyExistsError, CancelledError, InvalidInputError, ToolError
 from banger.images.build import build_image, cache_key, cached_rootfs, plan_for
 from banger.images.guestside import stub_bytes
 from banger.images.spec import BuildStep, ImageSpec, MiB
@@ -80,6 +82,28 @@ def test_unreachable_mirror_names_the_step_and_leaves_nothing(tmp_path: Path) ->
     assert any(e.message and e.message.startswith("I: running apt-get update") for e in rec.events)
     assert not outdir.exists() or list(outdir.iterdir()) == []
     assert [str(p.relative_to(cache)) for p in cache.rglob("*")] in ([], ["rootfs"])
+
+
+def test_cancel_stops_mmdebstrap_and_leaves_nothing(tmp_path: Path) -> None:
+    cache, outdir = tmp_path / "cache", tmp_path / "images"
+    cancel = threading.Event()
+    tempdirs: list[str] = []
+
+    def on_event(event: ProgressEvent) -> None:
+        msg = event.message or ""
+        if msg.startswith("I: using /tmp/mmdebstrap."):
+            tempdirs.append(msg.split()[2])
+        if msg.startswith("I: running apt-get update"):
+            cancel.set()
+
+    started = time.monotonic()
+    with pytest.raises(CancelledError, match="bootstrap debian rootfs: cancelled"):
+        build_image(ImageSpec(name="c"), outdir / "c.ext4", cache_dir=cache, progress=on_event, cancel=cancel)
+    assert time.monotonic() - started < 60
+    assert tempdirs and not Path(tempdirs[0]).exists(), "mmdebstrap did not get to clean up its tempdir"
+    assert tempdirs[0] not in Path("/proc/mounts").read_text()
+    assert not outdir.exists() or list(outdir.iterdir()) == []
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
 
 
 def test_explicit_size_too_small_is_refused_cleanly(debian_image: Path, tmp_path: Path) -> None:

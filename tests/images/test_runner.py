@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
-from banger.errors import ToolError
+from banger.errors import CancelledError, ToolError
 from banger.images.runner import run_streaming
 from banger.progress import ProgressEvent
 
@@ -45,3 +46,21 @@ def test_timeout_kills_the_tool() -> None:
 def test_missing_tool() -> None:
     with pytest.raises(ToolError, match="not found"):
         run_streaming(["/nonexistent/tool"], step="s", progress=lambda e: None)
+
+
+def test_cancel_terminates_gracefully_then_raises() -> None:
+    cancel = threading.Event()
+    events: list[ProgressEvent] = []
+
+    def on_event(event: ProgressEvent) -> None:
+        events.append(event)
+        if event.message == "ready":
+            cancel.set()
+
+    # The tool must get SIGTERM (so mmdebstrap can unmount and remove its tempdir), not an outright SIGKILL.
+    script = 'trap "echo got TERM; exit 143" TERM; echo ready; sleep 30 & wait'
+    started = time.monotonic()
+    with pytest.raises(CancelledError, match="bootstrap: cancelled"):
+        run_streaming(["sh", "-c", script], step="bootstrap", progress=on_event, cancel=cancel)
+    assert time.monotonic() - started < 10
+    assert [e.message for e in events] == ["ready", "got TERM"]

@@ -13,10 +13,11 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from banger import __version__, proc
-from banger.errors import AlreadyExistsError, ConfigError, InvalidInputError
+from banger.errors import AlreadyExistsError, CancelledError, ConfigError, InvalidInputError
 from banger.fsutil import atomic_write, temp_sibling_dir
 from banger.images.guestside import add_guest_side, check_rootfs, stub_sha256
 from banger.images.mkfs import choose_size, make_ext4
@@ -65,7 +66,7 @@ def cached_rootfs(cache_dir: Path, key: str) -> Path:
     return cache_dir / "rootfs" / f"{key}.tar"
 
 
-def bootstrap(plan: BootstrapPlan, out_tar: Path, *, progress: Progress) -> None:
+def bootstrap(plan: BootstrapPlan, out_tar: Path, *, progress: Progress, cancel: threading.Event | None = None) -> None:
     """Run the preset's bootstrap and leave its rootfs as the tarball `out_tar` (nothing on failure)."""
     progress(ProgressEvent(step=BuildStep.BOOTSTRAP, message=f"{plan.preset} {plan.suite} from {plan.mirror}"))
     with temp_sibling_dir(out_tar, "bootstrap") as work:
@@ -88,6 +89,7 @@ def bootstrap(plan: BootstrapPlan, out_tar: Path, *, progress: Progress) -> None
             step=f"bootstrap {plan.preset} rootfs",
             progress=_relabel(progress, BuildStep.BOOTSTRAP),
             timeout=BOOTSTRAP_TIMEOUT,
+            cancel=cancel,
         )
         if cmd.output is BootstrapOutput.DIR:
             pack_rootfs(root, staged_tar, progress=progress, step=BuildStep.BOOTSTRAP)
@@ -102,16 +104,30 @@ def _relabel(progress: Progress, step: str) -> Progress:
     return lambda event: progress(dataclasses.replace(event, step=step))
 
 
+def check_cancel(cancel: threading.Event | None, step: str) -> None:
+    """Raise CancelledError if `cancel` is set (checked between the steps that cannot be interrupted)."""
+    if cancel is not None and cancel.is_set():
+        raise CancelledError(f"{step}: cancelled")
+
+
 def finish_image(
-    stage: Path, out_path: Path, info: ImageInfo, *, requested_size: int | None, progress: Progress
+    stage: Path,
+    out_path: Path,
+    info: ImageInfo,
+    *,
+    requested_size: int | None,
+    progress: Progress,
+    cancel: threading.Event | None = None,
 ) -> ImageInfo:
     """Check the staged rootfs, add the guest side, and mkfs it into `out_path` atomically; returns the final info."""
+    check_cancel(cancel, BuildStep.GUEST_SIDE)
     progress(ProgressEvent(step=BuildStep.GUEST_SIDE))
     missing = check_rootfs(stage)
     size = choose_size(stage, requested_size)
     info = dataclasses.replace(info, size_bytes=size, missing_optional=missing)
     add_guest_side(stage, info)
     tmp_image = stage.parent / "image.ext4"
+    check_cancel(cancel, BuildStep.MKFS)
     make_ext4(stage, tmp_image, size, progress=progress)
     if out_path.exists():
         raise AlreadyExistsError(f"image file {out_path} already exists")
@@ -119,8 +135,17 @@ def finish_image(
     return info
 
 
-def build_image(spec: ImageSpec, out_path: Path, *, cache_dir: Path, progress: Progress) -> ImageInfo:
-    """Build the ext4 image `out_path` for `spec`, reusing a cached bootstrap when its inputs are unchanged."""
+def build_image(
+    spec: ImageSpec,
+    out_path: Path,
+    *,
+    cache_dir: Path,
+    progress: Progress,
+    cancel: threading.Event | None = None,
+) -> ImageInfo:
+    """Build the ext4 image `out_path` for `spec`, reusing a cached bootstrap when its inputs are unchanged.
+
+    Blocking (run it in a thread); setting `cancel` stops it at the next check, leaving nothing behind."""
     if out_path.exists():
         raise AlreadyExistsError(f"image file {out_path} already exists")
     plan = plan_for(spec)
@@ -130,7 +155,7 @@ def build_image(spec: ImageSpec, out_path: Path, *, cache_dir: Path, progress: P
     if hit:
         progress(ProgressEvent(step=BuildStep.CACHE_HIT, message=str(tar)))
     else:
-        bootstrap(plan, tar, progress=progress)
+        bootstrap(plan, tar, progress=progress, cancel=cancel)
     if spec.size_bytes is not None and spec.size_bytes < tar.stat().st_size:
         # Obvious misfits fail before the extraction; finish_image makes the precise check.
         raise InvalidInputError(
@@ -141,7 +166,7 @@ def build_image(spec: ImageSpec, out_path: Path, *, cache_dir: Path, progress: P
         stage = work / "rootfs"
         stage.mkdir(mode=0o755)
         progress(ProgressEvent(step=BuildStep.EXTRACT, message=str(tar)))
-        extract_rootfs(tar, stage, progress=progress, step=BuildStep.EXTRACT)
+        extract_rootfs(tar, stage, progress=progress, step=BuildStep.EXTRACT, cancel=cancel)
         info = ImageInfo(
             name=spec.name,
             source=f"preset:{plan.preset}",
@@ -156,4 +181,4 @@ def build_image(spec: ImageSpec, out_path: Path, *, cache_dir: Path, progress: P
             cache_key=key,
             cache_hit=hit,
         )
-        return finish_image(stage, out_path, info, requested_size=spec.size_bytes, progress=progress)
+        return finish_image(stage, out_path, info, requested_size=spec.size_bytes, progress=progress, cancel=cancel)

@@ -6,6 +6,7 @@ is copied with `cp -a` so the caller's tree is never modified. Either way the gu
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from banger import __version__, proc
@@ -26,8 +27,11 @@ def import_rootfs(
     progress: Progress,
     name: str | None = None,
     size_bytes: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> ImageInfo:
-    """Make the ext4 image `out_path` from the rootfs tarball or directory `src`, adding banger's guest side."""
+    """Make the ext4 image `out_path` from the rootfs tarball or directory `src`, adding banger's guest side.
+
+    Blocking (run it in a thread); setting `cancel` stops it at the next check, leaving nothing behind."""
     if out_path.exists():
         raise AlreadyExistsError(f"image file {out_path} already exists")
     src = src.absolute()
@@ -48,7 +52,7 @@ def import_rootfs(
             rootfs_bytes = dir_size(stage)
         else:
             stage.mkdir(mode=0o755)
-            extract_rootfs(src, stage, progress=progress, step=BuildStep.EXTRACT)
+            extract_rootfs(src, stage, progress=progress, step=BuildStep.EXTRACT, cancel=cancel)
             rootfs_bytes = src.stat().st_size
         info = ImageInfo(
             name=name or out_path.stem,
@@ -62,4 +66,4 @@ def import_rootfs(
             rootfs_bytes=rootfs_bytes,
             banger_version=__version__,
         )
-        return finish_image(stage, out_path, info, requested_size=size_bytes, progress=progress)
+        return finish_image(stage, out_path, info, requested_size=size_bytes, progress=progress, cancel=cancel)

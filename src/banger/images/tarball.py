@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -23,7 +24,7 @@ from typing import IO
 
 import zstandard
 
-from banger.errors import UnsafeArchiveError
+from banger.errors import CancelledError, UnsafeArchiveError
 from banger.progress import Progress, ProgressEvent
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -59,8 +60,9 @@ def _clean(name: str, what: str) -> str:
 class _RootfsFilter:
     """A tarfile extraction filter enforcing the policy in the module docstring; counts members for progress."""
 
-    def __init__(self, dest: Path, progress: Progress, step: str) -> None:
+    def __init__(self, dest: Path, progress: Progress, step: str, cancel: threading.Event | None) -> None:
         self.dest = dest
+        self.cancel = cancel
         self.progress = progress
         self.step = step
         self.count = 0
@@ -87,6 +89,8 @@ class _RootfsFilter:
 
     def __call__(self, member: tarfile.TarInfo, _dest: str) -> tarfile.TarInfo | None:
         self.count += 1
+        if self.cancel is not None and self.cancel.is_set():
+            raise CancelledError(f"{self.step}: cancelled")
         if self.count % _REPORT_EVERY == 0:
             self.progress(ProgressEvent(step=self.step, done=self.count, unit="files"))
         if member.ischr() or member.isblk():
@@ -118,9 +122,11 @@ class _RootfsFilter:
         return member.replace(**changes, deep=False)  # type: ignore[arg-type]
 
 
-def extract_rootfs(src: Path, dest: Path, *, progress: Progress, step: str) -> int:
+def extract_rootfs(
+    src: Path, dest: Path, *, progress: Progress, step: str, cancel: threading.Event | None = None
+) -> int:
     """Extract a rootfs tarball into the existing directory `dest` safely; returns the number of members read."""
-    flt = _RootfsFilter(dest, progress, step)
+    flt = _RootfsFilter(dest, progress, step, cancel)
     try:
         with open_tar_stream(src) as tf:
             tf.extractall(dest, numeric_owner=True, filter=flt)
