@@ -181,7 +181,11 @@ class AgentClient:
         """Connect through Firecracker's vsock Unix socket (CONNECT handshake), retrying until the agent listens."""
         async with _deadline(timeout, "agent did not accept a vsock connection"):
             while True:
-                reader, writer = await asyncio.open_unix_connection(str(uds_path))
+                try:
+                    reader, writer = await asyncio.open_unix_connection(str(uds_path))
+                except (FileNotFoundError, ConnectionRefusedError):
+                    await asyncio.sleep(0.2)  # the VMM has not bound its socket yet
+                    continue
                 writer.write(f"CONNECT {port}\n".encode())
                 await writer.drain()
                 line = await reader.readline()
