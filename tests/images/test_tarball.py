@@ -147,3 +147,11 @@ def test_pack_then_extract_round_trip(tmp_path: Path) -> None:
     assert tool.read_bytes() == b"#!/bin/sh\n" and stat.S_IMODE(tool.stat().st_mode) == 0o755
     assert (tool.stat().st_uid, tool.stat().st_gid) == (7, 8)
     assert os.readlink(dest / "bin") == "usr/bin"
+
+
+def test_xattrs_restored(tmp_path: Path) -> None:
+    info, data = _member("usr/bin/ping", data=b"elf", mode=0o755)
+    info.pax_headers = {"SCHILY.xattr.user.banger": "cap-ish"}
+    tar = _tar(tmp_path / "r.tar", [(info, data)], "w")
+    dest = _extract(tmp_path, tar)
+    assert os.getxattr(dest / "usr/bin/ping", "user.banger") == b"cap-ish"

@@ -8,11 +8,13 @@ ownership and setuid bits and refuse absolute symlinks, all of which a real root
   existing non-directory at a member's path is unlinked first (so a later file replaces, never follows, a link);
 - hard links must name an earlier member by a path that crosses no symlink;
 - character and block device nodes are skipped (the guest mounts devtmpfs; guestside adds /dev/console and
-  /dev/null itself); fifos, ownership, modes and setuid bits are kept.
+  /dev/null itself); fifos, ownership, modes, setuid bits and extended attributes (SCHILY.xattr, e.g. file
+  capabilities) are kept.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import tarfile
@@ -29,6 +31,8 @@ from banger.progress import Progress, ProgressEvent
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _REPORT_EVERY = 2000
+_XATTR_PREFIX = "SCHILY.xattr."
+log = logging.getLogger("banger.images")
 
 
 @contextmanager
@@ -68,6 +72,7 @@ class _RootfsFilter:
         self.count = 0
         self.skipped_devices = 0
         self._safe_dirs: set[str] = {""}
+        self.xattrs: list[tuple[str, dict[str, str]]] = []
 
     def _check_parents(self, rel: str, name: str) -> None:
         parent = rel.rpartition("/")[0]
@@ -119,7 +124,21 @@ class _RootfsFilter:
                 target_path.unlink()
         if member.isdir():
             self._safe_dirs.add(rel)
+        xattrs = {
+            k.removeprefix(_XATTR_PREFIX): v for k, v in member.pax_headers.items() if k.startswith(_XATTR_PREFIX)
+        }
+        if xattrs and not member.issym():
+            self.xattrs.append((rel, xattrs))
         return member.replace(**changes, deep=False)  # type: ignore[arg-type]
+
+    def apply_xattrs(self) -> None:
+        """Set the extended attributes tarfile itself ignores (file capabilities such as ping's cap_net_raw)."""
+        for rel, attrs in self.xattrs:
+            for key, value in attrs.items():
+                try:
+                    os.setxattr(self.dest / rel, key, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+                except OSError as exc:
+                    log.warning("rootfs: cannot set xattr %s on /%s: %s", key, rel, exc)
 
 
 def extract_rootfs(
@@ -130,6 +149,7 @@ def extract_rootfs(
     try:
         with open_tar_stream(src) as tf:
             tf.extractall(dest, numeric_owner=True, filter=flt)
+        flt.apply_xattrs()
     except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
         raise UnsafeArchiveError(f"{src}: damaged or unreadable tar archive ({exc})") from exc
     progress(ProgressEvent(step=step, done=flt.count, total=flt.count, unit="files"))
