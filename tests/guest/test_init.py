@@ -98,6 +98,17 @@ def test_agent_argv_follows_transport() -> None:
     assert vsock[-2:] == ["--vsock", "5000"] and "--serial" not in vsock
 
 
+def test_power_key_press_is_recognised() -> None:
+    def event(kind: int, code: int, value: int) -> bytes:
+        return init.INPUT_EVENT.pack(1700000000, 5, kind, code, value)
+
+    press, release, sync = event(1, 116, 1), event(1, 116, 0), event(0, 0, 0)
+    assert init.power_key_pressed(sync + press + sync)
+    assert not init.power_key_pressed(release + sync)
+    assert not init.power_key_pressed(event(1, 30, 1))  # KEY_A
+    assert not init.power_key_pressed(press[:-1])  # a torn event is not a press
+
+
 def test_guest_modules_import_without_banger() -> None:
     # The seed has no banger package: each guest module must import with the stdlib and its siblings alone.
     code = "import sys; sys.path.insert(0, sys.argv[1]); import init, agent, protocol, transfer, execs, ports"

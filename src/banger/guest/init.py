@@ -11,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -29,6 +31,10 @@ KILL_GRACE = 2.0
 RB_POWER_OFF = 0x4321FEDC
 RB_DISABLE_CAD = 0
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_RDONLY, MS_REMOUNT = 0x2, 0x4, 0x8, 0x1, 0x20
+EV_KEY, KEY_POWER = 1, 116
+# struct input_event on 64-bit Linux: struct timeval, __u16 type, __u16 code, __s32 value.
+INPUT_EVENT = struct.Struct("qqHHi")
+POWER_BUTTON_NAMES = {"Power Button"}  # what the ACPI button driver calls its input devices
 SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGPWR, signal.SIGUSR2}
 WATCHED = {signal.SIGCHLD, signal.SIGHUP, *SHUTDOWN_SIGNALS}
 
@@ -134,6 +140,16 @@ def agent_argv(meta: dict[str, Any], python: str, seed_dir: str = SEED_DIR) -> l
     return argv
 
 
+def power_key_pressed(data: bytes) -> bool:
+    """Whether a read from an evdev device holds a power-key press."""
+    size = INPUT_EVENT.size
+    for offset in range(0, len(data) - size + 1, size):
+        _sec, _usec, kind, code, value = INPUT_EVENT.unpack_from(data, offset)
+        if kind == EV_KEY and code == KEY_POWER and value == 1:
+            return True
+    return False
+
+
 # ---- effects ----
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -225,15 +241,26 @@ def configure(meta: dict[str, Any]) -> None:
         write_etc("/etc/resolv.conf", text)
 
 
-def _unblock_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-
-
 def start_agent(meta: dict[str, Any]) -> subprocess.Popen[bytes]:
-    """Start the agent (signals unblocked, plain environment)."""
+    """Start the agent with a plain environment."""
     env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-    # init is single-threaded, so preexec_fn is safe here; the mask would otherwise reach every user process.
-    return subprocess.Popen(agent_argv(meta, sys.executable), env=env, cwd="/", preexec_fn=_unblock_signals)
+    return subprocess.Popen(agent_argv(meta, sys.executable), env=env, cwd="/")
+
+
+def power_buttons(sysfs: str = "/sys/class/input") -> list[int]:
+    """Open the ACPI power buttons' evdev nodes (QEMU's system_powerdown presses one); none without the drivers."""
+    fds = []
+    for name in sorted(os.listdir(sysfs)) if os.path.isdir(sysfs) else []:
+        if not name.startswith("event"):
+            continue
+        try:
+            with open(f"{sysfs}/{name}/device/name") as f:
+                if f.read().strip() not in POWER_BUTTON_NAMES:
+                    continue
+            fds.append(os.open(f"/dev/input/{name}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError:
+            continue
+    return fds
 
 
 def reap() -> list[tuple[int, int]]:
@@ -267,6 +294,7 @@ def _drain(timeout: float) -> bool:
 def power_off(reason: str) -> None:
     """Stop every process, sync, remount / read-only and power off. Does not return."""
     say(f"shutting down ({reason})")
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # collected with sigtimedwait below
     os.kill(-1, signal.SIGTERM)  # from PID 1, -1 means every other process
     if not _drain(TERM_GRACE):
         say("processes still running after SIGTERM; killing them")
@@ -282,16 +310,34 @@ def power_off(reason: str) -> None:
     sys.exit(1)
 
 
+def _ignore(signum: int, frame: object) -> None:
+    """Signals only need to wake the select() loop, which the wakeup fd does."""
+
+
 def supervise(meta: dict[str, Any]) -> None:
     """Run the agent, restart it if it dies, reap orphans, and power off when asked."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for signum in WATCHED:
+        signal.signal(signum, _ignore)
+    # Signals that arrived while blocked during boot are delivered now and land in the wakeup pipe. Caught signals
+    # revert to their defaults in exec'd children, and none stay blocked, so children inherit nothing odd.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
+    buttons = power_buttons()
+    say(f"watching {len(buttons)} power button(s)")
     agent = start_agent(meta)
     say(f"{READY_MARKER[len('banger-init: ') :]} (agent pid {agent.pid})")
     backoff, restart_at = 1.0, None
     while True:
         timeout = None if restart_at is None else max(0.0, restart_at - time.monotonic())
-        info = signal.sigwaitinfo(WATCHED) if timeout is None else signal.sigtimedwait(WATCHED, timeout)
-        if info is not None and info.si_signo in SHUTDOWN_SIGNALS:
-            power_off(signal.Signals(info.si_signo).name)
+        ready, _, _ = select.select([wake_r, *buttons], [], [], timeout)
+        if wake_r in ready:
+            caught = set(os.read(wake_r, 512))
+            if stop := sorted(caught & SHUTDOWN_SIGNALS):
+                power_off(signal.Signals(stop[0]).name)
+        for fd in set(ready) & set(buttons):
+            if power_key_pressed(os.read(fd, INPUT_EVENT.size * 64)):
+                power_off("power button")
         for pid, status in reap():
             if pid == agent.pid:
                 say(f"agent exited ({_describe(status)}); restarting in {backoff:.0f}s")
