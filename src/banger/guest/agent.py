@@ -56,6 +56,7 @@ class Session:
         self.init_pid = init_pid
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.nonce: object = None
+        self.resetting = False
 
     async def run(self) -> None:
         """Serve frames until the host goes away."""
@@ -69,12 +70,15 @@ class Session:
 
     async def reset(self) -> None:
         """Forget every stream (their processes are killed by their tasks' cleanup)."""
+        # Streams of a dead session get no END: nobody wants it, and on a port without a host the write would block.
+        self.resetting = True
         tasks = list(self.tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
         self.mux.close_streams()
+        self.resetting = False
 
     async def dispatch(self, frame: Frame) -> None:
         """Route one incoming frame."""
@@ -110,7 +114,7 @@ class Session:
             self.tasks.pop(stream.id, None)
             self.mux.streams.pop(stream.id, None)
             stream.credit.close()
-        if reply is not None:
+        if reply is not None and not self.resetting:
             try:
                 await self.mux.send(Kind.END, stream.id, **reply)
             except (OSError, ConnectionError):
