@@ -12,6 +12,7 @@ import os
 import platform
 import secrets
 import shutil
+import stat
 import tarfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import BinaryIO
 
 import zstandard
 
-from banger.errors import AlreadyExistsError, BusyError, InvalidInputError, NotFoundError
+from banger.errors import AlreadyExistsError, BusyError, InvalidInputError, NotFoundError, UnsafeArchiveError
 from banger.fsutil import dir_size, sha256_file, temp_sibling_dir
 from banger.kernels.manifest import CMDLINE, CONFIG, INITRD, MANIFEST, MODULES, VMLINUX, KernelManifest
-from banger.kernels.safetar import COPY_BUFSIZE, check_layout
+from banger.kernels.safetar import COPY_BUFSIZE, check_layout, check_symlink_target
 from banger.kernels.vmlinux import has_pvh_note, is_elf, read_kernel_version
 from banger.names import validate_name
 from banger.progress import Progress, ProgressEvent, no_progress
@@ -261,27 +262,38 @@ class _HashingWriter(io.RawIOBase):
         return len(data)
 
 
-def _tarinfo(path: Path, arcname: str) -> tarfile.TarInfo:
+def _tarinfo(path: Path, arcname: str) -> tarfile.TarInfo | None:
+    """A normalized member for `path`, or None for what a pull would refuse (escaping symlinks, special files)."""
     st = path.lstat()
     info = tarfile.TarInfo(arcname)
     info.mtime = _BUNDLE_MTIME
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    if path.is_symlink():
+    if stat.S_ISLNK(st.st_mode):
         info.type = tarfile.SYMTYPE
         info.linkname = os.readlink(path)
         info.mode = 0o777
-    elif path.is_dir():
+        try:
+            check_symlink_target(arcname, info.linkname)
+        except UnsafeArchiveError:
+            return None  # e.g. modules/<ver>/build -> /usr/src/...: meaningless in a bundle
+    elif stat.S_ISDIR(st.st_mode):
         info.type = tarfile.DIRTYPE
         info.mode = 0o755
-    else:
+    elif stat.S_ISREG(st.st_mode):
         info.size = st.st_size
         info.mode = 0o755 if st.st_mode & 0o100 else 0o644
+    else:
+        return None
     return info
 
 
 def write_bundle(kernel_dir: Path, out: Path) -> tuple[str, int]:
-    """Write `kernel_dir` as a deterministic .tar.zst at `out`; returns (sha256, size) of the file written."""
+    """Write `kernel_dir` as a deterministic .tar.zst at `out`; returns (sha256, size) of the file written.
+
+    Members are sorted, owned by 0:0 with mtime 0, so the same kernel always gives the same bytes. Symlinks that
+    leave the kernel dir and special files are left out: a pull would refuse them.
+    """
     check_layout(kernel_dir)
     out = out.absolute()
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
@@ -293,6 +305,8 @@ def write_bundle(kernel_dir: Path, out: Path) -> tuple[str, int]:
                 with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_BUFSIZE) as tar:
                     for path in _bundle_members(kernel_dir):
                         info = _tarinfo(path, path.relative_to(kernel_dir).as_posix())
+                        if info is None:
+                            continue
                         if info.isreg():
                             with path.open("rb") as f:
                                 tar.addfile(info, f)

@@ -390,6 +390,8 @@ async def pull_kernel(
                 # A refused bundle must fail the pull at once, even if the server then stalls.
                 both: list[asyncio.Future[Any]] = [download, unpacker.done]
                 await asyncio.wait(both, return_when=asyncio.FIRST_EXCEPTION)
+                if download.done() and isinstance(download.exception(), _Aborted):
+                    await unpacker.done  # the unpacker failed and aborted the pipe: raise its error
                 if unpacker.done.done() and (error := unpacker.done.exception()) is not None:
                     raise error
                 digest, size = await download

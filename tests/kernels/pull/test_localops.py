@@ -90,6 +90,9 @@ def test_import_refusals_leave_kernels_dir_unchanged(tmp_path: Path) -> None:
 def test_bundle_is_deterministic_and_pull_reproduces_kernel(http_server: LoopbackServer, tmp_path: Path) -> None:
     kernels = tmp_path / "kernels"
     asyncio.run(import_kernel(make_source(tmp_path), kernels, name="orig"))
+    # As a distro build may leave it: an absolute symlink and a FIFO, which a bundle must not carry.
+    os.symlink("/usr/src/linux-headers", kernels / "orig/modules/6.1.99-src/build")
+    os.mkfifo(kernels / "orig/modules/6.1.99-src/fifo")
     sha1, size1 = write_bundle(kernels / "orig", tmp_path / "one.tar.zst")
     sha2, size2 = write_bundle(kernels / "orig", tmp_path / "two.tar.zst")
     assert (sha1, size1) == (sha2, size2)
@@ -99,6 +102,8 @@ def test_bundle_is_deterministic_and_pull_reproduces_kernel(http_server: Loopbac
     assert names[0] == "vmlinux" and "manifest.json" not in names
     url = http_server.add("/orig.tar.zst", Route(body=data))
     pulled = asyncio.run(pull_kernel(entry_for("copy", url, data, sha1), kernels))
+    (kernels / "orig/modules/6.1.99-src/build").unlink()
+    (kernels / "orig/modules/6.1.99-src/fifo").unlink()
     assert tree_without_manifest(kernels / "copy") == tree_without_manifest(kernels / "orig")
     assert pulled.sha256 == read_manifest(kernels / "orig").sha256
 

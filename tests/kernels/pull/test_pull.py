@@ -149,7 +149,7 @@ def _refusal_cases() -> list[object]:
         ("trailing-bomb", trailing_bomb, UnsafeArchiveError, "decompresses to more than", True),
         ("corrupt-zstd", bytes(corrupt), IntegrityError, "zstd", True),
         ("not-zstd", b"definitely not zstd" * 100, IntegrityError, "zstd", True),
-        ("truncated-frame", good[:-7], IntegrityError, "truncated", True),
+        ("truncated-frame", good[:-7], IntegrityError, "truncated|not a valid tar", True),
         ("truncated-tar", zst(good_tar[:1024]), IntegrityError, "tar", True),
     ]
     return [pytest.param(*case, id=case[0]) for case in cases]
