@@ -25,6 +25,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from banger import proc
 from banger.kernels.catalog import CatalogEntry
 from banger.kernels.pull import pull_kernel
 
@@ -60,7 +61,7 @@ def build_bundle(work: Path, size_mb: int) -> Path:
     tar_path = work / "bundle.tar"
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
         tar.add(tree, arcname=".", recursive=True)
-    subprocess.run(["zstd", "-q", "-T0", "-3", "-f", str(tar_path), "-o", str(work / "bundle.tar.zst")], check=True)
+    proc.run(["zstd", "-q", "-T0", "-3", "-f", tar_path, "-o", work / "bundle.tar.zst"], step="compress the bundle")
     tar_path.unlink()
     shutil.rmtree(tree)
     return work / "bundle.tar.zst"
