@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from banger import errors
+from banger.guest import protocol
 from banger.guest.client import AgentClient
 
 from .conftest import AgentHarness, running_agent
@@ -307,5 +310,26 @@ def test_hello_after_garbage_on_same_connection(tmp_path: Path) -> None:
             client = await AgentClient.open(reader, writer, timeout=20)
             agent.clients.append(client)
             assert (await client.run(["echo", "ok"])).stdout == b"ok\n"
+
+    asyncio.run(main())
+
+
+def test_unknown_request_kinds_get_unsupported(tmp_path: Path) -> None:
+    # A newer host probing an older agent (e.g. for long-running sessions) must get an answer, not silence.
+    async def main() -> None:
+        async with running_agent(tmp_path) as agent:
+            reader, writer = await agent.accept()
+            writer.write(protocol.SYNC_PADDING + protocol.encode(protocol.Kind.HELLO, 0, nonce="n1", version=1))
+            header = json.dumps({"t": "session-open", "id": 5, "name": "build"}).encode()
+            writer.write(struct.pack(">4sII", protocol.MAGIC, len(header), 0) + header)
+            await writer.drain()
+            frames: list[protocol.Frame] = []
+            while not frames or frames[-1].kind != protocol.Kind.END:
+                frames.append(await asyncio.wait_for(protocol.read_frame(reader), 10))
+            hellos = [f.header["nonce"] for f in frames if f.kind == protocol.Kind.HELLO]
+            assert sorted(hellos, key=str) == [None, "n1"]  # the agent's announcement on connecting, and our answer
+            end = frames[-1]
+            assert end.id == 5 and end.header["ok"] is False and end.header["error"]["code"] == "unsupported"
+            writer.close()
 
     asyncio.run(main())
