@@ -140,25 +140,27 @@ def _version_from_modules(kernel_dir: Path) -> str | None:
     return versions[0] if len(versions) == 1 else None
 
 
-def _copy_tree(src: Path, dest: Path, skipped: list[str]) -> None:
-    # Symlinks that point outside the modules tree (e.g. build -> /usr/src/...) would make the kernel's own
-    # bundle unpullable, so they are left out and reported.
-    root = src.resolve()
+def _copy_tree(src: Path, dest: Path, rel: str, skipped: list[str]) -> None:
+    # What a bundle could not carry (symlinks leaving the kernel dir, e.g. build -> /usr/src/..., and special
+    # files) is left out and reported, so an imported kernel always survives `bundle` + `pull` unchanged.
     dest.mkdir(mode=0o755)
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        out = dest / entry.name
+        out, arcname = dest / entry.name, f"{rel}/{entry.name}"
         if entry.is_symlink():
             target = os.readlink(entry.path)
-            resolved = Path(os.path.normpath(Path(entry.path).parent.resolve() / target))
-            if target.startswith("/") or not resolved.is_relative_to(root):
+            try:
+                check_symlink_target(arcname, target)
+            except UnsafeArchiveError:
                 skipped.append(entry.path)
                 continue
             os.symlink(target, out)
         elif entry.is_dir():
-            _copy_tree(Path(entry.path), out, skipped)
+            _copy_tree(Path(entry.path), out, arcname, skipped)
         elif entry.is_file():
             shutil.copyfile(entry.path, out)
             os.chmod(out, 0o644)
+        else:
+            skipped.append(entry.path)
 
 
 def _import_files(source: Path, staging: Path) -> list[str]:
@@ -171,7 +173,7 @@ def _import_files(source: Path, staging: Path) -> list[str]:
             shutil.copyfile(source / fname, staging / fname)
             os.chmod(staging / fname, 0o644)
     if (source / MODULES).is_dir():
-        _copy_tree(source / MODULES, staging / MODULES, skipped)
+        _copy_tree(source / MODULES, staging / MODULES, MODULES, skipped)
     return skipped
 
 
@@ -201,7 +203,8 @@ async def import_kernel(
             progress(ProgressEvent(step=f"copying {source}", unit="B", message=None))
             skipped = await asyncio.to_thread(_import_files, source, staging)
             if skipped:
-                progress(ProgressEvent(step="import", message=f"left out {len(skipped)} symlink(s) leaving modules/"))
+                left_out = f"left out {len(skipped)} escaping symlink(s) or special file(s): {', '.join(skipped[:3])}"
+                progress(ProgressEvent(step="import", message=left_out))
             check_layout(staging)
             vmlinux = staging / VMLINUX
             version = kernel_version or await asyncio.to_thread(read_kernel_version, vmlinux)

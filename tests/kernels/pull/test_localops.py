@@ -16,6 +16,7 @@ from banger.fsutil import sha256_file
 from banger.kernels.localops import import_kernel, remove_kernel_dir, write_bundle
 from banger.kernels.manifest import read_manifest
 from banger.kernels.pull import pull_kernel
+from banger.progress import ProgressEvent
 from tests.kernels.pull.conftest import FAKE_VMLINUX, LoopbackServer, Route, entry_for, snapshot
 
 
@@ -41,8 +42,10 @@ def tree_without_manifest(root: Path) -> dict[str, tuple[str, bytes]]:
 
 def test_import_dir_reads_version_and_keeps_layout(tmp_path: Path) -> None:
     src = make_source(tmp_path)
+    os.mkfifo(src / "modules/6.1.99-src/pipe")
     kernels = tmp_path / "kernels"
-    m = asyncio.run(import_kernel(src, kernels, name="mine", distro="debian"))
+    events: list[ProgressEvent] = []
+    m = asyncio.run(import_kernel(src, kernels, name="mine", distro="debian", progress=events.append))
     k = kernels / "mine"
     assert m == read_manifest(k)
     assert m.kernel_version == "6.1.99-test"  # from the vmlinux banner
@@ -51,6 +54,8 @@ def test_import_dir_reads_version_and_keeps_layout(tmp_path: Path) -> None:
     assert m.has_initrd and m.has_modules and m.cmdline == "console=ttyS0"
     assert os.readlink(k / "modules/6.1.99-src/drivers") == "kernel/drivers"
     assert not (k / "modules/6.1.99-src/build").is_symlink()
+    assert not (k / "modules/6.1.99-src/pipe").exists()
+    assert any(e.message and "left out 2" in e.message for e in events)
     assert (k / "initrd.img").read_bytes() == (src / "initrd.img").read_bytes()
     assert sorted(os.listdir(kernels)) == ["mine"]
 
