@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from banger.errors import AlreadyExistsError, CancelledError, InvalidInputError, ToolError
-from banger.images.build import build_image, cache_key, cached_rootfs, plan_for
+from banger.images.build import build_image, cache_key, cached_rootfs, cached_tree, plan_for
 from banger.images.guestside import stub_bytes
 from banger.images.spec import BuildStep, ImageSpec, MiB
 from banger.progress import ProgressEvent
@@ -66,7 +66,12 @@ def test_warm_rebuild_reuses_cached_rootfs(debian_image: Path, tmp_path: Path) -
     after = tar.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert cat(out, "/sbin/banger-init") == stub_bytes()
+    assert cat(out, "/etc/hostname") == b"banger\n" and fsck_clean(out)
     assert [p.name for p in tmp_path.iterdir()] == ["warm.ext4"]
+    # The build hard-linked the cached tree; writing the guest side must not have reached through to it.
+    tree = cached_tree(tar)
+    assert (tree / "usr/bin/python3").is_symlink() and not (tree / "usr/sbin/banger-init").exists()
+    assert (tree / "etc/hostname").read_text() != "banger\n" and not (tree / "etc/banger").exists()
 
 
 def test_unreachable_mirror_names_the_step_and_leaves_nothing(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ import pytest
 import zstandard
 
 from banger.errors import InvalidInputError
+from banger.images.build import cached_tree
 from banger.images.guestside import stub_bytes
 from banger.images.importer import import_rootfs
 from banger.images.spec import BuildStep, MiB
-from banger.images.tarball import extract_rootfs
 from banger.progress import ProgressEvent, no_progress
 
 from .debugfs import cat, debugfs, exists, fsck_clean
@@ -24,10 +24,9 @@ from .debugfs import cat, debugfs, exists, fsck_clean
 
 @pytest.fixture(scope="module")
 def rootfs_dir(debian_rootfs_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The real Debian rootfs, extracted once for this module."""
+    """The real Debian rootfs: a hard-linked copy of the build cache's extracted tree (files must not be edited)."""
     root = tmp_path_factory.mktemp("rootfs") / "root"
-    root.mkdir()
-    extract_rootfs(debian_rootfs_tar, root, progress=no_progress, step="extract")
+    subprocess.run(["cp", "-al", str(cached_tree(debian_rootfs_tar)), str(root)], check=True)
     yield root
     shutil.rmtree(root)
 

@@ -1,9 +1,10 @@
 """`banger image build`: bootstrap a preset's rootfs (cached by its inputs), add the guest side, make ext4.
 
-Cache layout under `cache_dir`: `rootfs/<key>.tar` (the bootstrapped rootfs, numeric owners, device nodes included)
-and `rootfs/<key>.json` (the inputs that produced it). The key hashes every input of the bootstrap: preset, suite,
+Cache layout under `cache_dir`: `rootfs/<key>.tar` (the bootstrapped rootfs, numeric owners, device nodes included),
+`rootfs/<key>.json` (the inputs that produced it) and `rootfs/<key>.d/` (the tarball extracted once, hard-linked
+into each build's staging tree when on the same filesystem). The key hashes every input of the bootstrap: preset, suite,
 mirror, sorted package set, architecture, the init stub's content and IMAGE_FORMAT_VERSION. A warm build only
-extracts the tarball, adds the guest side and runs mkfs.ext4.
+links the cached tree, adds the guest side and runs mkfs.ext4.
 """
 
 from __future__ import annotations
@@ -99,6 +100,32 @@ def bootstrap(plan: BootstrapPlan, out_tar: Path, *, progress: Progress, cancel:
     progress(ProgressEvent(step=BuildStep.BOOTSTRAP, message="done"))
 
 
+def cached_tree(tar: Path) -> Path:
+    """The extracted copy of a cached rootfs tarball, kept beside it so warm builds can hard-link it."""
+    return tar.with_suffix(".d")
+
+
+def stage_from_cache(tar: Path, stage: Path, *, progress: Progress, cancel: threading.Event | None = None) -> None:
+    """Fill the new directory `stage` with the cached rootfs: hard links to its extracted tree when on the same
+    filesystem (a warm build then costs about a second), else a fresh extraction of the tarball.
+
+    Hard links are safe only because nothing writes into a staged file in place: add_guest_side replaces files
+    (unlink + create) and mkfs.ext4 only reads."""
+    tree = cached_tree(tar)
+    progress(ProgressEvent(step=BuildStep.EXTRACT, message=str(tar)))
+    if not tree.is_dir():
+        with temp_sibling_dir(tree, "extract") as tmp:
+            extract_rootfs(tar, tmp, progress=progress, step=BuildStep.EXTRACT, cancel=cancel)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, tree)
+    check_cancel(cancel, BuildStep.EXTRACT)
+    if os.stat(tree).st_dev == os.stat(stage.parent).st_dev:
+        proc.run(["cp", "-al", "--", f"{tree}/.", str(stage)], step="link cached rootfs")
+    else:
+        stage.mkdir(mode=0o755)
+        extract_rootfs(tar, stage, progress=progress, step=BuildStep.EXTRACT, cancel=cancel)
+
+
 def _relabel(progress: Progress, step: str) -> Progress:
     """Report a tool's output lines under the build's own step label."""
     return lambda event: progress(dataclasses.replace(event, step=step))
@@ -164,9 +191,7 @@ def build_image(
         )
     with temp_sibling_dir(out_path, "build") as work:
         stage = work / "rootfs"
-        stage.mkdir(mode=0o755)
-        progress(ProgressEvent(step=BuildStep.EXTRACT, message=str(tar)))
-        extract_rootfs(tar, stage, progress=progress, step=BuildStep.EXTRACT, cancel=cancel)
+        stage_from_cache(tar, stage, progress=progress, cancel=cancel)
         info = ImageInfo(
             name=spec.name,
             source=f"preset:{plan.preset}",
