@@ -2,9 +2,10 @@
 
 The download runs on the event loop (so cancelling the task stops it at once, even while the server stalls).
 zstd decoding and tar extraction run in two worker threads joined by bounded in-memory pipes, like
-`curl | zstd -d | tar -x`, so the loop is never blocked. The sha256 and a walk of the zstd frame structure are
-computed over the compressed bytes as they arrive; after the tar ends the workers drain the rest, so the hash
-covers the whole file and a truncated frame is caught. Everything lands in a temp dir beside the target, which
+`curl | zstd -d | tar -x`, so the loop is never blocked. The sha256 is computed on the loop over the
+compressed bytes as they arrive; the decoder thread walks the zstd frame structure over the same bytes. After
+the tar ends the workers drain the rest, so the hash covers the whole file and a truncated frame is caught.
+Everything lands in a temp dir beside the target, which
 is renamed into place only when complete and verified.
 """
 
@@ -211,6 +212,19 @@ class ZstdFrameWalker:
             raise IntegrityError("bundle is truncated: its zstd frame is incomplete")
 
 
+class _WalkedSource:
+    """The compressed pipe as the decoder's source, with the frame structure walked on the way (in its thread)."""
+
+    def __init__(self, pipe: _Pipe) -> None:
+        self._pipe = pipe
+        self.walker = ZstdFrameWalker()
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._pipe.read(size)
+        self.walker.feed(data)
+        return data
+
+
 class _Unpacker:
     """Two worker threads: one zstd-decodes the downloaded bytes, the other extracts the tar into `dest`.
 
@@ -240,12 +254,13 @@ class _Unpacker:
             thread.start()
 
     def _decode(self) -> None:
-        # zstandard only needs .read(n) from its source.
-        source: Any = self._compressed
+        source = _WalkedSource(self._compressed)
         total = 0
         try:
             dctx = zstandard.ZstdDecompressor()
-            with dctx.stream_reader(source, read_size=COPY_BUFSIZE, read_across_frames=True, closefd=False) as zr:
+            # zstandard only needs .read(n) from its source.
+            reader: Any = source
+            with dctx.stream_reader(reader, read_size=COPY_BUFSIZE, read_across_frames=True, closefd=False) as zr:
                 while chunk := zr.read(COPY_BUFSIZE):
                     total += len(chunk)
                     if total > self._limit:
@@ -253,6 +268,9 @@ class _Unpacker:
                     self._decoded.put_blocking(chunk)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"bundle is not valid zstd data: {exc}") from exc
+        if source.read(COPY_BUFSIZE):
+            raise IntegrityError("bundle has data after the end of its zstd stream")
+        source.walker.finish()
         self._decoded.finish()
 
     def _extract(self) -> None:
@@ -338,7 +356,6 @@ async def _download(entry: CatalogEntry, pipe: _Pipe, progress: Progress) -> tup
     url = entry.tarball_url
     limit = unpacked_limit(entry.size_bytes)
     sha = hashlib.sha256()
-    frames = ZstdFrameWalker()
     done = 0
     step = f"downloading {entry.name}"
     try:
@@ -348,7 +365,6 @@ async def _download(entry: CatalogEntry, pipe: _Pipe, progress: Progress) -> tup
             last = time.monotonic()
             async for chunk in chunks:
                 sha.update(chunk)
-                frames.feed(chunk)
                 done += len(chunk)
                 if done > limit:
                     raise DownloadError(f"download of {url} exceeds {limit} bytes; refusing it")
@@ -361,7 +377,6 @@ async def _download(entry: CatalogEntry, pipe: _Pipe, progress: Progress) -> tup
     except httpx.HTTPError as exc:
         raise DownloadError(f"download of {url} failed after {done} bytes: {exc or type(exc).__name__}") from exc
     pipe.finish()
-    frames.finish()
     return sha.hexdigest(), done
 
 
