@@ -5,8 +5,7 @@ zstd decoding and tar extraction run in two worker threads joined by bounded in-
 `curl | zstd -d | tar -x`, so the loop is never blocked. The sha256 is computed on the loop over the
 compressed bytes as they arrive; the decoder thread walks the zstd frame structure over the same bytes. After
 the tar ends the workers drain the rest, so the hash covers the whole file and a truncated frame is caught.
-Everything lands in a temp dir beside the target, which
-is renamed into place only when complete and verified.
+Everything lands in a temp dir beside the target, renamed into place only when complete and verified.
 """
 
 from __future__ import annotations
