@@ -31,10 +31,12 @@ class BangerEnv:
 
     home: Path
     env: dict[str, str]
+    # A command prefix such as ["ip", "netns", "exec", NS]: the CLI (and a daemon it starts) runs inside it.
+    wrap: tuple[str, ...] = ()
 
     def cli(self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None) -> CliResult:
         proc = subprocess.run(
-            [str(VENV_BIN / "banger"), *args],
+            [*self.wrap, str(VENV_BIN / "banger"), *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -48,7 +50,7 @@ class BangerEnv:
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [str(VENV_BIN / "banger"), *args],
+            [*self.wrap, str(VENV_BIN / "banger"), *args],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -5,6 +5,7 @@ Booting under QEMU TCG costs seconds per VM, so the installed state root is shar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -33,15 +34,22 @@ def _console_tails(home: Path) -> str:
 @pytest.fixture(scope="module")
 def vm_home(debian_kernel: Path, debian_image: Path) -> Iterator[BangerEnv]:  # noqa: F811
     """A state root with the kernel imported and the image built (from the shared bootstrap cache)."""
+    with installed_home(debian_kernel) as benv:
+        yield benv
+
+
+@contextlib.contextmanager
+def installed_home(kernel_dir: Path, wrap: tuple[str, ...] = ()) -> Iterator[BangerEnv]:
+    """A fresh state root with `kernel_dir` imported and the default image built; everything torn down after."""
     # Short path: QEMU's sockets live under it and Unix socket paths are limited to 108 bytes.
     home = Path(tempfile.mkdtemp(prefix="bgv", dir="/tmp"))
     env = dict(os.environ, BANGER_HOME=str(home), PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     env.pop("BANGER_NO_AUTOSTART", None)
-    benv = BangerEnv(home=home, env=env)
+    benv = BangerEnv(home=home, env=env, wrap=wrap)
     (home / "cache").mkdir(parents=True)
     # Share the bootstrapped rootfs tarballs with tests/images, so this "build" is the warm path.
     (home / "cache" / "images").symlink_to(ROOTFS_CACHE)
-    benv.cli("kernel", "import", str(debian_kernel), "--name", KERNEL, "--distro", "debian", check=True)
+    benv.cli("kernel", "import", str(kernel_dir), "--name", KERNEL, "--distro", "debian", check=True)
     benv.cli("image", "build", IMAGE, "--preset", "debian", check=True, timeout=900)
     try:
         yield benv

@@ -24,7 +24,10 @@ def vm_info(env: BangerEnv, name: str) -> dict:  # type: ignore[type-arg]
 
 @pytest.fixture(scope="module")
 def running_vm(vm_home: BangerEnv) -> str:
-    r = vm_home.cli("vm", "create", "--name", "alpha", "--vcpus", "1", "--memory", "512", "--json", timeout=600)
+    # --net none: these tests run in the host's own namespace, which tests must never reconfigure.
+    r = vm_home.cli(
+        "vm", "create", "--name", "alpha", "--net", "none", "--vcpus", "1", "--memory", "512", "--json", timeout=600
+    )
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["state"] == "running"
@@ -55,7 +58,8 @@ def test_exec_streams_and_exit_code(vm_home: BangerEnv, running_vm: str) -> None
 
 def test_exec_stdin(vm_home: BangerEnv, running_vm: str) -> None:
     payload = "".join(f"line {i}\n" for i in range(2000))
-    r = vm_home.cli("vm", "exec", "-i", running_vm, "--", "sh", "-c", "wc -l; md5sum", input=payload, check=True)
+    script = "cat > /tmp/in; wc -l < /tmp/in; md5sum /tmp/in"
+    r = vm_home.cli("vm", "exec", "-i", running_vm, "--", "sh", "-c", script, input=payload, check=True)
     lines, digest = r.stdout.split("\n")[:2]
     import hashlib
 
@@ -123,7 +127,7 @@ def test_ports_lists_a_listener(vm_home: BangerEnv, running_vm: str) -> None:
         return [p for p in rows if p["port"] == 8765 and p["proto"].startswith("tcp")]
 
     found = wait_for(listening, timeout=60, what="guest port 8765 to listen")
-    assert "python3" in (found[0].get("process") or "")
+    assert found[0]["pid"] and "python3" in (found[0].get("comm") or "")
 
 
 def test_shell_on_a_pty(vm_home: BangerEnv, running_vm: str) -> None:
@@ -133,8 +137,13 @@ def test_shell_on_a_pty(vm_home: BangerEnv, running_vm: str) -> None:
         os.execv(str(VENV_BIN / "banger"), ["banger", "vm", "shell", running_vm])
     buf = b""
     try:
-        os.write(fd, b"echo sum-$((20+22)); tty\n")
         deadline = time.monotonic() + 60
+        while b"# " not in buf:  # the guest shell's prompt: it is reading the terminal now
+            assert time.monotonic() < deadline, f"no prompt; got {buf!r}"
+            ready, _, _ = select.select([fd], [], [], 1)
+            if ready:
+                buf += os.read(fd, 4096)
+        os.write(fd, b"echo sum-$((20+22)); tty\n")
         while b"sum-42" not in buf or b"/dev/pts/" not in buf:
             assert time.monotonic() < deadline, f"no shell output; got {buf!r}"
             ready, _, _ = select.select([fd], [], [], 1)
@@ -189,7 +198,7 @@ def test_rm_leaves_nothing(vm_home: BangerEnv, running_vm: str) -> None:
 
 
 def test_broken_rootfs_gives_console_tail(vm_home: BangerEnv) -> None:
-    vm_home.cli("vm", "create", "--name", "broken", "--no-start", check=True, timeout=300)
+    vm_home.cli("vm", "create", "--name", "broken", "--net", "none", "--no-start", check=True, timeout=300)
     info = vm_info(vm_home, "broken")
     root = Path(info["dir"]) / "root.ext4"
     with root.open("r+b") as f:  # wipe the superblock: the initramfs cannot mount it
@@ -206,6 +215,6 @@ def test_firecracker_refused_before_anything_is_created(vm_home: BangerEnv) -> N
     doctor = json.loads(vm_home.cli("doctor", "--json", check=True).stdout)
     if doctor["kvm_usable"]:
         pytest.skip("this host has usable hardware KVM; the refusal under test cannot happen")
-    r = vm_home.cli("vm", "create", "--name", "fc", "--vmm", "firecracker")
+    r = vm_home.cli("vm", "create", "--name", "fc", "--net", "none", "--vmm", "firecracker")
     assert r.returncode == 1 and "KVM" in r.stderr
     assert "fc" not in vm_home.cli("vm", "ls", check=True).stdout

@@ -33,15 +33,13 @@ def raw_terminal(fd: int) -> Iterator[None]:
     """Put the terminal in raw mode (keys go to the guest, Ctrl-C included) and restore it after."""
     old = termios.tcgetattr(fd)
     try:
-        ttymod.setraw(fd)
+        ttymod.setraw(fd, termios.TCSADRAIN)  # TCSAFLUSH would drop what the user typed ahead
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, old)
 
 
-def stream_call(
-    client: Client, method: str, params: dict[str, Any], *, stdin: bool, tty: bool
-) -> dict[str, Any]:
+def stream_call(client: Client, method: str, params: dict[str, Any], *, stdin: bool, tty: bool) -> dict[str, Any]:
     """Run one streaming call to completion; returns its result.
 
     Non-tty: Ctrl-C is forwarded to the guest process as SIGINT (a second one cancels the call).

@@ -82,8 +82,12 @@ def _create_params(
     vmm: str | None,
     start: bool,
     timeout: float | None,
+    net: str = "bridge",
+    publish: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     return {
+        "net": net,
+        "publish": list(publish),
         "name": name,
         "image": image,
         "kernel": kernel,
@@ -107,6 +111,14 @@ def create_options(fn: Any) -> Any:
             click.option("--disk-size", default=None, help="Root disk size, e.g. 8G (default: the image's)."),
             click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]), default=None),
             click.option("--timeout", type=float, default=None, help="Seconds to wait for the guest agent."),
+            click.option(
+                "--net",
+                type=click.Choice(["bridge", "none"]),
+                default="bridge",
+                show_default=True,
+                help="bridge: a TAP on banger's bridge with NAT and DNS; none: no network.",
+            ),
+            click.option("--publish", "-p", multiple=True, help="Publish a TCP port, HOST:GUEST (repeatable)."),
         ]
     ):
         fn = opt(fn)
@@ -127,11 +139,13 @@ def create(
     disk_size: str | None,
     vmm: str | None,
     timeout: float | None,
+    net: str,
+    publish: tuple[str, ...],
     no_start: bool,
     as_json: bool,
 ) -> None:
     """Create a VM (and start it, unless --no-start)."""
-    params = _create_params(name, image, kernel, vcpus, memory, disk_size, vmm, not no_start, timeout)
+    params = _create_params(name, image, kernel, vcpus, memory, disk_size, vmm, not no_start, timeout, net, publish)
     _print_vm(rpc("vm.create", params, progress=not as_json), as_json, "created")
 
 
@@ -360,7 +374,7 @@ def ports(name: str, as_json: bool) -> None:
     else:
         table(
             rows,
-            [("proto", "PROTO"), ("address", "ADDRESS"), ("port", "PORT"), ("pid", "PID"), ("process", "PROCESS")],
+            [("proto", "PROTO"), ("address", "ADDRESS"), ("port", "PORT"), ("pid", "PID"), ("comm", "PROCESS")],
             empty="no listening ports",
         )
 
@@ -379,14 +393,15 @@ def run(
     disk_size: str | None,
     vmm: str | None,
     timeout: float | None,
+    net: str,
+    publish: tuple[str, ...],
     remove: bool,
     command: tuple[str, ...],
 ) -> None:
     """Create and start a VM, then run COMMAND in it (or open a shell). Builds kernel and image if missing."""
     rpc("vm.prepare", {"image": image, "kernel": kernel}, progress=True)
-    info = rpc(
-        "vm.create", _create_params(name, image, kernel, vcpus, memory, disk_size, vmm, True, timeout), progress=True
-    )
+    params = _create_params(name, image, kernel, vcpus, memory, disk_size, vmm, True, timeout, net, publish)
+    info = rpc("vm.create", params, progress=True)
     vm_name = info["name"]
     click.echo(f"started {vm_name}", err=True)
     code = 0

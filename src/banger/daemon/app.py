@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from banger.config import Settings
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
+from banger.net.service import NetworkService
 from banger.store.db import Store
 from banger.vms.service import VmService
 
@@ -22,6 +23,7 @@ class App:
     kernels: KernelService
     images: ImageService
     vms: VmService
+    network: NetworkService
     started_at: float = field(default_factory=time.time)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -30,12 +32,14 @@ class App:
         """Build the services and bring them in line with what is on disk."""
         kernels = KernelService(settings, store)
         images = ImageService(settings, store)
+        network = NetworkService(settings, store)
         app = cls(
             settings=settings,
             store=store,
             kernels=kernels,
             images=images,
-            vms=VmService(settings, store, kernels, images),
+            vms=VmService(settings, store, kernels, images, network),
+            network=network,
         )
         app.kernels.reconcile()
         app.images.reconcile()

@@ -117,7 +117,7 @@ class NetworkService:
     def _run_file(self, name: str) -> Path:
         return self.settings.paths.run_dir / name
 
-    def _require(self) -> None:
+    def require(self) -> None:
         if not self.available:
             raise UnsupportedError(
                 f"guest networking is unavailable: {self.reason}",
@@ -230,7 +230,7 @@ class NetworkService:
 
     def allocate(self, vm_id: str, name: str) -> IPv4Address:
         """Lease the lowest free address to a VM (its existing lease if it has one) and publish name -> ip in DNS."""
-        self._require()
+        self.require()
         for _attempt in range(_LEASE_ATTEMPTS):
             try:
                 address = self._insert_lease(vm_id)
@@ -295,7 +295,7 @@ class NetworkService:
 
     async def plug(self, vm_id: str) -> GuestNet:
         """Create the VM's TAP on the bridge and activate its published ports; returns its network settings."""
-        self._require()
+        self.require()
         address = self.lease(vm_id)
         if address is None:
             raise NotFoundError(f"VM {vm_id} has no network address (it was created without a network)")
@@ -439,7 +439,7 @@ class NetworkService:
 
     async def setup_host(self) -> dict[str, Any]:
         """Make the host resolve *.<domain> through our DNS (systemd-resolved), or explain how to."""
-        self._require()
+        self.require()
         commands = systemd_resolved_setup(self.config.name, str(self.gateway), self.domain)
         if self.netns is not None or not resolved_running():
             return {"configured": False, "commands": [], "message": host_instructions(self.gateway, self.domain)}

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from banger.errors import InvalidInputError
+
 
 class VmState(StrEnum):
     """created -> starting -> running -> stopping -> stopped; error (with a reason) from anywhere."""
@@ -18,6 +20,26 @@ class VmState(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     ERROR = "error"
+
+
+class NetMode(StrEnum):
+    """A VM's network: a TAP on banger's bridge, or none at all (the agent works either way)."""
+
+    BRIDGE = "bridge"
+    NONE = "none"
+
+
+def parse_publish(text: str) -> tuple[int, int]:
+    """'8080:80' -> (8080, 80); '8080' publishes the same port."""
+    host, sep, guest = text.partition(":")
+    try:
+        pair = (int(host), int(guest) if sep else int(host))
+    except ValueError:
+        raise InvalidInputError(f"bad --publish {text!r}: use HOST:GUEST, e.g. 8080:80") from None
+    for port in pair:
+        if not 1 <= port <= 65535:
+            raise InvalidInputError(f"bad --publish {text!r}: ports are 1-65535")
+    return pair
 
 
 # States in which a VMM process may exist and must be looked after.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -15,7 +16,16 @@ from typing import TYPE_CHECKING, Any
 from banger.aio import in_thread
 from banger.config import Settings
 from banger.drivers import host
-from banger.drivers.base import AgentChannel, AgentTransport, Disk, VmmDriver, VmmHandle, VmmKind, VmSpec
+from banger.drivers.base import (
+    AgentChannel,
+    AgentTransport,
+    Disk,
+    NetSpec,
+    VmmDriver,
+    VmmHandle,
+    VmmKind,
+    VmSpec,
+)
 from banger.drivers.firecracker import FirecrackerDriver
 from banger.drivers.qemu import QemuDriver
 from banger.errors import AlreadyExistsError, BangerError, InvalidInputError, NotFoundError
@@ -25,11 +35,13 @@ from banger.images.spec import parse_size
 from banger.kernels.manifest import INITRD, VMLINUX
 from banger.kernels.service import KernelService
 from banger.names import generate_name, validate_name
+from banger.net.guestnet import GuestNet
+from banger.net.service import NetworkService
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
 from banger.vms.agents import AgentEndpoint, AgentPool
 from banger.vms.disk import clone_root_disk
-from banger.vms.model import LIVE_STATES, VmRecord, VmState
+from banger.vms.model import LIVE_STATES, NetMode, VmRecord, VmState, parse_publish
 
 if TYPE_CHECKING:
     from banger.guest.seed import SeedMeta
@@ -48,7 +60,10 @@ GUEST_CMDLINE = "root=/dev/vda rw init=/sbin/banger-init"
 class VmService:
     """Owns VM rows, VM directories and VMM processes."""
 
-    def __init__(self, settings: Settings, store: Store, kernels: KernelService, images: ImageService) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, kernels: KernelService, images: ImageService, network: NetworkService
+    ) -> None:
+        self.network = network
         self.settings = settings
         self.store = store
         self.kernels = kernels
@@ -119,9 +134,21 @@ class VmService:
         memory_mib: int,
         disk_size: str | None,
         vmm: str | None,
+        net: str = NetMode.BRIDGE,
+        publish: list[str] | None = None,
         progress: Progress = no_progress,
     ) -> VmRecord:
         """Record a VM and clone its root disk; refuses up front what this host cannot run."""
+        try:
+            net_mode = NetMode(net)
+        except ValueError:
+            raise InvalidInputError(f"unknown network mode {net!r} (choose bridge or none)") from None
+        forwards = [parse_publish(p) for p in publish or []]
+        if forwards and net_mode is NetMode.NONE:
+            raise InvalidInputError("--publish needs a network (not --net none)")
+        if net_mode is NetMode.BRIDGE:
+            await self.network.setup()  # no-op once done; on a host without networking, the next line says why
+            self.network.require()
         kind = host.select_vmm(vmm or str(self.settings.get("vmm")), self.caps())
         kernel_name = kernel or str(self.settings.get("default_kernel"))
         image_name = image or str(self.settings.get("default_image"))
@@ -152,7 +179,7 @@ class VmService:
             memory_mib=memory_mib,
             disk_bytes=disk_bytes,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            spec={"net": "none"},
+            spec={"net": net_mode.value},
         )
         vdir = self.vm_dir(vm.id)
         vdir.mkdir(parents=True)
@@ -177,7 +204,15 @@ class VmService:
                     json.dumps(vm.spec),
                 ),
             )
+            if net_mode is NetMode.BRIDGE:
+                vm.spec["ip"] = str(self.network.allocate(vm.id, vm.name))
+                self.store.execute("UPDATE vms SET spec=? WHERE id=?", (json.dumps(vm.spec), vm.id))
+                if forwards:
+                    await in_thread(self.network.set_forwards, vm.id, forwards)
         except BaseException:
+            with contextlib.suppress(Exception):
+                await self.network.release(vm.id)
+            self.store.execute("DELETE FROM vms WHERE id=?", (vm.id,))
             shutil.rmtree(vdir, ignore_errors=True)
             raise
         log.info("vm %s created (%s, kernel %s, image %s)", vm.name, vm.vmm, vm.kernel, vm.image)
@@ -221,22 +256,40 @@ class VmService:
             agent=agent,
         )
 
-    def _seed_meta(self, vm: VmRecord) -> SeedMeta:
-        from banger.guest.seed import SeedMeta
+    def _seed_meta(self, vm: VmRecord, gnet: GuestNet | None) -> SeedMeta:
+        from banger.guest.seed import NetInterface, Network, SeedMeta
 
-        return SeedMeta(hostname=vm.name, vm_name=vm.name)
+        network = None
+        if gnet is not None:
+            iface = NetInterface(
+                name="eth0",
+                mac=gnet.guest_mac,
+                address=str(gnet.ip),
+                prefix=gnet.prefix,
+                gateway=str(gnet.gateway),
+                mtu=gnet.mtu,
+            )
+            network = Network(
+                interfaces=(iface,), nameservers=tuple(str(n) for n in gnet.nameservers), search=gnet.search
+            )
+        return SeedMeta(hostname=vm.name, vm_name=vm.name, network=network)
 
     async def _boot(self, vm: VmRecord, progress: Progress, timeout: float) -> VmRecord:
         self._set_state(vm, VmState.STARTING)
         driver = self.driver(VmmKind(vm.vmm))
         handle: VmmHandle | None = None
+        gnet: GuestNet | None = None
         try:
             spec = self._spec(vm)
+            if vm.spec.get("net") == NetMode.BRIDGE:
+                await self.network.setup()
+                gnet = await self.network.plug(vm.id)
+                spec = dataclasses.replace(spec, net=NetSpec(gnet.tap, gnet.guest_mac))
             spec.run_dir.mkdir(parents=True, exist_ok=True)
             progress(ProgressEvent(step="write seed drive"))
             from banger.guest.seed import build_seed
 
-            await in_thread(build_seed, self.vm_dir(vm.id) / SEED_DISK, self._seed_meta(vm))
+            await in_thread(build_seed, self.vm_dir(vm.id) / SEED_DISK, self._seed_meta(vm, gnet))
             progress(ProgressEvent(step=f"launch {vm.vmm}"))
             handle = await driver.launch(spec)
             assert spec.agent is not None and spec.agent.socket is not None
@@ -256,6 +309,8 @@ class VmService:
                 self._unwatch(vm.id)
                 await driver.kill(handle)
             await self.agents.drop(vm.id)
+            if gnet is not None:
+                await self.network.unplug(vm.id)
             self._set_runtime(vm, None)
             self._set_state(vm, VmState.ERROR, reason)
             if isinstance(exc, BangerError):
@@ -301,6 +356,7 @@ class VmService:
             if vm.state in LIVE_STATES:
                 await self.agents.drop(vm_id)
                 await driver.kill(handle)  # removes its sockets
+                await self._unplug(vm)
                 self._set_runtime(vm, None)
                 self._set_state(vm, VmState.ERROR, "the VMM process exited unexpectedly")
 
@@ -333,6 +389,7 @@ class VmService:
             else:
                 await driver.stop(handle, timeout)
             await self.agents.drop(vm.id)
+            await self._unplug(vm)
             self._set_runtime(vm, None)
             self._set_state(vm, VmState.STOPPED)
             return vm
@@ -347,6 +404,7 @@ class VmService:
             await self.agents.drop(vm.id)
             if handle is not None:
                 await self.driver(VmmKind(vm.vmm)).kill(handle)
+            await self._unplug(vm)
             self._set_runtime(vm, None)
             if vm.state is not VmState.CREATED:
                 self._set_state(vm, VmState.STOPPED)
@@ -360,6 +418,8 @@ class VmService:
                 raise InvalidInputError(f"VM {vm.name} is {vm.state.value}", hint="stop it first, or use rm -f")
             await self.kill(vm.id)
         async with self.lock(vm.id):
+            if vm.spec.get("net") == NetMode.BRIDGE:
+                await self.network.release(vm.id)
             await in_thread(shutil.rmtree, self.vm_dir(vm.id), ignore_errors=True)
             await in_thread(shutil.rmtree, self.run_dir(vm.id), ignore_errors=True)
             self.store.execute("DELETE FROM vms WHERE id=?", (vm.id,))
@@ -370,7 +430,13 @@ class VmService:
 
     async def reconcile(self) -> None:
         """At daemon start: re-adopt VMMs that kept running, and record the ones that died meanwhile."""
-        for vm in self.all():
+        vms = self.all()
+        if any(vm.spec.get("net") == NetMode.BRIDGE for vm in vms):
+            # Networking is set up lazily (never on a host that has no networked VM), but once VMs use it, the
+            # bridge, table and DNS must come back with the daemon.
+            await self.network.setup()
+        running: set[str] = set()
+        for vm in vms:
             if vm.state not in LIVE_STATES:
                 continue
             handle = self._handle(vm)
@@ -383,15 +449,26 @@ class VmService:
                 self._set_state(vm, VmState.ERROR, "the VMM process exited while the daemon was not running")
                 continue
             log.info("vm %s: re-adopted %s pid %d", vm.name, vm.vmm, adopted.pid)
+            running.add(vm.id)
             if vm.state is not VmState.RUNNING:
                 self._set_state(vm, VmState.RUNNING)
             self._watch(vm.id, driver, adopted)
+        if self.network.available:
+            await self.network.reconcile(running)
+
+    async def _unplug(self, vm: VmRecord) -> None:
+        if vm.spec.get("net") == NetMode.BRIDGE:
+            try:
+                await self.network.unplug(vm.id)
+            except BangerError as exc:
+                log.warning("vm %s: could not remove its TAP: %s", vm.name, exc)
 
     async def close(self) -> None:
         """At daemon stop: VMs keep running; only our watchers and agent connections end."""
         for vm_id in list(self._watchers):
             self._unwatch(vm_id)
         await self.agents.close_all()
+        await self.network.shutdown()
 
 
 def _tail_hint(tail: str) -> str | None:

@@ -60,6 +60,8 @@ def register(reg: MethodRegistry, app: App) -> None:
         vmm: str | None = None,
         start: bool = True,
         timeout: float | None = None,
+        net: str = "bridge",
+        publish: list[str] | None = None,
     ) -> dict[str, Any]:
         """Create a VM (and start it unless start=false)."""
         vm = await vms.create(
@@ -70,6 +72,8 @@ def register(reg: MethodRegistry, app: App) -> None:
             memory_mib=memory_mib,
             disk_size=disk_size,
             vmm=vmm,
+            net=net,
+            publish=publish,
             progress=ctx.progress,
         )
         if start:
