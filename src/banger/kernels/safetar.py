@@ -26,10 +26,13 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from banger.errors import IntegrityError, InvalidInputError, UnsafeArchiveError
 from banger.kernels.manifest import CMDLINE, CONFIG, INITRD, MODULES, VMLINUX
+
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath
 
 TOP_LEVEL_FILES = frozenset({VMLINUX, INITRD, CONFIG, CMDLINE})
 TOP_LEVEL_DIRS = frozenset({MODULES})
@@ -101,6 +104,22 @@ class ForwardReader:
         self.last_read = out if len(out) <= _BLOCK else b""
         return out
 
+    def copy_to(self, target: BinaryIO, size: int) -> None:
+        """Write the next `size` bytes to `target` straight from the decoded chunks (no joins, no copies)."""
+        remaining = size
+        while remaining:
+            avail = len(self._buf) - self._off
+            if not avail:
+                data = self._pull(remaining)
+                if not data:
+                    raise tarfile.ReadError("unexpected end of data")
+                self._buf, self._off, avail = data, 0, len(data)
+            n = min(avail, remaining)
+            target.write(memoryview(self._buf)[self._off : self._off + n])
+            self._off += n
+            self._pos += n
+            remaining -= n
+
     def tell(self) -> int:
         return self._pos
 
@@ -166,8 +185,8 @@ class MemberPolicy:
     links: set[str] = field(default_factory=set)
     dirs: set[str] = field(default_factory=set)
 
-    def check(self, member: tarfile.TarInfo) -> str | None:
-        """The member's normalized name, None to skip it (the root entry), or UnsafeArchiveError."""
+    def check(self, member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        """The member with normalized names, None to skip it (the root entry), or UnsafeArchiveError."""
         name = normalize_member_name(member.name)
         if name == ".":
             if member.isdir():
@@ -204,6 +223,9 @@ class MemberPolicy:
             if target not in self.files:
                 raise _refuse(name, f"hard link to {member.linkname!r}, which is not an earlier file of the bundle")
             self.files.add(name)
+            self.dirs.update(parents)
+            # Link by the checked path, never by a spelling that could walk through a symlink.
+            return member.replace(name=name, linkname=target, deep=False)
         elif member.isreg():
             self.declared += member.size
             if self.declared > self.limit:
@@ -212,7 +234,7 @@ class MemberPolicy:
         else:
             self.dirs.add(name)
         self.dirs.update(parents)
-        return name
+        return member if member.name == name else member.replace(name=name, deep=False)
 
 
 def _parents(name: str) -> list[str]:
@@ -228,6 +250,20 @@ def _bundle_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     return filtered
 
 
+class _BundleTarFile(tarfile.TarFile):
+    """tarfile over a ForwardReader: file data goes straight from decoded chunks to disk."""
+
+    reader: ForwardReader
+
+    def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
+        self.reader.seek(tarinfo.offset_data)
+        with open(targetpath, "wb") as target:
+            self.reader.copy_to(target, tarinfo.size)
+
+    def chown(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath, numeric_owner: bool) -> None:
+        """Ownership is never taken from a bundle: files belong to whoever pulls it."""
+
+
 def extract_tar_stream(
     reader: ForwardReader, dest: Path, *, limit: int, on_extracted: Callable[[str], None] | None = None
 ) -> None:
@@ -237,17 +273,16 @@ def extract_tar_stream(
     """
     policy = MemberPolicy(limit=limit)
     try:
-        tar = tarfile.TarFile(fileobj=reader, mode="r", errorlevel=2, copybufsize=COPY_BUFSIZE)  # type: ignore[arg-type]
+        tar = _BundleTarFile(fileobj=reader, mode="r", errorlevel=2)  # type: ignore[arg-type]
+        tar.reader = reader
         with tar:
-            while (member := tar.next()) is not None:
-                name = policy.check(member)
-                if name is None:
+            while (raw := tar.next()) is not None:
+                member = policy.check(raw)
+                if member is None:
                     continue
-                if name != member.name:
-                    member = member.replace(name=name, deep=False)
                 tar.extract(member, str(dest), filter=_bundle_filter)
                 if on_extracted is not None:
-                    on_extracted(name)
+                    on_extracted(member.name)
                 # Members are not needed again; dropping them keeps memory flat for large module trees.
                 tar.members.clear()  # type: ignore[attr-defined]  # real attribute, not in typeshed
     except tarfile.FilterError as exc:

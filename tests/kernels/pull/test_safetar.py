@@ -184,3 +184,17 @@ def test_property_accepted_symlinks_resolve_inside(name: str, target: str) -> No
         return
     resolved = os.path.normpath(os.path.join("/root", os.path.dirname(norm), target))
     assert resolved == "/root" or resolved.startswith("/root/")
+
+
+def test_hard_link_spelled_through_a_symlink_links_the_checked_path(tmp_path: Path) -> None:
+    (tmp_path / "vmlinux").write_bytes(b"outside")  # what the raw spelling would reach from k/
+    members = [
+        reg("vmlinux", FAKE_VMLINUX),
+        special("modules", tarfile.DIRTYPE),
+        special("modules/up", tarfile.SYMTYPE, ".."),
+        special("modules/h", tarfile.LNKTYPE, "modules/up/../../vmlinux"),
+    ]
+    extract(tar_bytes(members), tmp_path / "k")
+    k = tmp_path / "k"
+    assert os.stat(k / "modules/h").st_ino == os.stat(k / "vmlinux").st_ino
+    assert os.stat(tmp_path / "vmlinux").st_nlink == 1
