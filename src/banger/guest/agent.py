@@ -90,7 +90,8 @@ class Session:
                 await self.mux.send_padding()
             await self.mux.send(Kind.HELLO, 0, nonce=frame.header.get("nonce"), version=VERSION, pid=os.getpid())
         elif frame.kind == Kind.CANCEL:
-            if task := self.tasks.get(frame.id):
+            # A second cancel would interrupt the first one's cleanup (killing and reaping the process).
+            if (task := self.tasks.get(frame.id)) and not task.cancelling():
                 task.cancel()
         elif frame.kind in HANDLERS and frame.id not in self.tasks:
             stream = Stream(frame.id)
@@ -172,7 +173,8 @@ async def handle_exec(session: Session, stream: Stream, frame: Frame) -> dict[st
         for task in (control, *(p.task for p in pumps)):
             task.cancel()
         await asyncio.gather(control, *(p.task for p in pumps), return_exceptions=True)
-        await child.kill()
+        # Shielded: even if this task is cancelled again, the process is still killed, reaped and its fds closed.
+        await asyncio.shield(child.kill())
 
 
 class _Pump:

@@ -103,6 +103,7 @@ class ExecHandle:
     stdout: OutputSink | None
     stderr: OutputSink | None
     _pump: asyncio.Task[ExitStatus] | None = field(default=None, init=False)
+    _cancelled: bool = field(default=False, init=False)
 
     def start(self) -> None:
         """Begin delivering output to the sinks."""
@@ -147,7 +148,10 @@ class ExecHandle:
         await self.client.mux.send(Kind.SIGNAL, self.stream.id, signal=int(signum))
 
     async def cancel(self) -> None:
-        """Ask the agent to kill the process and end the stream."""
+        """Ask the agent to kill the process and end the stream (once; later calls do nothing)."""
+        if self._cancelled:
+            return
+        self._cancelled = True
         with contextlib.suppress(OSError, ConnectionError):
             await self.client.mux.send(Kind.CANCEL, self.stream.id)
 
