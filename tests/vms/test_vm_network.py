@@ -12,7 +12,7 @@ import os
 import secrets
 import signal
 import subprocess
-import time
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,6 +88,18 @@ def guest(benv: BangerEnv, name: str, script: str, check: bool = True) -> str:
     return r.stdout
 
 
+def ask(topo: Topology, name: str) -> str:
+    """Query the daemon's DNS server on the bridge address from the host namespace: 'RCODE [answers]'."""
+    code = (
+        "import dnslib,sys; q=dnslib.DNSRecord.question(sys.argv[1]); "
+        "r=dnslib.DNSRecord.parse(q.send('172.30.77.1', 53, timeout=5)); "
+        "print(dnslib.RCODE[r.header.rcode], [str(a.rdata) for a in r.rr])"
+    )
+    return subprocess.run(
+        ["ip", "netns", "exec", topo.host, sys.executable, "-c", code, name], check=True, capture_output=True, text=True
+    ).stdout
+
+
 def fetch_cmd(url: str) -> str:
     """A guest shell command printing the body of `url` (python3 is in every banger image)."""
     return f"python3 -c \"import urllib.request as u; print(u.urlopen('{url}', timeout=20).read().decode())\""
@@ -135,23 +147,8 @@ def test_guest_reaches_outside_through_nat(net_home: tuple[BangerEnv, Topology])
 
 def test_host_resolves_vm_names_through_the_daemon(net_home: tuple[BangerEnv, Topology]) -> None:
     benv, topo = net_home
-    code = (
-        "import dnslib,sys; q=dnslib.DNSRecord.question(sys.argv[1]); "
-        "r=dnslib.DNSRecord.parse(q.send('172.30.77.1', 53, timeout=5)); "
-        "print(dnslib.RCODE[r.header.rcode], [str(a.rdata) for a in r.rr])"
-    )
-    import sys
-
-    def ask(name: str) -> str:
-        return subprocess.run(
-            ["ip", "netns", "exec", topo.host, sys.executable, "-c", code, name],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-
-    assert ask("web.vm") == f"NOERROR ['{vm_ip(benv, 'web')}']\n"
-    assert ask("nobody.vm").startswith("NXDOMAIN")
+    assert ask(topo, "web.vm") == f"NOERROR ['{vm_ip(benv, 'web')}']\n"
+    assert ask(topo, "nobody.vm").startswith("NXDOMAIN")
 
 
 def test_port_forward(net_home: tuple[BangerEnv, Topology]) -> None:
@@ -175,14 +172,18 @@ def test_daemon_sigkill_and_rm_leave_nothing(net_home: tuple[BangerEnv, Topology
     wait_for(lambda: benv.daemon_pid() is None, what="daemon gone")
     benv.cli("daemon", "start", check=True)
     assert "ok" in guest(benv, "client", "python3 -c \"import socket; socket.gethostbyname('web.vm'); print('ok')\"")
-    for name in ("web", "client"):
+    client_ip = vm_ip(benv, "client")
+    benv.cli("vm", "rename", "client", "client2", check=True)
+    assert ask(topo, "client2.vm") == f"NOERROR ['{client_ip}']\n"
+    assert ask(topo, "client.vm").startswith("NXDOMAIN")
+    for name in ("web", "client2"):
         benv.cli("vm", "rm", "-f", name, check=True, timeout=120)
+    assert ask(topo, "web.vm").startswith("NXDOMAIN")
     links = ip("-n", topo.host, "-o", "link")
     assert "bg-" not in links
     table = subprocess.run(
         ["ip", "netns", "exec", topo.host, "nft", "list", "table", "ip", "banger"], capture_output=True, text=True
     ).stdout
-    assert "dnat" not in table
+    assert "dnat to" not in table and "8081" not in table  # the published port went with its VM
     status = json.loads(benv.cli("network", "status", "--json", check=True).stdout)
     assert status["leases"] == []
-    time.sleep(0)  # the checks above are the whole test: nothing leaked

@@ -173,6 +173,34 @@ def rm(names: tuple[str, ...], force: bool) -> None:
         click.echo(f"removed {name}")
 
 
+@vm.command()
+@click.argument("name")
+@click.argument("new_name")
+def rename(name: str, new_name: str) -> None:
+    """Rename a VM; its DNS name changes at once."""
+    rpc("vm.rename", {"name": name, "new_name": new_name})
+    click.echo(f"renamed {name} -> {new_name}")
+
+
+@vm.command()
+@click.argument("name")
+@click.argument("ports", nargs=-1, required=True)
+@click.option("--remove", is_flag=True, help="Stop publishing these host ports.")
+@json_option
+def forward(name: str, ports: tuple[str, ...], remove: bool, as_json: bool) -> None:
+    """Publish host TCP ports to a VM: `vm forward NAME 8080:80` (removed on stop and rm)."""
+    from banger.vms.model import parse_publish
+
+    rows: list[dict[str, Any]] = []
+    for spec in ports:
+        host_port, guest_port = parse_publish(spec)
+        rows = rpc("vm.forward", {"name": name, "host_port": host_port, "guest_port": guest_port, "remove": remove})
+    if as_json:
+        emit_json(rows)
+    else:
+        table(rows, [("host_port", "HOST"), ("guest_port", "GUEST"), ("proto", "PROTO")], empty="no published ports")
+
+
 @vm.command("ls")
 @json_option
 def ls(as_json: bool) -> None:

@@ -237,9 +237,12 @@ async def _write_stdin(mux: Mux, stream: Stream, child: execs.Child, queue: asyn
 async def handle_put(session: Session, stream: Stream, frame: Frame) -> dict[str, Any]:
     """Receive a tar stream and place its contents at the requested path."""
     target = transfer_target(Path(frame.header["path"]), str(frame.header.get("name", "")))
+    user = frame.header.get("user")
+    pw = execs.passwd_entry(str(user)) if user is not None else None
+    owner = (pw.pw_uid, pw.pw_gid) if pw is not None else None
     loop = asyncio.get_running_loop()
     pipe = InboundPipe(loop, lambda n: session.mux.ack(stream.id, n))
-    worker = asyncio.create_task(asyncio.to_thread(extract_tar, pipe, target, keep_owner=False))
+    worker = asyncio.create_task(asyncio.to_thread(extract_tar, pipe, target, keep_owner=False, owner=owner))
     feeder = asyncio.create_task(_feed(stream, pipe))
     try:
         await worker

@@ -382,12 +382,16 @@ class AgentClient:
         status = await self.exec(argv, stdin=input, stdout=out.extend, stderr=err.extend, **kwargs)
         return ExecResult(status, bytes(out), bytes(err))
 
-    async def put(self, local_path: str | Path, remote_path: str) -> str:
-        """Copy a local file or directory (modes kept) to the guest; into `remote_path` if that is a directory."""
+    async def put(self, local_path: str | Path, remote_path: str, *, user: str | None = None) -> str:
+        """Copy a local file or directory (modes kept) to the guest, owned by `user` (default: the agent's, root).
+
+        Lands inside `remote_path` if that is an existing directory (like cp), else at `remote_path`, replacing it.
+        Returns the guest path it landed at.
+        """
         local = Path(local_path)
         if not local.exists() and not local.is_symlink():
             raise errors.NotFoundError(f"{local}: no such file or directory")
-        stream = await self._request(Kind.PUT, path=remote_path, name=local.name)
+        stream = await self._request(Kind.PUT, path=remote_path, name=local.name, user=user)
         loop = asyncio.get_running_loop()
 
         async def send(chunk: bytes) -> bool:

@@ -192,7 +192,8 @@ def _environment(spec: ExecSpec, pw: pwd.struct_passwd | None) -> dict[str, str]
     return env | spec.env
 
 
-def _passwd(user: str | None) -> pwd.struct_passwd | None:
+def passwd_entry(user: str | None) -> pwd.struct_passwd | None:
+    """The passwd entry of a user name or uid (ours when None); ExecError if the guest has no such user."""
     try:
         if user is None:
             return pwd.getpwuid(os.geteuid())
@@ -205,7 +206,7 @@ def _passwd(user: str | None) -> pwd.struct_passwd | None:
 
 def spawn(spec: ExecSpec) -> Child:
     """Start the process described by `spec`."""
-    pw = _passwd(spec.user)
+    pw = passwd_entry(spec.user)
     env = _environment(spec, pw)
     cwd = spec.cwd or (pw.pw_dir if pw and os.path.isdir(pw.pw_dir) else "/")
     if not os.path.isdir(cwd):

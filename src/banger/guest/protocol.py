@@ -24,6 +24,17 @@ PORTS, POWEROFF). Either side may then send DATA {fd} frames (fd 0 = stdin / upl
 2 = stderr) and EOF {fd}. The agent ends the stream with exactly one END frame: {"ok": true, ...result} or
 {"ok": false, "error": {"code", "message"}}. Exec results are {"exit_code": int|null, "signal": int|null}.
 Host-only control frames on a running exec: RESIZE {rows, cols}, SIGNAL {signal}. CANCEL stops any stream.
+The agent ends streams of a session that is over (HELLO with a new nonce, EOF) without END.
+
+Requests (header fields -> END result):
+    HEALTH   {}                                          -> {version, uptime, agent_uptime, load, hostname, pid}
+    EXEC     {argv, env, cwd, user, tty, rows, cols}     -> {exit_code, signal}; stdio as DATA/EOF fd 0/1/2
+                                                            (a tty exec has one terminal stream: fd 0 in, fd 1 out)
+    PUT      {path, name, user}                          -> {path}; host sends a tar (transfer.py) as DATA fd 0
+    GET      {path}                                      -> {path}; agent sends a tar as DATA fd 1
+    PORTS    {}                                          -> {ports: [{proto, address, port, inode, pid, comm}]}
+    POWEROFF {}                                          -> {} then the agent signals banger-init
+Error codes: not_found, permission, unsafe, exec_failed, invalid, unsupported, cancelled, failed.
 
 Flow control. Each side may have at most WINDOW unacknowledged DATA payload bytes in flight per stream; the
 receiver sends ACK {n} once it has consumed n bytes (written them to a process, a file, or a host sink). So a slow

@@ -174,8 +174,8 @@ class _Extractor:
             os.utime(target, (member.mtime, member.mtime))
 
 
-def extract_tar(src: io.RawIOBase, target: Path, *, keep_owner: bool) -> None:
-    """Read a transfer tar from `src` and make its ROOT appear at `target`, replacing what was there."""
+def extract_tar(src: io.RawIOBase, target: Path, *, keep_owner: bool, owner: tuple[int, int] | None = None) -> None:
+    """Read a transfer tar from `src` and make its ROOT appear at `target` (owned by `owner` if given)."""
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{target.name}.banger-", dir=parent)
@@ -188,9 +188,18 @@ def extract_tar(src: io.RawIOBase, target: Path, *, keep_owner: bool) -> None:
         staged = os.path.join(tmp, ROOT)
         if not os.path.lexists(staged):
             raise TransferError("transfer carried nothing")
+        if owner is not None:
+            _chown_tree(staged, *owner)
         _replace(staged, target, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _chown_tree(root: str, uid: int, gid: int) -> None:
+    os.lchown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), uid, gid)
 
 
 def _replace(staged: str, target: Path, tmp: str) -> None:

@@ -9,6 +9,7 @@ links the cached tree, adds the guest side and runs mkfs.ext4.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -126,6 +127,26 @@ def stage_from_cache(tar: Path, stage: Path, *, progress: Progress, cancel: thre
         extract_rootfs(tar, stage, progress=progress, step=BuildStep.EXTRACT, cancel=cancel)
 
 
+def prune_cache(cache_dir: Path, *, keep: int) -> list[str]:
+    """Delete all but the `keep` most recently used cached rootfs entries; returns the removed keys."""
+    root = cache_dir / "rootfs"
+    if not root.is_dir():
+        return []
+
+    def last_used(tar: Path) -> float:
+        meta = tar.with_suffix(".json")
+        return (meta if meta.exists() else tar).stat().st_mtime
+
+    entries = sorted(root.glob("*.tar"), key=last_used, reverse=True)
+    removed = []
+    for tar in entries[keep:]:
+        shutil.rmtree(cached_tree(tar), ignore_errors=True)
+        tar.with_suffix(".json").unlink(missing_ok=True)
+        tar.unlink(missing_ok=True)
+        removed.append(tar.stem)
+    return removed
+
+
 def _relabel(progress: Progress, step: str) -> Progress:
     """Report a tool's output lines under the build's own step label."""
     return lambda event: progress(dataclasses.replace(event, step=step))
@@ -181,6 +202,9 @@ def build_image(
     hit = tar.is_file()
     if hit:
         progress(ProgressEvent(step=BuildStep.CACHE_HIT, message=str(tar)))
+        # The sidecar's mtime records last use, for prune_cache.
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(tar.with_suffix(".json"))
     else:
         bootstrap(plan, tar, progress=progress, cancel=cancel)
     if spec.size_bytes is not None and spec.size_bytes < tar.stat().st_size:

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import stat
 import tarfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -140,11 +141,17 @@ def _version_from_modules(kernel_dir: Path) -> str | None:
     return versions[0] if len(versions) == 1 else None
 
 
-def _copy_tree(src: Path, dest: Path, rel: str, skipped: list[str]) -> None:
+class _Stopped(Exception):
+    """The import was cancelled; the copying thread stops at the next file."""
+
+
+def _copy_tree(src: Path, dest: Path, rel: str, skipped: list[str], stop: threading.Event) -> None:
     # What a bundle could not carry (symlinks leaving the kernel dir, e.g. build -> /usr/src/..., and special
     # files) is left out and reported, so an imported kernel always survives `bundle` + `pull` unchanged.
     dest.mkdir(mode=0o755)
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if stop.is_set():
+            raise _Stopped
         out, arcname = dest / entry.name, f"{rel}/{entry.name}"
         if entry.is_symlink():
             target = os.readlink(entry.path)
@@ -155,7 +162,7 @@ def _copy_tree(src: Path, dest: Path, rel: str, skipped: list[str]) -> None:
                 continue
             os.symlink(target, out)
         elif entry.is_dir():
-            _copy_tree(Path(entry.path), out, arcname, skipped)
+            _copy_tree(Path(entry.path), out, arcname, skipped, stop)
         elif entry.is_file():
             shutil.copyfile(entry.path, out)
             os.chmod(out, 0o644)
@@ -163,7 +170,7 @@ def _copy_tree(src: Path, dest: Path, rel: str, skipped: list[str]) -> None:
             skipped.append(entry.path)
 
 
-def _import_files(source: Path, staging: Path) -> list[str]:
+def _import_files(source: Path, staging: Path, stop: threading.Event) -> list[str]:
     skipped: list[str] = []
     if source.is_file():
         shutil.copyfile(source, staging / VMLINUX)
@@ -173,8 +180,22 @@ def _import_files(source: Path, staging: Path) -> list[str]:
             shutil.copyfile(source / fname, staging / fname)
             os.chmod(staging / fname, 0o644)
     if (source / MODULES).is_dir():
-        _copy_tree(source / MODULES, staging / MODULES, MODULES, skipped)
+        _copy_tree(source / MODULES, staging / MODULES, MODULES, skipped, stop)
     return skipped
+
+
+async def _copy_in_thread(source: Path, staging: Path) -> list[str]:
+    # On cancellation the thread is stopped and awaited, so the staging dir's cleanup never races its writes.
+    stop = threading.Event()
+    copy = asyncio.ensure_future(asyncio.to_thread(_import_files, source, staging, stop))
+    try:
+        return await asyncio.shield(copy)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait([copy])
+        if not copy.cancelled():
+            copy.exception()  # _Stopped, expected
+        raise
 
 
 async def import_kernel(
@@ -201,7 +222,7 @@ async def import_kernel(
             raise AlreadyExistsError(f"kernel {name!r} is already installed", hint="use --force to replace it")
         with temp_sibling_dir(target, "import") as staging:
             progress(ProgressEvent(step=f"copying {source}", unit="B", message=None))
-            skipped = await asyncio.to_thread(_import_files, source, staging)
+            skipped = await _copy_in_thread(source, staging)
             if skipped:
                 left_out = f"left out {len(skipped)} escaping symlink(s) or special file(s): {', '.join(skipped[:3])}"
                 progress(ProgressEvent(step="import", message=left_out))

@@ -426,6 +426,19 @@ class VmService:
         self._locks.pop(vm.id, None)
         log.info("vm %s removed", vm.name)
 
+    async def rename(self, name: str, new_name: str) -> VmRecord:
+        """Give a VM a new name; its DNS name follows at once."""
+        vm = self.get(name)
+        validate_name(new_name, "VM name")
+        async with self.lock(vm.id):
+            if self.store.one("SELECT 1 FROM vms WHERE name=?", (new_name,)) is not None:
+                raise AlreadyExistsError(f"a VM named {new_name!r} already exists")
+            self.store.execute("UPDATE vms SET name=? WHERE id=?", (new_name, vm.id))
+            if vm.spec.get("net") == NetMode.BRIDGE:
+                self.network.rename(vm.id, new_name)
+        log.info("vm %s renamed to %s", vm.name, new_name)
+        return self.get(vm.id)
+
     # -- daemon lifecycle ------------------------------------------------------------------------------------
 
     async def reconcile(self) -> None:

@@ -101,6 +101,11 @@ def register(reg: MethodRegistry, app: App) -> None:
         """Kill a VM's VMM at once."""
         return (await vms.kill(name)).to_json()
 
+    @reg.method("vm.rename")
+    async def rename(ctx: CallContext, name: str, new_name: str) -> dict[str, Any]:
+        """Rename a VM (its <name>.vm DNS record follows)."""
+        return (await vms.rename(name, new_name)).to_json()
+
     @reg.method("vm.rm")
     async def rm(ctx: CallContext, name: str, force: bool = False) -> dict[str, Any]:
         """Remove a VM and all its files."""
