@@ -151,3 +151,26 @@ def test_bundle_pulls_from_file_url(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="cannot read"):
         asyncio.run(pull_kernel(entry_for("nope", (tmp_path / "missing.tar.zst").as_uri(), b""), kernels))
     assert sorted(os.listdir(kernels)) == ["local", "orig"]
+
+
+def test_cancelled_import_leaves_nothing(tmp_path: Path) -> None:
+    src = make_source(tmp_path)
+    many = src / "modules/6.1.99-src/kernel/many"
+    many.mkdir()
+    for i in range(800):
+        (many / f"m{i}.ko").write_bytes(b"x" * 2000)
+    kernels = tmp_path / "kernels"
+
+    async def scenario() -> None:
+        task: asyncio.Task[object] | None = None
+
+        def on_progress(event: ProgressEvent) -> None:
+            if event.step.startswith("copying") and task is not None:
+                asyncio.get_running_loop().call_later(0.02, task.cancel)
+
+        task = asyncio.create_task(import_kernel(src, kernels, name="big", progress=on_progress))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert os.listdir(kernels) == []
