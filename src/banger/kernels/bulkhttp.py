@@ -124,6 +124,7 @@ class BulkTransport(httpx.AsyncBaseTransport):
         self._pool = httpcore.AsyncConnectionPool(ssl_context=ssl_context, network_backend=_BulkBackend())
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send `request` through the pool; the response body streams from the connection."""
         url = httpcore.URL(
             scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port, target=request.url.raw_path
         )

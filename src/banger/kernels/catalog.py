@@ -43,6 +43,7 @@ class CatalogEntry:
     description: str
 
     def to_json(self) -> dict[str, Any]:
+        """The entry as the catalog's JSON object."""
         return {f: getattr(self, f) for f in self.__slots__}
 
 

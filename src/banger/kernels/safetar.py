@@ -52,7 +52,11 @@ def unpacked_limit(size_bytes: int) -> int:
 
 
 class Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
+    """A byte source: `read(n)` returns up to n bytes (more is tolerated), b"" at the end."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to `size` bytes; b"" at the end."""
+        ...
 
 
 class ForwardReader:
@@ -79,6 +83,7 @@ class ForwardReader:
         return data
 
     def read(self, size: int = -1, /) -> bytes:
+        """Exactly `size` bytes, fewer only at the end of the stream."""
         if size < 0:
             raise ValueError("ForwardReader reads need a size")
         avail = len(self._buf) - self._off
@@ -121,9 +126,11 @@ class ForwardReader:
             remaining -= n
 
     def tell(self) -> int:
+        """Bytes consumed so far."""
         return self._pos
 
     def seek(self, pos: int, whence: int = 0) -> int:
+        """Skip forward to absolute position `pos` (backwards is an error)."""
         if whence != 0 or pos < self._pos:
             raise tarfile.ReadError("bundle stream cannot seek backwards")
         while self._pos < pos:
