@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from banger.errors import AlreadyExistsError, CancelledError, InvalidInputError, ToolError
-from banger.images.build import build_image, cache_key, cached_rootfs, cached_tree, plan_for
+from banger.images.build import build_image, cache_key, cached_rootfs, cached_tree, plan_for, prune_cache
 from banger.images.guestside import stub_bytes
 from banger.images.spec import BuildStep, ImageSpec, MiB
 from banger.progress import ProgressEvent
@@ -135,3 +135,16 @@ def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
     with pytest.raises(AlreadyExistsError):
         build_image(ImageSpec(name="x"), out, cache_dir=tmp_path / "cache", progress=Recorder())
     assert out.read_bytes() == b"keep" and os.listdir(tmp_path) == ["x.ext4"]
+
+
+def test_prune_cache_keeps_most_recently_used(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    for i, key in enumerate(["old", "mid", "new"]):
+        (root / f"{key}.tar").write_bytes(b"t")
+        (root / f"{key}.json").write_text("{}")
+        (root / f"{key}.d").mkdir()
+        os.utime(root / f"{key}.json", (1000 + i, 1000 + i))
+    assert prune_cache(tmp_path, keep=2) == ["old"]
+    assert sorted(p.name for p in root.iterdir()) == ["mid.d", "mid.json", "mid.tar", "new.d", "new.json", "new.tar"]
+    assert prune_cache(tmp_path / "nothing", keep=1) == []
