@@ -6,7 +6,7 @@ differs: banger's TAP on its bridge with its nft table and DNS, against a TAP th
 A Python sender in the guest pushes --size-mb over one TCP connection to a Python receiver in the namespace, which
 times accept -> EOF. Runs alternate between the two guests so drifting host load hits both alike.
 
-    .venv/bin/python bench/bench_net.py [--size-mb 256] [--runs 5]     (as root)
+    .venv/bin/python bench/bench_net.py [--size-mb 1024] [--runs 5]     (as root)
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def banger_home() -> Iterator[tuple[Path, dict[str, str]]]:
         _quiet(f"remove {home}", lambda: shutil.rmtree(home))
 
 
-def banger_guest(stack: contextlib.ExitStack, args: argparse.Namespace, tmp: Path) -> tuple[Guest, Path, Path]:
+def banger_guest(stack: contextlib.ExitStack, args: argparse.Namespace) -> tuple[Guest, Path, Path]:
     """Boot a VM through banger (daemon in its own namespace); return it, the image path and the kernel dir."""
     banger = str(Path(sys.executable).with_name("banger"))
     ns = stack.enter_context(netns(f"banger-bench-{os.getpid()}-b"))
@@ -318,15 +318,19 @@ def transfer(guest: Guest, size: int, timeout: float) -> float:
     return float(result["bytes"]) / MB / float(result["seconds"])
 
 
-def report(args: argparse.Namespace, results: dict[str, list[float]]) -> None:
-    """Print one row per guest and the ratio of the medians."""
+def report(args: argparse.Namespace, results: dict[str, list[float]], load: tuple[float, float]) -> None:
+    """Print one row per guest, the ratio of the medians, and the median of the per-run ratios."""
     print(f"\nguest -> host TCP, {args.size_mb} MB x {args.runs} runs, {args.vcpus} vCPU, {args.accel}")
+    print(f"host load average (1 min) {load[0]:.2f} before, {load[1]:.2f} after")
     print(f"{'case':<24} {'median MB/s':>12} {'min':>9} {'max':>9}   runs")
     for label, samples in results.items():
         runs = " ".join(f"{s:.1f}" for s in samples)
         print(f"{label:<24} {statistics.median(samples):>12.1f} {min(samples):>9.1f} {max(samples):>9.1f}   {runs}")
-    banger, bare = (statistics.median(s) for s in results.values())
-    print(f"{'ratio banger/bare':<24} {banger / bare:>12.2f}")
+    banger, bare = results.values()
+    # Each run's two transfers are back to back, so their ratio cancels most of the drift in host load.
+    pairs = [a / b for a, b in zip(banger, bare, strict=True)]
+    print(f"{'ratio banger/bare':<24} {statistics.median(banger) / statistics.median(bare):>12.2f}   of medians")
+    print(f"{'':<24} {statistics.median(pairs):>12.2f}   median per run: " + " ".join(f"{r:.2f}" for r in pairs))
 
 
 def parse_args() -> argparse.Namespace:
@@ -355,23 +359,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    """Boot both guests, alternate transfers between them, print the table; clean up whatever happens."""
-    args = parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench_net needs root (network namespaces, TAP devices)")
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _terminate)
+def measure(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Boot both guests, warm each up, then alternate measured transfers; everything is torn down on return."""
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-net-")))
-        results: dict[str, list[float]] = {}
         try:
-            banger, image, kdir = banger_guest(stack, args, tmp)
+            banger, image, kdir = banger_guest(stack, args)
             bare = bare_guest(stack, args, tmp, image, kdir)
             guests = [banger, bare]
             for guest in guests:
                 transfer(guest, args.warmup_mb * MB, args.timeout)
-            results.update({g.label: [] for g in guests})
+            results: dict[str, list[float]] = {g.label: [] for g in guests}
             for i in range(args.runs):
                 for guest in guests if i % 2 == 0 else guests[::-1]:
                     mbps = transfer(guest, args.size_mb * MB, args.timeout)
@@ -379,7 +377,22 @@ def main() -> None:
                     print(f"run {i + 1}: {guest.label}: {mbps:.1f} MB/s", flush=True)
         except (BenchError, BangerError) as exc:
             raise SystemExit(f"bench_net: {exc}") from exc
-    report(args, results)
+    return results
+
+
+def main() -> None:
+    """Measure, then print the table."""
+    args = parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench_net needs root (network namespaces, TAP devices)")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
+    load_before = os.getloadavg()[0]
+    try:
+        results = measure(args)
+    except KeyboardInterrupt:
+        raise SystemExit("bench_net: interrupted (everything it made is removed)") from None
+    report(args, results, (load_before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":
