@@ -208,6 +208,7 @@ def banger_home(warm_images: bool = True, kernel: bool = True) -> Iterator[Home]
     path = Path(tempfile.mkdtemp(prefix="bgb", dir="/tmp"))
     home = Home(path, dict(os.environ, BANGER_HOME=str(path)), [])
     try:
+        home.banger("daemon", "start")  # so no timed command pays for the daemon's autostart
         if warm_images:
             (path / "cache").mkdir()
             (path / "cache" / "images").symlink_to(IMAGE_CACHE)
