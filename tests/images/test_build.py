@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from banger.errors import AlreadyExistsError, CancelledError, InvalidInputError, ToolError
+from banger.errors import AlreadyExistsError, CancelledError, ConfigError, InvalidInputError, ToolError
 from banger.images.build import build_image, cache_key, cached_rootfs, cached_tree, plan_for, prune_cache
 from banger.images.guestside import stub_bytes
+from banger.images.presets import Preset
 from banger.images.spec import BuildStep, ImageSpec, MiB
 from banger.progress import ProgressEvent
 
@@ -148,3 +149,21 @@ def test_prune_cache_keeps_most_recently_used(tmp_path: Path) -> None:
     assert prune_cache(tmp_path, keep=2) == ["old"]
     assert sorted(p.name for p in root.iterdir()) == ["mid.d", "mid.json", "mid.tar", "new.d", "new.json", "new.tar"]
     assert prune_cache(tmp_path / "nothing", keep=1) == []
+
+
+@pytest.mark.parametrize("preset", [Preset.ALPINE, Preset.VOID])
+def test_other_presets_fail_clearly_without_their_tools_or_keys(preset: Preset, tmp_path: Path) -> None:
+    # Neither apk.static/xbps-install.static nor an Alpine/Void mirror exists here: the errors must say what is missing.
+    cache, outdir = tmp_path / "cache", tmp_path / "images"
+    with pytest.raises(ConfigError, match="signing keys not found in /nonexistent-keys"):
+        spec = ImageSpec(name="k", preset=preset, keys_dir=Path("/nonexistent-keys"))
+        build_image(spec, outdir / "k.ext4", cache_dir=cache, progress=Recorder())
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    tool = "apk.static" if preset is Preset.ALPINE else "xbps-install.static"
+    with pytest.raises(ToolError, match=f"required tool '{tool}' not found") as exc:
+        spec = ImageSpec(name="t", preset=preset, keys_dir=keys)
+        build_image(spec, outdir / "t.ext4", cache_dir=cache, progress=Recorder())
+    assert exc.value.hint and tool in exc.value.hint
+    assert not outdir.exists() or list(outdir.iterdir()) == []
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
