@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import ssl
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -15,6 +17,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from banger import proc
+from banger.kernels.bulkhttp import tls_context
 from banger.kernels.catalog import CatalogEntry
 
 # A minimal x86-64 ELF header with no program/section headers, then filler and a version banner: enough for
@@ -90,13 +94,14 @@ def _handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def http_server() -> Iterator[LoopbackServer]:
-    """A threaded HTTP server on 127.0.0.1 with programmable routes."""
+@contextlib.contextmanager
+def _serve(tls: ssl.SSLContext | None) -> Iterator[LoopbackServer]:
     state = LoopbackServer(base="")
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     httpd.daemon_threads = True
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    state.base = f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -106,6 +111,34 @@ def http_server() -> Iterator[LoopbackServer]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def http_server() -> Iterator[LoopbackServer]:
+    """A threaded HTTP server on 127.0.0.1 with programmable routes."""
+    with _serve(None) as state:
+        yield state
+
+
+@pytest.fixture
+def https_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackServer]:
+    """The same server over TLS, with a fresh self-signed certificate the client trusts via SSL_CERT_FILE."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    proc.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert],
+        step="make a test certificate",
+    )  # fmt: skip
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    tls_context.cache_clear()
+    try:
+        with _serve(ctx) as state:
+            yield state
+    finally:
+        tls_context.cache_clear()
 
 
 def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:

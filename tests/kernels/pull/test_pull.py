@@ -24,6 +24,7 @@ from banger.errors import (
     UnsafeArchiveError,
 )
 from banger.fsutil import sha256_file
+from banger.kernels.bulkhttp import tls_context
 from banger.kernels.manifest import read_manifest
 from banger.kernels.pull import ZstdFrameWalker, pull_kernel
 from banger.progress import ProgressEvent
@@ -302,3 +303,18 @@ def test_refusal_is_prompt_even_if_server_then_stalls(http_server: LoopbackServe
         asyncio.run(pull_kernel(entry_for("k", url, bad), tmp_path))
     assert time.monotonic() - t0 < 5  # not the 60 s read timeout
     assert snapshot(tmp_path) == {}
+
+
+def test_pull_over_https(https_server: LoopbackServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = zst(tar_bytes(good_members(os.urandom(3 << 20))))
+    url = serve(https_server, "tls", bundle)
+    assert url.startswith("https://")
+    kernels = tmp_path / "kernels"
+    manifest = asyncio.run(pull_kernel(entry_for("tls", url, bundle), kernels))
+    assert manifest.sha256 == sha256_file(kernels / "tls/vmlinux")
+    assert sorted(os.listdir(kernels)) == ["tls"]
+    monkeypatch.delenv("SSL_CERT_FILE")  # now the self-signed certificate is not trusted
+    tls_context.cache_clear()
+    with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        asyncio.run(pull_kernel(entry_for("untrusted", url, bundle), kernels))
+    assert sorted(os.listdir(kernels)) == ["tls"]
