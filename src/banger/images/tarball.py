@@ -150,10 +150,10 @@ def extract_rootfs(
         with open_tar_stream(src) as tf:
             tf.extractall(dest, numeric_owner=True, filter=flt)
         flt.apply_xattrs()
-    if flt.skipped_devices:
-        log.info("rootfs %s: skipped %d device nodes (the guest mounts devtmpfs)", src, flt.skipped_devices)
     except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
         raise UnsafeArchiveError(f"{src}: damaged or unreadable tar archive ({exc})") from exc
+    if flt.skipped_devices:
+        log.info("rootfs %s: skipped %d device nodes (the guest mounts devtmpfs)", src, flt.skipped_devices)
     progress(ProgressEvent(step=step, done=flt.count, total=flt.count, unit="files"))
     return flt.count
 
