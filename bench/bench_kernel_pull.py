@@ -165,7 +165,9 @@ def main() -> int:
                 os.sync()  # start each run with no writeback left over from the previous one
                 times.append(time_pipeline(url, dest) if kind == "pipe" else time_pull(entry, dest))
                 shutil.rmtree(dest)
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"bundle: {len(data) / 1e6:.1f} MB compressed, {args.size_mb} MiB unpacked; {args.runs} runs each")
+        print(f"machine: {os.cpu_count()} CPUs, load average {load} (other processes skew both columns)")
         print(f"{'run':>4} {'curl|zstd|tar (s)':>18} {'banger pull (s)':>16} {'ratio':>7}")
         for i, (a, b) in enumerate(zip(pipe_times, pull_times, strict=True)):
             print(f"{i:>4} {a:>18.3f} {b:>16.3f} {b / a:>7.2f}")
