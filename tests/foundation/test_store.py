@@ -64,6 +64,8 @@ def test_newer_schema_refused(tmp_path: Path) -> None:
 
 def test_daemon_migrates_at_start_and_refuses_newer(banger_env: BangerEnv) -> None:
     make_v1_db(banger_env.home / "banger.db")
+    # The daemon drops records of kernels whose directory is gone; this one is there.
+    (banger_env.home / "kernels" / "old-k").mkdir(parents=True)
     banger_env.cli("daemon", "start", check=True)
     status = json.loads(banger_env.cli("daemon", "status", "--json", check=True).stdout)
     assert status["schema_version"] == len(MIGRATIONS)
