@@ -8,7 +8,7 @@ QEMU process's start time from /proc on both sides. Target: banger within 1.15x 
 Exec: `banger vm exec NAME -- true` p50/p95 next to `banger daemon status` (the floor of a CLI round trip).
 Memory: RSS/PSS of each QEMU against the guest's configured RAM, and the daemon's RSS with 0, 1 and 3 VMs.
 Always --net none: benchmarks run in the root network namespace, which must never be reconfigured.
-Run (as root): .venv/bin/python bench/bench_vm.py [--runs 3] [--exec-runs 50] [--memory 512]
+Run (as root): .venv/bin/python bench/bench_vm.py [--runs 5] [--exec-runs 50] [--memory 512]
 """
 
 from __future__ import annotations
@@ -208,10 +208,10 @@ def banger_home(warm_images: bool = True, kernel: bool = True) -> Iterator[Home]
     path = Path(tempfile.mkdtemp(prefix="bgb", dir="/tmp"))
     home = Home(path, dict(os.environ, BANGER_HOME=str(path)), [])
     try:
-        home.banger("daemon", "start")  # so no timed command pays for the daemon's autostart
         if warm_images:
             (path / "cache").mkdir()
             (path / "cache" / "images").symlink_to(IMAGE_CACHE)
+        home.banger("daemon", "start")  # so no timed command pays for the daemon's autostart
         if kernel:
             home.banger("kernel", "import", str(kernel_dir()), "--name", KERNEL)
         yield home
@@ -427,7 +427,7 @@ def bench_memory(home: Home, memory: int, daemon_idle: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3, help="boots per side (banger and bare QEMU)")
+    ap.add_argument("--runs", type=int, default=5, help="boots per side (banger and bare QEMU)")
     ap.add_argument("--exec-runs", type=int, default=50)
     ap.add_argument("--memory", type=int, default=512, help="guest MiB")
     args = ap.parse_args()
@@ -437,10 +437,12 @@ def main() -> int:
         log(f"state root {home.path}; building image {IMAGE} (warm bootstrap cache)")
         home.banger("image", "build", IMAGE, "--preset", PRESET)
         daemon_idle = memory_kib(home.daemon_pid())[0]
+        print(f"host load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
         bench_boot(home, args.runs, args.memory)
         home.create("vm0", args.memory)
         bench_exec(home, args.exec_runs)
         bench_memory(home, args.memory, daemon_idle)
+        print(f"\nhost load average at end: {os.getloadavg()[0]:.1f}; other tenants' load makes single runs swing")
     return 0
 
 
