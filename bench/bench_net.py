@@ -4,9 +4,10 @@ Each side gets a network namespace of its own, made here; the root namespace is 
 same kernel, image, seed code, vCPUs, memory and QEMU device set (QemuDriver.argv), so only the network path
 differs: banger's TAP on its bridge with its nft table and DNS, against a TAP that carries the host address itself.
 A Python sender in the guest pushes --size-mb over one TCP connection to a Python receiver in the namespace, which
-times accept -> EOF. Runs alternate between the two guests so drifting host load hits both alike.
+times accept -> EOF. Runs alternate between the two guests so drifting host load hits both alike; the median of
+the per-run ratios (two back-to-back transfers each) is the figure least moved by other work on the host.
 
-    .venv/bin/python bench/bench_net.py [--size-mb 1024] [--runs 5]     (as root)
+    .venv/bin/python bench/bench_net.py [--size-mb 1024] [--runs 7]     (as root)
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     kernels = sorted(glob.glob(KERNEL_GLOB))
     parser.add_argument("--size-mb", type=int, default=1024, help="MB sent per run (default 1024)")
-    parser.add_argument("--runs", type=int, default=5, help="measured runs per guest (default 5)")
+    parser.add_argument("--runs", type=int, default=7, help="measured runs per guest (default 7)")
     parser.add_argument("--warmup-mb", type=int, default=32, help="MB sent once per guest first, not counted")
     parser.add_argument("--vcpus", type=int, default=1)
     parser.add_argument("--memory", type=int, default=512, help="MiB per guest (default 512)")
