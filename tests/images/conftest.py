@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -17,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from banger.images.build import build_image, cache_key, cached_rootfs, plan_for
+from banger.images.build import build_image, cache_key, cached_rootfs, plan_for, prune_cache
 from banger.images.spec import ImageSpec
 from banger.progress import no_progress
 
 CACHE_ROOT = Path("/var/cache/banger-tests/images")
 ROOTFS_CACHE = CACHE_ROOT / "cache"
 DEBIAN_SPEC = ImageSpec(name="test-debian")
+STALE_AFTER = 3600.0
 
 
 def _code_hash() -> str:
@@ -66,12 +69,17 @@ def debian_image() -> Iterator[Path]:
     rootfs_key = cache_key(plan_for(DEBIAN_SPEC))
     image = CACHE_ROOT / f"{rootfs_key}-{_code_hash()}" / "image.ext4"
     with _cache_lock():
-        # Images built by older code for the same inputs are dead weight (2 GiB apparent each).
-        for stale in CACHE_ROOT.glob(f"{rootfs_key}-*"):
-            if stale != image.parent:
+        # Images built by other code or for old inputs are dead weight (~200 MB each), but a concurrent session
+        # running other code may still be copying one: only remove those unused for a while.
+        for stale in CACHE_ROOT.glob("*-*"):
+            if stale.is_dir() and stale != image.parent and time.time() - stale.stat().st_mtime > STALE_AFTER:
                 shutil.rmtree(stale)
-        tar = cached_rootfs(ROOTFS_CACHE, cache_key(plan_for(DEBIAN_SPEC)))
+        tar = cached_rootfs(ROOTFS_CACHE, rootfs_key)
+        if tar.with_suffix(".json").exists():
+            os.utime(tar.with_suffix(".json"))  # most recently used, so the prune below keeps it
+        prune_cache(ROOTFS_CACHE, keep=2)
         if not (image.is_file() and tar.is_file()):
             image.unlink(missing_ok=True)
             build_image(DEBIAN_SPEC, image, cache_dir=ROOTFS_CACHE, progress=no_progress)
+        os.utime(image.parent)  # marks it as in use for other sessions' pruning
     yield image
