@@ -72,6 +72,25 @@ def test_put_and_get_directory_round_trip_keeps_modes(tmp_path: Path) -> None:
     with_client(tmp_path, body)
 
 
+def test_put_as_user_owns_the_tree(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root to give files away, like the agent in a guest")
+    src = tmp_path / "src"
+    _make_tree(src)
+    dest = tmp_path / "guest"
+
+    async def body(c: AgentClient) -> None:
+        await c.put(src, str(dest), user="nobody")
+        owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in [dest, *dest.rglob("*")]}
+        assert owners == {(65534, 65534)}
+        assert _tree(dest) == _tree(src)
+        with pytest.raises(errors.BangerError, match="no such user"):
+            await c.put(src, str(tmp_path / "other"), user="no-such-user-here")
+        assert not (tmp_path / "other").exists()
+
+    with_client(tmp_path, body)
+
+
 def test_large_file_transfer(tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     data = os.urandom(6 * 1024 * 1024 + 123)

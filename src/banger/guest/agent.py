@@ -273,7 +273,11 @@ async def handle_get(session: Session, stream: Stream, frame: Frame) -> dict[str
     async def send(chunk: bytes) -> bool:
         return await session.mux.send_data(stream, Fd.OUT, chunk)
 
-    await asyncio.to_thread(write_tar, source, OutboundPipe(loop, send))
+    pipe = OutboundPipe(loop, send)
+    try:
+        await asyncio.to_thread(write_tar, source, pipe)
+    finally:
+        pipe.abort()  # if we were cancelled, the thread stops at its next write
     await session.mux.send(Kind.EOF, stream.id, fd=int(Fd.OUT))
     return {"path": str(source)}
 

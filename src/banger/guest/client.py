@@ -397,8 +397,12 @@ class AgentClient:
         async def send(chunk: bytes) -> bool:
             return await self.mux.send_data(stream, Fd.IN, chunk)
 
+        pipe = OutboundPipe(loop, send)
+        # The tar thread is never cancelled (that would orphan it); it is aborted, then waited for.
+        tar_thread = asyncio.ensure_future(asyncio.to_thread(write_tar, local, pipe))
+
         async def upload() -> None:
-            await asyncio.to_thread(write_tar, local, OutboundPipe(loop, send))
+            await asyncio.shield(tar_thread)
             await self.mux.send(Kind.EOF, stream.id, fd=int(Fd.IN))
 
         sender = asyncio.create_task(upload())
@@ -410,10 +414,11 @@ class AgentClient:
                 await sender
             reply = await ender
         finally:
+            pipe.abort()
             self.forget(stream)
             for task in (sender, ender):
                 task.cancel()
-            await asyncio.gather(sender, ender, return_exceptions=True)
+            await asyncio.gather(sender, ender, tar_thread, return_exceptions=True)
         return str(reply["path"])
 
     async def get(self, remote_path: str, local_path: str | Path) -> Path:
@@ -421,7 +426,7 @@ class AgentClient:
         target = transfer_target(Path(local_path), PurePosixPath(remote_path).name)
         stream = await self._request(Kind.GET, path=remote_path)
         pipe = InboundPipe(asyncio.get_running_loop(), lambda n: self.mux.ack(stream.id, n))
-        worker = asyncio.create_task(asyncio.to_thread(extract_tar, pipe, target, keep_owner=False))
+        worker = asyncio.ensure_future(asyncio.to_thread(extract_tar, pipe, target, keep_owner=False))
         feeder = asyncio.create_task(_feed_pipe(stream, pipe))
         try:
             await asyncio.wait([worker, feeder], return_when=asyncio.FIRST_COMPLETED)
@@ -434,9 +439,8 @@ class AgentClient:
             raise errors.UnsafeArchiveError(f"refusing what the guest sent for {remote_path}: {exc}") from exc
         finally:
             self.forget(stream)
-            pipe.abort()
-            for task in (worker, feeder):
-                task.cancel()
+            pipe.abort()  # the extracting thread fails out; it is waited for, never orphaned
+            feeder.cancel()
             await asyncio.gather(worker, feeder, return_exceptions=True)
         return target
 

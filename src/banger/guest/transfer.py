@@ -89,6 +89,11 @@ class OutboundPipe(io.RawIOBase):
         self._loop = loop
         self._send = send
         self._buf = bytearray()
+        self._aborted = False
+
+    def abort(self) -> None:
+        """Any thread: make every further write fail at once."""
+        self._aborted = True
 
     def writable(self) -> bool:
         return True
@@ -106,6 +111,8 @@ class OutboundPipe(io.RawIOBase):
             self._buf.clear()
 
     def _push(self, chunk: bytes) -> None:
+        if self._aborted:
+            raise BrokenPipeError("transfer aborted")
         if not asyncio.run_coroutine_threadsafe(self._send(chunk), self._loop).result():
             raise BrokenPipeError("transfer stream closed")
 
