@@ -34,11 +34,11 @@ class AgentHarness:
     connections: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
     clients: list[AgentClient] = field(default_factory=list)
 
-    async def accept(self, timeout: float = 10.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def accept(self, timeout: float = 30.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The agent's next connection."""
         return await asyncio.wait_for(self.connections.get(), timeout)
 
-    async def client(self, timeout: float = 10.0) -> AgentClient:
+    async def client(self, timeout: float = 30.0) -> AgentClient:
         """A fresh protocol session on the agent's next connection."""
         reader, writer = await self.accept(timeout)
         client = await AgentClient.open(reader, writer, timeout=timeout)
