@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
-from banger.aio import in_thread
+from banger.aio import in_thread_cancellable
 from banger.config import Settings
 from banger.errors import AlreadyExistsError, BusyError, InUseError, NotFoundError
 from banger.fsutil import human_size
@@ -104,7 +105,7 @@ class ImageService:
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
         try:
-            info: ImageInfo = await in_thread(make, staged)
+            info: ImageInfo = await in_thread_cancellable(lambda cancel: make(staged, cancel))
             staged.replace(final)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -141,8 +142,8 @@ class ImageService:
             )
             cache = self.settings.paths.cache / "images"
 
-            def make(out: Path) -> ImageInfo:
-                return build_image(spec, out, cache_dir=cache, progress=progress)
+            def make(out: Path, cancel: threading.Event) -> ImageInfo:
+                return build_image(spec, out, cache_dir=cache, progress=progress, cancel=cancel)
 
             return await self._produce(name, force, make)
 
@@ -153,8 +154,10 @@ class ImageService:
         with self._claim(name, force):
             size_bytes = parse_size(size) if size else None
 
-            def make(out: Path) -> ImageInfo:
-                return import_rootfs(Path(source), out, progress=progress, name=name, size_bytes=size_bytes)
+            def make(out: Path, cancel: threading.Event) -> ImageInfo:
+                return import_rootfs(
+                    Path(source), out, progress=progress, name=name, size_bytes=size_bytes, cancel=cancel
+                )
 
             return await self._produce(name, force, make)
 
