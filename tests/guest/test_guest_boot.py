@@ -7,6 +7,7 @@ named org.banger.agent in the guest, banger-init as PID 1 configuring the networ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -20,11 +21,13 @@ import pytest
 from banger.guest.client import AgentClient, AgentError
 from banger.guest.init import READY_MARKER
 from banger.guest.seed import NetInterface, Network, SeedMeta, build_seed
-from tests.images.conftest import _cache_lock as image_cache_lock
+from tests.images import conftest as images_conftest
 from tests.images.conftest import debian_image  # noqa: F401 - the fixture, shared with tests/images
 from tests.kernels.conftest import build_cached_kernel, host_tsc_khz
 
 MAC = "02:42:0a:00:02:0f"
+# Held while copying so another session cannot prune the cached image under us (private to tests/images).
+image_cache_lock = getattr(images_conftest, "_cache_lock", contextlib.nullcontext)
 BOOT_TIMEOUT = 300.0
 
 

@@ -361,7 +361,10 @@ class AgentClient:
         stderr: OutputSink | None = None,
         timeout: float | None = None,
     ) -> ExitStatus:
-        """Run a process to completion, streaming stdio; on timeout or cancellation the process is killed."""
+        """Run a process to completion, streaming stdio; on timeout or cancellation the process is killed.
+
+        `stdin` None means end of input at once (for a tty: the EOF character); use start_exec to feed it later.
+        """
         handle = await self.start_exec(
             argv, env=env, cwd=cwd, user=user, tty=tty, rows=rows, cols=cols, stdout=stdout, stderr=stderr
         )
