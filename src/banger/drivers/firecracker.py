@@ -24,7 +24,7 @@ import httpx
 
 from banger.drivers import process
 from banger.drivers.base import AgentTransport, StopOutcome, VmmHandle, VmmKind, VmSpec
-from banger.errors import BangerError, InvalidInputError, ToolError
+from banger.errors import InvalidInputError, ToolError
 
 log = logging.getLogger("banger.drivers.firecracker")
 
@@ -212,16 +212,12 @@ class FirecrackerDriver:
 
     async def stop(self, handle: VmmHandle, timeout: float) -> StopOutcome:
         """SendCtrlAltDel (the guest reboots, and Firecracker exits on reboot); kill after `timeout`."""
-        if not process.matches(handle):
-            process.remove_sockets(handle)
-            return StopOutcome.ALREADY_GONE
-        try:
+
+        async def ctrl_alt_del() -> None:
             async with _api(handle.control_socket) as api:
                 await api.actions.put({"action_type": "SendCtrlAltDel"})
-        except BangerError as exc:
-            log.warning("graceful stop of firecracker pid %d impossible, killing it: %s", handle.pid, exc)
-            await self.kill(handle)
-            return StopOutcome.KILLED
+
+        return await process.stop_gracefully(handle, timeout, ctrl_alt_del, "Ctrl-Alt-Del")
         if await process.wait_exit(handle, timeout):
             process.remove_sockets(handle)
             return StopOutcome.GRACEFUL

@@ -9,11 +9,11 @@ import os
 import shlex
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
-from banger.drivers.base import VmmHandle
-from banger.errors import InvalidInputError, TimeoutError_, ToolError
+from banger.drivers.base import StopOutcome, VmmHandle
+from banger.errors import BangerError, InvalidInputError, TimeoutError_, ToolError
 
 log = logging.getLogger("banger.drivers")
 
@@ -129,6 +129,34 @@ async def kill(handle: VmmHandle, timeout: float = 10.0) -> None:
         os.close(pidfd)
     if not await wait_exit(handle, timeout):
         raise ToolError(f"VMM process {handle.pid} did not die after SIGKILL within {timeout}s")
+
+
+async def stop_gracefully(
+    handle: VmmHandle, timeout: float, ask: Callable[[], Awaitable[object]], what: str
+) -> StopOutcome:
+    """Ask the guest to shut down with `ask`, wait up to `timeout` for the VMM to exit, else SIGKILL it.
+
+    Sockets are removed whichever way it ends. `what` names the request in logs (e.g. "the power button").
+    """
+    if not matches(handle):
+        remove_sockets(handle)
+        return StopOutcome.ALREADY_GONE
+    outcome = StopOutcome.KILLED
+    try:
+        try:
+            await ask()
+        except BangerError as exc:
+            log.warning("graceful stop of %s pid %d impossible, killing it: %s", handle.kind, handle.pid, exc)
+        else:
+            if await wait_exit(handle, timeout):
+                outcome = StopOutcome.GRACEFUL
+            else:
+                log.info("guest of %s pid %d ignored %s for %ss; killing", handle.kind, handle.pid, what, timeout)
+        if outcome is StopOutcome.KILLED:
+            await kill(handle)
+    finally:
+        remove_sockets(handle)
+    return outcome
 
 
 def remove_sockets(handle: VmmHandle) -> None:

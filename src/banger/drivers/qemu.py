@@ -15,7 +15,7 @@ from qemu.qmp import QMPClient, QMPError
 from banger.drivers import process
 from banger.drivers.base import AGENT_PORT_NAME, AgentTransport, StopOutcome, VmmHandle, VmmKind, VmSpec
 from banger.drivers.host import DEV_VHOST_VSOCK, host_tsc_khz
-from banger.errors import BangerError, InvalidInputError, ToolError, UnsupportedError
+from banger.errors import InvalidInputError, ToolError, UnsupportedError
 
 log = logging.getLogger("banger.drivers.qemu")
 
@@ -186,15 +186,9 @@ class QemuDriver:
 
     async def stop(self, handle: VmmHandle, timeout: float) -> StopOutcome:
         """ACPI power button via QMP system_powerdown; kill if the guest has not shut down within `timeout`."""
-        if not process.matches(handle):
-            process.remove_sockets(handle)
-            return StopOutcome.ALREADY_GONE
-        try:
-            await self.qmp(handle, "system_powerdown")
-        except BangerError as exc:
-            log.warning("graceful stop of qemu pid %d impossible, killing it: %s", handle.pid, exc)
-            await self.kill(handle)
-            return StopOutcome.KILLED
+        return await process.stop_gracefully(
+            handle, timeout, lambda: self.qmp(handle, "system_powerdown"), "the power button"
+        )
         if await process.wait_exit(handle, timeout):
             process.remove_sockets(handle)
             return StopOutcome.GRACEFUL
