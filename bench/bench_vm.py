@@ -303,7 +303,9 @@ def boot_bare(spec: VmSpec, markers: tuple[bytes, ...]) -> dict[bytes, float]:
     return {m: t - launched for m, t in stamps.items()}
 
 
-def boot_banger(home: Home, name: str, memory: int) -> tuple[float, dict[bytes, float]]:
+def boot_banger(
+    home: Home, name: str, memory: int, markers: tuple[bytes, ...] = MARKERS
+) -> tuple[float, dict[bytes, float]]:
     """`banger vm create`: (CLI wall seconds, seconds from QEMU's start to each marker on the VM's console)."""
     before = set((home.path / "vms").glob("*/console.log"))
 
@@ -311,9 +313,9 @@ def boot_banger(home: Home, name: str, memory: int) -> tuple[float, dict[bytes, 
         new = set((home.path / "vms").glob("*/console.log")) - before
         return next(iter(new), None)
 
-    with ConsoleWatch(find, MARKERS) as watch:
+    with ConsoleWatch(find, markers) as watch:
         wall = home.create(name, memory)
-        stamps = {m: watch.wait(m, 10.0) for m in MARKERS}
+        stamps = {m: watch.wait(m, 10.0) for m in markers}
     assert watch.path is not None
     launched = proc_start(qemu_pid_for(watch.path))
     return wall, {m: t - launched for m, t in stamps.items()}
@@ -379,6 +381,8 @@ def bench_boot(home: Home, runs: int, memory: int) -> None:
 def bench_exec(home: Home, runs: int) -> None:
     cases = {
         "banger daemon status (floor)": [BANGER, "daemon", "status"],
+        # click + one RPC, no guest: separates the CLI's own cost from the trip through the agent.
+        "banger vm show vm0": [BANGER, "vm", "show", "vm0"],
         "banger vm exec vm0 -- true": [BANGER, "vm", "exec", "vm0", "--", "true"],
     }
     for argv in cases.values():  # warm the page cache and the agent connection
