@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from banger.guest import init
-from banger.guest.seed import NetInterface, Network, SeedMeta
+from banger.guest.seed import HaltAction, NetInterface, Network, SeedMeta
 
 from .conftest import GUEST_DIR, GUEST_PYTHON
 
@@ -96,6 +96,12 @@ def test_agent_argv_follows_transport() -> None:
     ]
     vsock = init.agent_argv({"agent": {"transport": "vsock", "vsock_port": 5000}}, "py")
     assert vsock[-2:] == ["--vsock", "5000"] and "--serial" not in vsock
+
+
+def test_halt_command_follows_metadata() -> None:
+    assert init.halt_command(META) == init.RB_POWER_OFF
+    assert init.halt_command(SeedMeta("a", "a", halt=HaltAction.REBOOT).to_json()) == init.RB_AUTOBOOT
+    assert init.halt_command(None) == init.RB_POWER_OFF
 
 
 def test_power_key_press_is_recognised() -> None:

@@ -29,6 +29,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TERM_GRACE = 5.0
 KILL_GRACE = 2.0
 RB_POWER_OFF = 0x4321FEDC
+RB_AUTOBOOT = 0x01234567
 RB_DISABLE_CAD = 0
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_RDONLY, MS_REMOUNT = 0x2, 0x4, 0x8, 0x1, 0x20
 EV_KEY, KEY_POWER = 1, 116
@@ -148,6 +149,11 @@ def power_key_pressed(data: bytes) -> bool:
         if kind == EV_KEY and code == KEY_POWER and value == 1:
             return True
     return False
+
+
+def halt_command(meta: dict[str, Any] | None) -> int:
+    """reboot(2) command that ends this VM: Firecracker exits on a guest reboot but not on a power-off."""
+    return RB_AUTOBOOT if (meta or {}).get("halt") == "reboot" else RB_POWER_OFF
 
 
 # ---- effects ----
@@ -291,8 +297,8 @@ def _drain(timeout: float) -> bool:
         signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.2))
 
 
-def power_off(reason: str) -> None:
-    """Stop every process, sync, remount / read-only and power off. Does not return."""
+def power_off(reason: str, command: int = RB_POWER_OFF) -> None:
+    """Stop every process, sync, remount / read-only and power off (or reboot). Does not return."""
     say(f"shutting down ({reason})")
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # collected with sigtimedwait below
     os.kill(-1, signal.SIGTERM)  # from PID 1, -1 means every other process
@@ -304,9 +310,9 @@ def power_off(reason: str) -> None:
     if _libc.mount(None, b"/", None, MS_REMOUNT | MS_RDONLY, None) != 0:
         say(f"warning: cannot remount / read-only: {os.strerror(ctypes.get_errno())}")
     os.sync()
-    say("powering off")
-    _libc.reboot(RB_POWER_OFF)
-    say(f"reboot(POWER_OFF) failed: {os.strerror(ctypes.get_errno())}")
+    say("powering off" if command == RB_POWER_OFF else "rebooting to end the VM")
+    _libc.reboot(command)
+    say(f"reboot({command:#x}) failed: {os.strerror(ctypes.get_errno())}")
     sys.exit(1)
 
 
@@ -334,10 +340,10 @@ def supervise(meta: dict[str, Any]) -> None:
         if wake_r in ready:
             caught = set(os.read(wake_r, 512))
             if stop := sorted(caught & SHUTDOWN_SIGNALS):
-                power_off(signal.Signals(stop[0]).name)
+                power_off(signal.Signals(stop[0]).name, halt_command(meta))
         for fd in set(ready) & set(buttons):
             if power_key_pressed(os.read(fd, INPUT_EVENT.size * 64)):
-                power_off("power button")
+                power_off("power button", halt_command(meta))
         for pid, status in reap():
             if pid == agent.pid:
                 say(f"agent exited ({_describe(status)}); restarting in {backoff:.0f}s")
@@ -369,7 +375,8 @@ def main() -> None:
     except Exception:
         # PID 1 must not exit (that panics the kernel and hides the reason): report, then power off cleanly.
         say("fatal error:\n" + traceback.format_exc())
-        power_off("init failed")
+        # Without metadata we cannot know the VMM: reboot ends both (QEMU runs with -no-reboot), power-off only QEMU.
+        power_off("init failed", RB_AUTOBOOT)
 
 
 if __name__ == "__main__":

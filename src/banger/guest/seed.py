@@ -43,6 +43,13 @@ class AgentTransport(enum.StrEnum):
     VSOCK = "vsock"
 
 
+class HaltAction(enum.StrEnum):
+    """What banger-init does last on shutdown: the one that makes this VMM exit."""
+
+    POWEROFF = "poweroff"  # QEMU (ACPI power-off)
+    REBOOT = "reboot"  # Firecracker, which exits on a guest reboot and ignores power-off
+
+
 @dataclass(frozen=True)
 class NetInterface:
     """One guest NIC, found in the guest by its MAC address."""
@@ -96,6 +103,7 @@ class SeedMeta:
     serial_port: str = SERIAL_PORT_NAME
     vsock_port: int = DEFAULT_VSOCK_PORT
     network: Network | None = None
+    halt: HaltAction = HaltAction.POWEROFF
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,6 +117,7 @@ class SeedMeta:
             "version": META_VERSION,
             "hostname": self.hostname,
             "vm_name": self.vm_name,
+            "halt": str(self.halt),
             "agent": {
                 "transport": str(self.agent_transport),
                 "serial_port": self.serial_port,
