@@ -156,6 +156,36 @@ def test_shell_on_a_pty(vm_home: BangerEnv, running_vm: str) -> None:
         os.close(fd)
 
 
+def _read_until(fd: int, marker: bytes, buf: bytes, timeout: float = 60) -> bytes:
+    deadline = time.monotonic() + timeout
+    while marker not in buf:
+        assert time.monotonic() < deadline, f"waiting for {marker!r}; got {buf[-500:]!r}"
+        ready, _, _ = select.select([fd], [], [], 1)
+        if ready:
+            buf += os.read(fd, 4096)
+    return buf
+
+
+def test_console_is_interactive_and_detaches(vm_home: BangerEnv, running_vm: str) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(vm_home.env)
+        os.execv(str(VENV_BIN / "banger"), ["banger", "vm", "console", running_vm])
+    try:
+        buf = _read_until(fd, b"Ctrl-] detaches", b"")
+        os.write(fd, b"\r")  # the console shell prints a fresh prompt
+        buf = _read_until(fd, b"# ", buf)
+        os.write(fd, b"echo con-$((6*7)) on $(tty)\r")
+        buf = _read_until(fd, b"con-42 on /dev/ttyS0", buf)
+        os.write(fd, b"\x1d")  # Ctrl-]
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)
+    # The console's output was also logged.
+    assert "con-42" in vm_home.cli("vm", "logs", running_vm, check=True).stdout
+
+
 def test_daemon_sigkill_keeps_vm(vm_home: BangerEnv, running_vm: str) -> None:
     before = vm_info(vm_home, running_vm)
     pid = vm_home.daemon_pid()

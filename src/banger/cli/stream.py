@@ -39,11 +39,14 @@ def raw_terminal(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, old)
 
 
-def stream_call(client: Client, method: str, params: dict[str, Any], *, stdin: bool, tty: bool) -> dict[str, Any]:
+def stream_call(
+    client: Client, method: str, params: dict[str, Any], *, stdin: bool, tty: bool, detach: bytes | None = None
+) -> dict[str, Any]:
     """Run one streaming call to completion; returns its result.
 
     Non-tty: Ctrl-C is forwarded to the guest process as SIGINT (a second one cancels the call).
     tty: the terminal is raw, so Ctrl-C travels as a byte; window size changes are forwarded.
+    detach: a byte that, typed on stdin, ends the call (the daemon cancels it) and returns {"detached": True}.
     """
     rid = client.send_request(method, params)
     sock = client.sock
@@ -87,6 +90,12 @@ def stream_call(client: Client, method: str, params: dict[str, Any], *, stdin: b
                     pending.clear()
                     if in_fd is not None and in_fd in ready:
                         data = os.read(in_fd, 65536)
+                        if detach is not None and detach in data:
+                            before = data.split(detach, 1)[0]
+                            if before:
+                                send_input(data=base64.b64encode(before).decode())
+                            client.cancel(rid, grace=5.0)
+                            return {"detached": True}
                         if data:
                             send_input(data=base64.b64encode(data).decode())
                         else:

@@ -260,16 +260,22 @@ def logs(name: str, follow: bool, lines: int) -> None:
 @vm.command()
 @click.argument("name")
 def console(name: str) -> None:
-    """Follow the guest's serial console (read-only; use `vm shell` to type)."""
-    _stream("vm.logs", {"name": name, "lines": 50, "follow": True}, stdin=False, tty=False)
+    """Attach to the guest's serial console (a root shell); Ctrl-] detaches."""
+    if sys.stdin.isatty():
+        click.echo("attached to the serial console; Ctrl-] detaches", err=True)
+    result = _stream("vm.console", {"name": name}, stdin=True, tty=sys.stdin.isatty(), detach=b"\x1d")
+    if result.get("detached") and sys.stdin.isatty():
+        click.echo("\r\ndetached", err=True)
 
 
-def _stream(method: str, params: dict[str, Any], *, stdin: bool, tty: bool) -> dict[str, Any]:
+def _stream(
+    method: str, params: dict[str, Any], *, stdin: bool, tty: bool, detach: bytes | None = None
+) -> dict[str, Any]:
     from banger.cli.stream import stream_call
 
     client = connect(Paths.from_env())
     try:
-        return stream_call(client, method, params, stdin=stdin, tty=tty)
+        return stream_call(client, method, params, stdin=stdin, tty=tty, detach=detach)
     finally:
         client.close()
 

@@ -20,6 +20,8 @@ from banger.errors import InvalidInputError, ToolError, UnsupportedError
 log = logging.getLogger("banger.drivers.qemu")
 
 QMP_SOCKET = "qmp.sock"
+# The serial console, served to `banger vm console` (see argv()).
+CONSOLE_SOCKET = "console.sock"
 VMM_LOG = "qemu.log"
 QMP_CONNECT_TIMEOUT = 60.0
 
@@ -80,7 +82,7 @@ class QemuDriver:
                 line = f"{line} tsc_early_khz={khz}"
         return line
 
-    def argv(self, spec: VmSpec, qmp_fd: int, agent_fd: int | None) -> list[str]:
+    def argv(self, spec: VmSpec, qmp_fd: int, agent_fd: int | None, console_fd: int | None = None) -> list[str]:
         """The full QEMU command line for `spec`, given the fds of the sockets we created."""
         # microvm keeps ACPI on by default: Debian's cloud kernel finds virtio-mmio devices only through it.
         args = [self.binary, "-M", "microvm", "-accel", self.accel, "-name", _opt(spec.name)]
@@ -91,7 +93,13 @@ class QemuDriver:
         args += ["-kernel", os.fspath(spec.kernel), "-append", self.cmdline(spec)]
         if spec.initrd is not None:
             args += ["-initrd", os.fspath(spec.initrd)]
-        args += ["-chardev", f"file,id=console,path={_opt(spec.console_log)},append=on", "-serial", "chardev:console"]
+        if console_fd is None:
+            args += ["-chardev", f"file,id=console,path={_opt(spec.console_log)},append=on"]
+        else:
+            # An interactive serial console (`banger vm console`) whose output is also logged, client or not.
+            log_opt = f"logfile={_opt(spec.console_log)},logappend=on"
+            args += ["-chardev", f"socket,id=console,fd={console_fd},server=on,wait=off,{log_opt}"]
+        args += ["-serial", "chardev:console"]
         args += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
         # Guests block early on getrandom() without an entropy source under TCG.
         args += ["-device", "virtio-rng-device"]
@@ -119,19 +127,22 @@ class QemuDriver:
                 hint="modprobe vhost_vsock, or use virtio-serial",
             )
         qmp_path = spec.run_dir / QMP_SOCKET
+        console_path = spec.run_dir / CONSOLE_SOCKET
         agent_socket = spec.agent.socket if spec.agent is not None else None
-        process.check_socket_paths(qmp_path, *([agent_socket] if agent_socket else []))
+        process.check_socket_paths(qmp_path, console_path, *([agent_socket] if agent_socket else []))
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         cleanup: list[Path] = []
         try:
             with contextlib.ExitStack() as fds:
                 qmp_sock = fds.enter_context(_listen(qmp_path))
+                cleanup.append(console_path)
+                console_fd = fds.enter_context(_listen(console_path)).fileno()
                 agent_fd: int | None = None
                 if spec.agent is not None and spec.agent.transport is AgentTransport.VIRTIO_SERIAL and agent_socket:
                     cleanup.append(agent_socket)
                     agent_fd = fds.enter_context(_listen(agent_socket)).fileno()
-                argv = self.argv(spec, qmp_sock.fileno(), agent_fd)
-                pass_fds = [qmp_sock.fileno()] + ([agent_fd] if agent_fd is not None else [])
+                argv = self.argv(spec, qmp_sock.fileno(), agent_fd, console_fd)
+                pass_fds = [qmp_sock.fileno(), console_fd] + ([agent_fd] if agent_fd is not None else [])
                 pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, pass_fds=pass_fds)
         except BaseException:
             for path in (qmp_path, *cleanup):

@@ -253,6 +253,40 @@ def start_agent(meta: dict[str, Any]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(agent_argv(meta, sys.executable), env=env, cwd="/")
 
 
+SERIAL_CONSOLE = "/dev/ttyS0"
+
+
+def start_console_shell(tty: str = SERIAL_CONSOLE) -> subprocess.Popen[bytes] | None:
+    """A root login shell on the serial console, for `banger vm console` (None where there is no such port)."""
+    if not os.path.exists(tty):
+        return None
+    shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "vt100"}
+    fd = os.open(tty, os.O_RDWR | os.O_NOCTTY)
+    try:
+        # start_new_session makes the shell a session leader; TIOCSCTTY then gives it the port as its terminal,
+        # so Ctrl-C and job control work on the console.
+        return subprocess.Popen(
+            [shell, "-l"],
+            stdin=fd,
+            stdout=fd,
+            stderr=fd,
+            env=env,
+            cwd="/root" if os.path.isdir("/root") else "/",
+            start_new_session=True,
+            preexec_fn=_take_controlling_tty,
+        )
+    finally:
+        os.close(fd)
+
+
+def _take_controlling_tty() -> None:
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def power_buttons(sysfs: str = "/sys/class/input") -> list[int]:
     """Open the ACPI power buttons' evdev nodes (QEMU's system_powerdown presses one); none without the drivers."""
     fds = []
@@ -332,6 +366,7 @@ def supervise(meta: dict[str, Any]) -> None:
     buttons = power_buttons()
     say(f"watching {len(buttons)} power button(s)")
     agent = start_agent(meta)
+    console, console_started = start_console_shell(), time.monotonic()
     say(f"{READY_MARKER[len('banger-init: ') :]} (agent pid {agent.pid})")
     backoff, restart_at = 1.0, None
     while True:
@@ -345,6 +380,12 @@ def supervise(meta: dict[str, Any]) -> None:
             if power_key_pressed(os.read(fd, INPUT_EVENT.size * 64)):
                 power_off("power button", halt_command(meta))
         for pid, status in reap():
+            if console is not None and pid == console.pid:
+                if time.monotonic() - console_started < 1.0:
+                    say("console shell exits at once; not restarting it")
+                    console = None
+                else:  # the user typed `exit` on the console: offer a fresh shell
+                    console, console_started = start_console_shell(), time.monotonic()
             if pid == agent.pid:
                 say(f"agent exited ({_describe(status)}); restarting in {backoff:.0f}s")
                 restart_at = time.monotonic() + backoff

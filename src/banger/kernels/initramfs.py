@@ -29,6 +29,9 @@ INITRAMFS_MODULES: tuple[str, ...] = (
     "virtio-rng",
     "vmw_vsock_virtio_transport",
     "ext4",
+    # The ACPI power button and evdev: QEMU's system_powerdown then reaches banger-init as a key press.
+    "button",
+    "evdev",
 )
 LOAD_ORDER = "lib/modules/load-order"
 # The busybox applets /init calls, linked in /bin.

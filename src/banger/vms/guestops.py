@@ -77,6 +77,32 @@ async def exec_streaming(
     return {"exit_code": status.exit_code, "signal": status.signal}
 
 
+async def relay_console(socket_path: Path, inbox: asyncio.Queue[dict[str, Any]], emit: Emit) -> dict[str, Any]:
+    """Bridge the VM's serial console socket to a CLI call: output as events, `$/input` data to the guest."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    except OSError as exc:
+        raise InvalidInputError(f"the VM's serial console is not available: {exc.strerror}") from exc
+
+    async def pump_in() -> None:
+        while True:
+            msg = await inbox.get()
+            if "data" in msg:
+                writer.write(base64.b64decode(msg["data"]))
+                await writer.drain()
+
+    feeder = asyncio.create_task(pump_in())
+    try:
+        while chunk := await reader.read(65536):
+            emit({"fd": 1, "data": base64.b64encode(chunk).decode()})
+        return {"closed": True}
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(BaseException):
+            await feeder
+        writer.close()
+
+
 def chown_to(path: Path, uid: int, gid: int) -> None:
     """Give a file the daemon wrote on the caller's behalf to the caller (recursively for directories)."""
     if os.geteuid() != 0 or uid == 0:

@@ -257,7 +257,7 @@ class VmService:
         )
 
     def _seed_meta(self, vm: VmRecord, gnet: GuestNet | None) -> SeedMeta:
-        from banger.guest.seed import NetInterface, Network, SeedMeta
+        from banger.guest.seed import HaltAction, NetInterface, Network, SeedMeta
 
         network = None
         if gnet is not None:
@@ -272,7 +272,9 @@ class VmService:
             network = Network(
                 interfaces=(iface,), nameservers=tuple(str(n) for n in gnet.nameservers), search=gnet.search
             )
-        return SeedMeta(hostname=vm.name, vm_name=vm.name, network=network)
+        # Firecracker exits only when its guest reboots; QEMU (run with -no-reboot) on either.
+        halt = HaltAction.REBOOT if vm.vmm == VmmKind.FIRECRACKER else HaltAction.POWEROFF
+        return SeedMeta(hostname=vm.name, vm_name=vm.name, network=network, halt=halt)
 
     async def _boot(self, vm: VmRecord, progress: Progress, timeout: float) -> VmRecord:
         self._set_state(vm, VmState.STARTING)

@@ -149,6 +149,22 @@ def register(reg: MethodRegistry, app: App) -> None:
                 pos = size
                 ctx.event({"text": chunk.decode(errors="replace")})
 
+    @reg.method("vm.console")
+    async def console(ctx: CallContext, name: str) -> dict[str, Any]:
+        """Attach to the guest's serial console (a root shell on ttyS0); detaching cancels this call."""
+        from banger.drivers.qemu import CONSOLE_SOCKET
+        from banger.errors import UnsupportedError
+
+        vm = vms.get(name)
+        if vm.state.value != "running":
+            raise InvalidInputError(f"VM {vm.name} is {vm.state.value}, not running")
+        if vm.vmm != "qemu":
+            raise UnsupportedError(
+                f"an interactive console needs QEMU ({vm.name} runs on {vm.vmm})",
+                hint=f"use `banger vm logs -f {vm.name}` or `banger vm shell {vm.name}`",
+            )
+        return await guestops.relay_console(vms.run_dir(vm.id) / CONSOLE_SOCKET, ctx.inbox, ctx.event)
+
     @reg.method("vm.exec")
     async def exec_(
         ctx: CallContext,
