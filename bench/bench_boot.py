@@ -36,6 +36,7 @@ from bench_vm import (
     bare_spec,
     boot_banger,
     boot_bare,
+    cleanup_on_signals,
     image_file,
     kernel_cmdline,
     log,
@@ -206,6 +207,7 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (image builds and banger's QEMU driver need it here)")
+    cleanup_on_signals()
     # The cold home has no kernel and an empty cache; it also serves the kernel build, whose .deb cache is warm.
     with banger_home(warm_images=False, kernel=False) as cold, banger_home() as warm:
         log(f"state roots: cold {cold.path}, warm {warm.path}")

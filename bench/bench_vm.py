@@ -56,6 +56,17 @@ def log(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def cleanup_on_signals() -> None:
+    """SIGINT and SIGTERM unwind the stack, so every context manager removes what it made (VMs, daemon, dirs)."""
+    # A shell starts background jobs with SIGINT ignored; Python would then never raise KeyboardInterrupt.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupted)
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -437,6 +448,7 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (banger's QEMU driver and image builds need it here)")
+    cleanup_on_signals()
     with banger_home() as home:
         log(f"state root {home.path}; building image {IMAGE} (warm bootstrap cache)")
         home.banger("image", "build", IMAGE, "--preset", PRESET)
