@@ -66,6 +66,16 @@ class BangerEnv:
         pid = lock_holder(self.home / "run" / "bangerd.lock")
         return pid if pid and pid > 0 else None
 
+    def stop_daemon(self) -> None:
+        """Stop this root's daemon if one runs (SIGKILL if it does not stop)."""
+        pid = self.daemon_pid()
+        if pid:
+            self.cli("daemon", "stop", timeout=60)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def log_text(self) -> str:
         path = self.home / "logs" / "bangerd.log"
         return path.read_text() if path.exists() else ""
@@ -81,13 +91,7 @@ def banger_env(tmp_path: Path) -> Iterator[BangerEnv]:
     env.pop("BANGER_NO_AUTOSTART", None)
     benv = BangerEnv(home=home, env=env)
     yield benv
-    pid = benv.daemon_pid()
-    if pid:
-        benv.cli("daemon", "stop", timeout=60)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    benv.stop_daemon()
 
 
 @pytest.fixture

@@ -218,12 +218,6 @@ class FirecrackerDriver:
                 await api.actions.put({"action_type": "SendCtrlAltDel"})
 
         return await process.stop_gracefully(handle, timeout, ctrl_alt_del, "Ctrl-Alt-Del")
-        if await process.wait_exit(handle, timeout):
-            process.remove_sockets(handle)
-            return StopOutcome.GRACEFUL
-        log.info("guest of firecracker pid %d ignored Ctrl-Alt-Del for %ss; killing", handle.pid, timeout)
-        await self.kill(handle)
-        return StopOutcome.KILLED
 
     async def kill(self, handle: VmmHandle) -> None:
         """Kill Firecracker and remove its sockets."""

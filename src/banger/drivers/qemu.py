@@ -200,12 +200,6 @@ class QemuDriver:
         return await process.stop_gracefully(
             handle, timeout, lambda: self.qmp(handle, "system_powerdown"), "the power button"
         )
-        if await process.wait_exit(handle, timeout):
-            process.remove_sockets(handle)
-            return StopOutcome.GRACEFUL
-        log.info("guest of qemu pid %d ignored the power button for %ss; killing", handle.pid, timeout)
-        await self.kill(handle)
-        return StopOutcome.KILLED
 
     async def kill(self, handle: VmmHandle) -> None:
         """Kill QEMU and remove its sockets."""
