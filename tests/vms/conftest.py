@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import VENV_BIN, BangerEnv
-from tests.images.conftest import ROOTFS_CACHE, debian_image  # noqa: F401  (fixtures re-exported)
+from tests.images.conftest import ROOTFS_CACHE, debian_image, debian_rootfs_tar  # noqa: F401  (fixtures re-exported)
 from tests.kernels.conftest import debian_kernel  # noqa: F401
 
 KERNEL = "debian-cloud"
@@ -59,13 +59,7 @@ def installed_home(kernel_dir: Path, wrap: tuple[str, ...] = ()) -> Iterator[Ban
             print(tails)  # shown by pytest for failing tests (-ra keeps the output of failures)
         for vm in (home / "vms").glob("*"):
             benv.cli("vm", "rm", "-f", vm.name, timeout=120)
-        pid = benv.daemon_pid()
-        if pid:
-            benv.cli("daemon", "stop", timeout=60)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        benv.stop_daemon()
         _kill_strays(home)
         shutil.rmtree(home, ignore_errors=True)
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import select
 import signal
+import struct
+import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -143,8 +147,11 @@ def test_shell_on_a_pty(vm_home: BangerEnv, running_vm: str) -> None:
             ready, _, _ = select.select([fd], [], [], 1)
             if ready:
                 buf += os.read(fd, 4096)
-        os.write(fd, b"echo sum-$((20+22)); tty\n")
-        while b"sum-42" not in buf or b"/dev/pts/" not in buf:
+        # A window resize on our terminal reaches the guest's PTY.
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+        time.sleep(0.5)  # SIGWINCH is delivered asynchronously to the CLI, which forwards it
+        os.write(fd, b"echo sum-$((20+22)); tty; stty size\n")
+        while b"sum-42" not in buf or b"/dev/pts/" not in buf or b"50 132" not in buf:
             assert time.monotonic() < deadline, f"no shell output; got {buf!r}"
             ready, _, _ = select.select([fd], [], [], 1)
             if ready:
@@ -184,6 +191,40 @@ def test_console_is_interactive_and_detaches(vm_home: BangerEnv, running_vm: str
         os.close(fd)
     # The console's output was also logged.
     assert "con-42" in vm_home.cli("vm", "logs", running_vm, check=True).stdout
+
+
+def test_kernel_and_image_in_use_cannot_be_removed(vm_home: BangerEnv, running_vm: str) -> None:
+    r = vm_home.cli("kernel", "rm", "debian-cloud")
+    assert r.returncode == 1 and "used by" in r.stderr and running_vm in r.stderr
+    r = vm_home.cli("image", "rm", "debian-bookworm")
+    assert r.returncode == 1 and "used by" in r.stderr
+    image = json.loads(vm_home.cli("image", "show", "debian-bookworm", "--json", check=True).stdout)
+    assert image["used_by"] == [running_vm] and Path(image["path"]).is_file()
+
+
+def test_image_import_list_show_rm(vm_home: BangerEnv, debian_rootfs_tar: Path) -> None:
+    r = vm_home.cli("image", "import", "imported", str(debian_rootfs_tar), "--json", check=True, timeout=600)
+    info = json.loads(r.stdout)
+    assert info["source"] == f"import:{debian_rootfs_tar}"
+    names = [i["name"] for i in json.loads(vm_home.cli("image", "list", "--json", check=True).stdout)]
+    assert names == ["debian-bookworm", "imported"]
+    # banger's guest side was added: the init stub is in the image (read without mounting it).
+    stub = subprocess.run(
+        ["debugfs", "-R", "cat /sbin/banger-init", info["path"]], capture_output=True, text=True, check=True
+    ).stdout
+    assert "BANGERSEED" in stub or "seed" in stub
+    vm_home.cli("image", "rm", "imported", check=True)
+    assert not Path(info["path"]).exists()
+    assert vm_home.cli("image", "show", "imported").returncode == 1
+
+
+def test_vm_run_rm(vm_home: BangerEnv) -> None:
+    r = vm_home.cli(
+        "vm", "run", "--rm", "--net", "none", "--name", "oneshot", "--", "sh", "-c", "echo ran; exit 5", timeout=600
+    )
+    assert r.returncode == 5 and r.stdout == "ran\n"
+    assert "removed oneshot" in r.stderr
+    assert "oneshot" not in vm_home.cli("vm", "ls", check=True).stdout
 
 
 def test_daemon_sigkill_keeps_vm(vm_home: BangerEnv, running_vm: str) -> None:

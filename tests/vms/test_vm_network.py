@@ -73,8 +73,8 @@ def net_home(debian_kernel: Path, debian_image: Path) -> Iterator[tuple[BangerEn
     topo.up()
     try:
         with installed_home(debian_kernel, wrap=("ip", "netns", "exec", topo.host)) as benv:
-            for name in ("web", "client"):
-                r = benv.cli("vm", "create", "--name", name, "--vcpus", "1", "--memory", "512", timeout=600)
+            for name, extra in (("web", ["--publish", "8082:8000"]), ("client", [])):
+                r = benv.cli("vm", "create", "--name", name, *extra, "--vcpus", "1", "--memory", "512", timeout=600)
                 assert r.returncode == 0, r.stderr
             yield benv, topo
     finally:
@@ -154,12 +154,12 @@ def test_host_resolves_vm_names_through_the_daemon(net_home: tuple[BangerEnv, To
 def test_port_forward(net_home: tuple[BangerEnv, Topology]) -> None:
     benv, topo = net_home
     benv.cli("vm", "forward", "web", "8081:8000", check=True)
-    out = subprocess.run(
-        ["ip", "netns", "exec", topo.out, "curl", "-s", "--max-time", "20", "http://10.99.0.1:8081/index.html"],
-        capture_output=True,
-        text=True,
-    )
-    assert out.stdout == "hello-from-web\n", out.stderr
+    for port in (8081, 8082):  # `vm forward` and `vm create --publish`
+        url = f"http://10.99.0.1:{port}/index.html"
+        out = subprocess.run(
+            ["ip", "netns", "exec", topo.out, "curl", "-s", "--max-time", "20", url], capture_output=True, text=True
+        )
+        assert out.stdout == "hello-from-web\n", (port, out.stderr)
     status = json.loads(benv.cli("network", "status", "--json", check=True).stdout)
     assert "8081" in json.dumps(status)
 
@@ -184,6 +184,6 @@ def test_daemon_sigkill_and_rm_leave_nothing(net_home: tuple[BangerEnv, Topology
     table = subprocess.run(
         ["ip", "netns", "exec", topo.host, "nft", "list", "table", "ip", "banger"], capture_output=True, text=True
     ).stdout
-    assert "dnat to" not in table and "8081" not in table  # the published port went with its VM
+    assert "dnat to" not in table and "8081" not in table and "8082" not in table  # the published port went with its VM
     status = json.loads(benv.cli("network", "status", "--json", check=True).stdout)
     assert status["leases"] == []
