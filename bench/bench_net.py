@@ -201,7 +201,7 @@ def banger_guest(stack: contextlib.ExitStack, args: argparse.Namespace) -> tuple
     kernel_dir = Path(next(k["path"] for k in json.loads(cli("kernel", "list", "--json")) if k["name"] == KERNEL_NAME))
     pid = json.loads(cli("vm", "show", VM_NAME, "--json"))["pid"]
     qemu_argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    accel = qemu_argv[qemu_argv.index("-accel") + 1]
+    accel = qemu_argv[qemu_argv.index("-accel") + 1].split(",")[0]  # e.g. "tcg,tb-size=128"
     if accel != args.accel:
         raise BenchError(f"banger's QEMU runs with {accel} but the bare guest would use {args.accel}")
 

@@ -81,6 +81,8 @@ async def test_boot_agent_channel_and_graceful_powerdown(
     assert "BANGER-DISK vdb ro=1 sectors=2048" in text
     if qemu_driver.accel == "tcg":
         assert "tsc_early_khz=" in text  # TCG gets the host TSC frequency on its command line
+        cmdline = Path(f"/proc/{handle.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[cmdline.index(b"-accel") + 1] == b"tcg,tb-size=128"  # the translation cache is capped
 
     outcome = await qemu_driver.stop(handle, timeout=60)
     assert outcome is StopOutcome.GRACEFUL, console_text(spec.console_log)[-2000:]

@@ -72,31 +72,20 @@ def _print_vm(info: dict[str, Any], as_json: bool, verb: str) -> None:
         click.echo(f"{verb} {info['name']} ({info['state']})")
 
 
-def _create_params(
-    name: str | None,
-    image: str | None,
-    kernel: str | None,
-    vcpus: int,
-    memory: int,
-    disk_size: str | None,
-    vmm: str | None,
-    start: bool,
-    timeout: float | None,
-    net: str = "bridge",
-    publish: tuple[str, ...] = (),
-) -> dict[str, Any]:
+def _create_params(opts: dict[str, Any], *, start: bool) -> dict[str, Any]:
+    """vm.create params from the options `create_options` adds (click passes them as keyword arguments)."""
     return {
-        "net": net,
-        "publish": list(publish),
-        "name": name,
-        "image": image,
-        "kernel": kernel,
-        "vcpus": vcpus,
-        "memory_mib": memory,
-        "disk_size": disk_size,
-        "vmm": vmm,
+        "name": opts["name"],
+        "image": opts["image"],
+        "kernel": opts["kernel"],
+        "vcpus": opts["vcpus"],
+        "memory_mib": opts["memory"],
+        "disk_size": opts["disk_size"],
+        "vmm": opts["vmm"],
         "start": start,
-        "timeout": timeout,
+        "timeout": opts["timeout"],
+        "net": opts["net"],
+        "publish": list(opts["publish"]),
     }
 
 
@@ -130,22 +119,9 @@ def create_options(fn: Any) -> Any:
 @create_options
 @click.option("--no-start", is_flag=True, help="Only create it.")
 @json_option
-def create(
-    name: str | None,
-    image: str | None,
-    kernel: str | None,
-    vcpus: int,
-    memory: int,
-    disk_size: str | None,
-    vmm: str | None,
-    timeout: float | None,
-    net: str,
-    publish: tuple[str, ...],
-    no_start: bool,
-    as_json: bool,
-) -> None:
+def create(no_start: bool, as_json: bool, **opts: Any) -> None:
     """Create a VM (and start it, unless --no-start)."""
-    params = _create_params(name, image, kernel, vcpus, memory, disk_size, vmm, not no_start, timeout, net, publish)
+    params = _create_params(opts, start=not no_start)
     _print_vm(rpc("vm.create", params, progress=not as_json), as_json, "created")
 
 
@@ -418,23 +394,10 @@ def ports(name: str, as_json: bool) -> None:
 @create_options
 @click.option("--rm", "remove", is_flag=True, help="Remove the VM when the command or shell ends.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(
-    name: str | None,
-    image: str | None,
-    kernel: str | None,
-    vcpus: int,
-    memory: int,
-    disk_size: str | None,
-    vmm: str | None,
-    timeout: float | None,
-    net: str,
-    publish: tuple[str, ...],
-    remove: bool,
-    command: tuple[str, ...],
-) -> None:
+def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
     """Create and start a VM, then run COMMAND in it (or open a shell). Builds kernel and image if missing."""
-    rpc("vm.prepare", {"image": image, "kernel": kernel}, progress=True)
-    params = _create_params(name, image, kernel, vcpus, memory, disk_size, vmm, True, timeout, net, publish)
+    rpc("vm.prepare", {"image": opts["image"], "kernel": opts["kernel"]}, progress=True)
+    params = _create_params(opts, start=True)
     info = rpc("vm.create", params, progress=True)
     vm_name = info["name"]
     click.echo(f"started {vm_name}", err=True)

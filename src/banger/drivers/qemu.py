@@ -20,6 +20,7 @@ from banger.errors import InvalidInputError, ToolError, UnsupportedError
 log = logging.getLogger("banger.drivers.qemu")
 
 QMP_SOCKET = "qmp.sock"
+TCG_TB_SIZE_MIB = 128
 # The serial console, served to `banger vm console` (see argv()).
 CONSOLE_SOCKET = "console.sock"
 VMM_LOG = "qemu.log"
@@ -85,7 +86,10 @@ class QemuDriver:
     def argv(self, spec: VmSpec, qmp_fd: int, agent_fd: int | None, console_fd: int | None = None) -> list[str]:
         """The full QEMU command line for `spec`, given the fds of the sockets we created."""
         # microvm keeps ACPI on by default: Debian's cloud kernel finds virtio-mmio devices only through it.
-        args = [self.binary, "-M", "microvm", "-accel", self.accel, "-name", _opt(spec.name)]
+        # Under TCG, cap the translation cache (QEMU's default reserves 1 GiB, and it fills as the guest runs):
+        # it is most of the host memory a TCG guest costs beyond its own RAM.
+        accel = f"tcg,tb-size={TCG_TB_SIZE_MIB}" if self.accel == "tcg" else self.accel
+        args = [self.binary, "-M", "microvm", "-accel", accel, "-name", _opt(spec.name)]
         args += ["-cpu", "host"] if self.accel == "kvm" else []
         args += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
         # -no-reboot: a guest reboot ends the VMM, as under Firecracker; the daemon decides what happens next.

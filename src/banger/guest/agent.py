@@ -341,7 +341,7 @@ def find_serial_port(name: str, sysfs: str = "/sys/class/virtio-ports") -> Path 
 
 async def serve_serial(name: str, init_pid: int | None) -> None:
     """Serve sessions on a virtio-serial port forever."""
-    logged = False
+    logged = served = False
     while True:
         path = find_serial_port(name)
         if path is None:
@@ -351,6 +351,9 @@ async def serve_serial(name: str, init_pid: int | None) -> None:
             await asyncio.sleep(1)
             continue
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not served:
+            log(f"serving virtio-serial port {name!r} ({path})")  # the readiness line on this transport
+            served = True
         try:
             await serve_fd(fd, init_pid)
         finally:
