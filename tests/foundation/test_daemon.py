@@ -111,23 +111,56 @@ def test_round_trip_and_progress_notifications(daemon: BangerEnv) -> None:
 
 
 def test_errors_unknown_method_bad_params_version(daemon: BangerEnv) -> None:
-    replies = raw_call(
+    from banger import __version__
+
+    mismatch = raw_call(
         daemon.socket,
         [
             {"jsonrpc": "2.0", "id": 1, "method": "rpc.hello", "params": {"version": "0.0.0-old", "protocol": 1}},
+            {"jsonrpc": "2.0", "id": 2, "method": "daemon.status"},
+        ],
+    )
+    assert mismatch[0]["error"]["code"] == ErrorCode.VERSION_MISMATCH
+    assert "does not match daemon" in mismatch[0]["error"]["message"]
+    assert mismatch[1]["error"]["code"] == ErrorCode.VERSION_MISMATCH  # nothing is served without a handshake
+    hello = {"jsonrpc": "2.0", "id": 1, "method": "rpc.hello", "params": {"version": __version__, "protocol": 1}}
+    replies = raw_call(
+        daemon.socket,
+        [
+            hello,
             {"jsonrpc": "2.0", "id": 2, "method": "nope.never"},
             {"jsonrpc": "2.0", "id": 3, "method": "daemon.sleep", "params": {"seconds": "soon"}},
             {"jsonrpc": "2.0", "id": 4, "method": "daemon.sleep", "params": {"bogus": 1}},
             {"jsonrpc": "2.0", "id": 5, "method": "daemon.status", "params": [1]},
+            {"jsonrpc": "2.0", "id": 6, "method": "daemon.sleep", "params": {"seconds": float("inf")}},
         ],
     )
-    assert replies[0]["error"]["code"] == ErrorCode.VERSION_MISMATCH
-    assert "does not match daemon" in replies[0]["error"]["message"]
+    assert "result" in replies[0]
     assert replies[1]["error"]["code"] == ErrorCode.METHOD_NOT_FOUND
     assert replies[2]["error"]["code"] == ErrorCode.INVALID_PARAMS
     assert "'seconds' must be float" in replies[2]["error"]["message"]
     assert replies[3]["error"]["code"] == ErrorCode.INVALID_PARAMS
     assert replies[4]["error"]["code"] == ErrorCode.INVALID_PARAMS
+    assert replies[5]["error"]["code"] == ErrorCode.INVALID_PARAMS
+
+
+def test_cancel_right_behind_the_call_still_gets_a_reply(daemon: BangerEnv) -> None:
+    from banger import __version__
+
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(daemon.socket))
+    f = s.makefile("rwb")
+    msgs = [
+        {"jsonrpc": "2.0", "id": 1, "method": "rpc.hello", "params": {"version": __version__, "protocol": 1}},
+        {"jsonrpc": "2.0", "id": 2, "method": "daemon.sleep", "params": {"seconds": 60}},
+        {"jsonrpc": "2.0", "method": "$/cancel", "params": {"id": 2}},
+    ]
+    f.write(b"".join(json.dumps(m).encode() + b"\n" for m in msgs))  # one write: the cancel beats the task
+    f.flush()
+    s.settimeout(10)
+    replies = [json.loads(f.readline()) for _ in range(2)]
+    s.close()
+    assert replies[1]["id"] == 2 and replies[1]["error"]["code"] == ErrorCode.CANCELLED
 
 
 def _inflight(daemon: BangerEnv) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -41,8 +42,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return value is None
     if origin is not None:
         hint = origin
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is float:  # JSON has no inf/NaN, but Python's json module accepts them: refuse them here
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(hint, type):

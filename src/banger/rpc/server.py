@@ -54,6 +54,8 @@ class Connection:
         self.writer = writer
         self.tasks: dict[int | str, asyncio.Task[None]] = {}
         self.contexts: dict[int | str, CallContext] = {}
+        # Calls that got their reply; a call cancelled before its task ever ran is answered by _finished.
+        self.replied: set[int | str] = set()
         self.hello_done = False
 
     def peer_ids(self) -> tuple[int, int]:
@@ -119,19 +121,32 @@ class Connection:
 
     def _finished(self, rid: int | str, task: asyncio.Task[None]) -> None:
         self.tasks.pop(rid, None)
-        self.contexts.pop(rid, None)
+        ctx = self.contexts.pop(rid, None)
+        if rid not in self.replied and task.cancelled():
+            self.send(protocol.error(rid, ErrorCode.CANCELLED, f"{ctx.method if ctx else 'call'} was cancelled"))
+        self.replied.discard(rid)
         self.server.inflight.discard(task)
 
     async def _call(self, req: protocol.Request, ctx: CallContext) -> None:
         assert req.id is not None
         if req.method == protocol.HELLO:
             self.send(self._hello(req))
+            self.replied.add(req.id)
+            return
+        if not self.hello_done:
+            self.send(
+                protocol.error(
+                    req.id, ErrorCode.VERSION_MISMATCH, f"call {protocol.HELLO} with a matching version first"
+                )
+            )
+            self.replied.add(req.id)
             return
         try:
             value = await self.server.registry.call(req.method, ctx, req.params)
         except asyncio.CancelledError:
             log.info("call %s (%s) cancelled; cleanup done", req.id, req.method)
             self.send(protocol.error(req.id, ErrorCode.CANCELLED, f"{req.method} was cancelled"))
+            self.replied.add(req.id)
             raise
         except ParamsError as exc:
             self.send(protocol.error(req.id, exc.code, str(exc)))
@@ -146,6 +161,7 @@ class Connection:
             self.send(protocol.error(req.id, ErrorCode.INTERNAL, f"internal error in {req.method}: {exc!r}"))
         else:
             self.send(protocol.result(req.id, value))
+        self.replied.add(req.id)
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
 
