@@ -164,5 +164,34 @@ def read_config_file(path: Path) -> dict[str, Any]:
             value = float(value)
         if not isinstance(value, want):
             raise ConfigError(f"{path}: key {key!r} must be a {want.__name__}")
+        problem = _check_value(key, value)
+        if problem:
+            raise ConfigError(f"{path}: key {key!r}: {problem}")
         out[key] = value
+    catalog = out.get("kernel_catalog")
+    if catalog and "://" not in catalog and not os.path.isabs(catalog):
+        # Relative to the config file, not to wherever the daemon happened to be started.
+        out["kernel_catalog"] = str(path.parent / catalog)
     return out
+
+
+def _check_value(key: str, value: Any) -> str | None:
+    """Why a config value is unusable, or None: checked at load so a bad value fails at daemon start."""
+    if key == "vmm" and value not in ("auto", "qemu", "firecracker"):
+        return "must be auto, qemu or firecracker"
+    if key == "agent_timeout" and not 0 < value < 86400:
+        return "must be a number of seconds above 0"
+    if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
+        return "must be debug, info, warning or error"
+    if key == "subnet":
+        import ipaddress
+
+        try:
+            net = ipaddress.IPv4Network(value)
+        except ValueError as exc:
+            return f"not an IPv4 network: {exc}"
+        if net.prefixlen > 29:
+            return "needs at least a /29 (a gateway and some guests)"
+    if key in ("bridge", "dns_domain", "default_kernel", "default_image") and not value:
+        return "must not be empty"
+    return None

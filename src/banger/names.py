@@ -25,7 +25,7 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 def is_dns_label(name: str) -> bool:
     """True when `name` is a lowercase RFC 1123 label (letters, digits, inner hyphens, 1-63 chars)."""
-    return bool(_LABEL.match(name))
+    return bool(_LABEL.fullmatch(name))  # fullmatch: '$' would let a trailing newline through
 
 
 def validate_name(name: str, what: str = "name") -> str:

@@ -31,13 +31,29 @@ def test_config_file_and_env_override(tmp_path: Path, monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize(
     ("text", "match"),
-    [("nope = 1\n", "unknown key 'nope'"), ("agent_timeout = 'x'\n", "must be a float"), ("= =\n", "invalid TOML")],
+    [
+        ("nope = 1\n", "unknown key 'nope'"),
+        ("agent_timeout = 'x'\n", "must be a float"),
+        ("= =\n", "invalid TOML"),
+        ("vmm = 'bogus'\n", "auto, qemu or firecracker"),
+        ("subnet = 'garbage'\n", "not an IPv4 network"),
+        ("agent_timeout = -5\n", "above 0"),
+        ("log_level = 'basic_format'\n", "debug, info"),
+    ],
 )
 def test_bad_config_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, match: str) -> None:
     monkeypatch.setenv("BANGER_HOME", str(tmp_path))
     (tmp_path / "config.toml").write_text(text)
     with pytest.raises(ConfigError, match=match):
         Settings.load()
+
+
+def test_relative_catalog_path_is_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BANGER_HOME", str(tmp_path))
+    monkeypatch.delenv("BANGER_CATALOG", raising=False)
+    monkeypatch.chdir("/")
+    (tmp_path / "config.toml").write_text('kernel_catalog = "cats/c.json"\n')
+    assert Settings.load().kernel_catalog == str(tmp_path / "cats" / "c.json")
 
 
 def test_generated_names_are_unique_dns_labels() -> None:
@@ -49,7 +65,7 @@ def test_generated_names_are_unique_dns_labels() -> None:
         taken.add(name)
 
 
-@pytest.mark.parametrize("bad", ["", "UPPER", "-lead", "trail-", "a" * 64, "dot.ted", "under_score"])
+@pytest.mark.parametrize("bad", ["", "UPPER", "-lead", "trail-", "a" * 64, "dot.ted", "under_score", "newline\n"])
 def test_invalid_names_rejected(bad: str) -> None:
     with pytest.raises(InvalidInputError):
         validate_name(bad)
