@@ -164,8 +164,12 @@ class ImageService:
     async def remove(self, name: str) -> None:
         """Delete an image; refused while a VM uses it."""
         info = self.get(name)
-        self._check_unused(name)
         if name in self._busy:
             raise BusyError(f"image {name!r} is being built or imported")
-        await asyncio.to_thread(Path(info["path"]).unlink, missing_ok=True)
-        self.store.execute("DELETE FROM images WHERE name=?", (name,))
+        # Check and delete the record in one transaction: from then on no VM can be created from it.
+        with self.store.transaction() as conn:
+            users = [r["name"] for r in conn.execute("SELECT name FROM vms WHERE image=?", (name,))]
+            if users:
+                raise InUseError(f"image {name!r} is used by VM(s) {', '.join(users)}", hint="remove those VMs first")
+            conn.execute("DELETE FROM images WHERE name=?", (name,))
+        await asyncio.shield(asyncio.to_thread(Path(info["path"]).unlink, missing_ok=True))

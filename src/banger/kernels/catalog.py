@@ -12,8 +12,10 @@ Format (version 1)::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +27,7 @@ from banger.errors import DownloadError, InvalidInputError, NotFoundError
 from banger.names import is_dns_label
 
 CATALOG_VERSION = 1
+MAX_CATALOG_BYTES = 16 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FETCH_TIMEOUT = httpx.Timeout(30.0)
 
@@ -140,17 +143,37 @@ async def load_catalog(source: str | None) -> Catalog:
     if source.startswith(("http://", "https://")):
         try:
             async with httpx.AsyncClient(timeout=_FETCH_TIMEOUT, follow_redirects=True) as client:
-                resp = await client.get(source)
+                async with client.stream("GET", source) as resp:
+                    if resp.status_code != 200:
+                        raise DownloadError(
+                            f"cannot fetch catalog {source}: HTTP {resp.status_code} {resp.reason_phrase}"
+                        )
+                    body = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_CATALOG_BYTES:
+                            raise InvalidInputError(f"catalog {source} is larger than {MAX_CATALOG_BYTES} bytes")
         except httpx.HTTPError as exc:
             raise DownloadError(f"cannot fetch catalog {source}: {exc}") from exc
-        if resp.status_code != 200:
-            raise DownloadError(f"cannot fetch catalog {source}: HTTP {resp.status_code} {resp.reason_phrase}")
-        return parse_catalog(resp.content, source)
+        return parse_catalog(bytes(body), source)
     path = Path(source).expanduser()
+    text = await asyncio.to_thread(_read_catalog_file, path)
+    return parse_catalog(text, str(path))
+
+
+def _read_catalog_file(path: Path) -> bytes:
+    """A regular file's bytes, capped: a FIFO or /dev/zero named as the catalog must not hang or flood the daemon."""
     try:
-        text = path.read_bytes()
+        st = path.stat()
     except FileNotFoundError as exc:
         raise NotFoundError(f"kernel catalog {path} does not exist") from exc
     except OSError as exc:
         raise InvalidInputError(f"cannot read kernel catalog {path}: {exc.strerror}") from exc
-    return parse_catalog(text, str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(f"kernel catalog {path} is not a regular file")
+    if st.st_size > MAX_CATALOG_BYTES:
+        raise InvalidInputError(f"kernel catalog {path} is larger than {MAX_CATALOG_BYTES} bytes")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read kernel catalog {path}: {exc.strerror}") from exc

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import io
 import os
 import platform
+import re
 import secrets
 import shutil
 import stat
@@ -124,13 +126,38 @@ async def install_dir(staging: Path, target: Path) -> None:
         os.rename(staging, target)
         return
     old = target.parent / f".{target.name}.old.{secrets.token_hex(4)}"
-    os.rename(target, old)
+    if _exchange(staging, target):
+        os.rename(staging, old)  # staging now holds the previous kernel
+    else:
+        # No RENAME_EXCHANGE on this filesystem: two renames, with a short window where `target` is absent.
+        os.rename(target, old)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    # The new kernel is in place; removing the old one must finish even if the caller is cancelled now.
+    await asyncio.shield(asyncio.to_thread(shutil.rmtree, old, True))
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the kernel/filesystem cannot."""
     try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    await asyncio.to_thread(shutil.rmtree, old)
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _version_from_modules(kernel_dir: Path) -> str | None:
@@ -242,6 +269,25 @@ async def import_kernel(
             manifest.write(staging)
             await install_dir(staging, target)
     return manifest
+
+
+_LEFTOVER = re.compile(r"^\.[a-z0-9-]+\.(pull|import|build|old|rm)\.")
+
+
+def sweep_leftovers(kernels_dir: Path) -> list[str]:
+    """Remove staging and trash dirs a killed daemon left behind (call only when no operation runs)."""
+    removed = []
+    for entry in kernels_dir.iterdir():
+        if _LEFTOVER.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+        elif entry.name.startswith(".") and entry.name.endswith(".lock"):
+            fd = _try_flock(entry)
+            if fd is not None:  # nobody holds it: a leftover of a killed process
+                entry.unlink(missing_ok=True)
+                os.close(fd)
+                removed.append(entry.name)
+    return removed
 
 
 async def remove_kernel_dir(kernels_dir: Path, name: str, *, wait: bool = True) -> None:

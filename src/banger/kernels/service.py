@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -9,11 +10,18 @@ from typing import Any
 
 from banger.aio import in_thread
 from banger.config import Settings
-from banger.errors import AlreadyExistsError, InUseError, InvalidInputError, NotFoundError
+from banger.errors import AlreadyExistsError, BangerError, InUseError, InvalidInputError, NotFoundError
 from banger.fsutil import human_size, temp_sibling_dir
 from banger.kernels import debian
 from banger.kernels.catalog import Catalog, load_catalog
-from banger.kernels.localops import import_kernel, install_dir, kernel_lock, remove_kernel_dir, write_bundle
+from banger.kernels.localops import (
+    import_kernel,
+    install_dir,
+    kernel_lock,
+    remove_kernel_dir,
+    sweep_leftovers,
+    write_bundle,
+)
 from banger.kernels.manifest import KernelManifest, read_manifest
 from banger.kernels.pull import pull_kernel
 from banger.names import validate_name
@@ -61,9 +69,25 @@ class KernelService:
     def _row_json(manifest: KernelManifest, path: Path) -> dict[str, Any]:
         return {**manifest.to_json(), "path": str(path), "size": human_size(manifest.size_bytes)}
 
+    def sync(self, name: str) -> None:
+        """Make the record of `name` agree with its directory (after an operation that may have been cut short)."""
+        kdir = self.root / name
+        if (kdir / "manifest.json").is_file():
+            try:
+                manifest = read_manifest(kdir)
+            except BangerError as exc:
+                log.warning("kernels: %s", exc)
+                return
+            row = self.store.one("SELECT sha256, source, created_at FROM kernels WHERE name=?", (name,))
+            if row is None or tuple(row) != (manifest.sha256, manifest.source, manifest.created_at):
+                self._record(manifest)
+        elif not kdir.exists() and self.store.one("SELECT 1 FROM vms WHERE kernel=?", (name,)) is None:
+            self.store.execute("DELETE FROM kernels WHERE name=?", (name,))
+
     def reconcile(self) -> None:
         """Make the store agree with the kernels directory (a crash may fall between rename and insert)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(self.root)
         on_disk = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
         rows = {r["name"] for r in self.store.query("SELECT name FROM kernels")}
         for name in sorted(on_disk - rows):
@@ -124,7 +148,10 @@ class KernelService:
     ) -> dict[str, Any]:
         """Download and install catalog kernel `name`."""
         entry = (await self.load_catalog(catalog)).get(name)
-        manifest = await pull_kernel(entry, self.root, force=force, progress=progress)
+        try:
+            manifest = await pull_kernel(entry, self.root, force=force, progress=progress)
+        finally:
+            self.sync(name)  # a cancel after the swap still leaves the store telling the truth
         return self._record(manifest)
 
     async def import_(
@@ -138,25 +165,32 @@ class KernelService:
         progress: Progress = no_progress,
     ) -> dict[str, Any]:
         """Install a locally built kernel directory or bare vmlinux."""
-        manifest = await import_kernel(
-            Path(path),
-            self.root,
-            name=name,
-            distro=distro,
-            kernel_version=kernel_version,
-            force=force,
-            progress=progress,
-        )
+        validate_name(name, "kernel name")
+        try:
+            manifest = await import_kernel(
+                Path(path),
+                self.root,
+                name=name,
+                distro=distro,
+                kernel_version=kernel_version,
+                force=force,
+                progress=progress,
+            )
+        finally:
+            self.sync(name)
         return self._record(manifest)
 
     async def remove(self, name: str) -> None:
         """Delete an installed kernel; refused while a VM uses it."""
         self.get(name)
-        users = [r["name"] for r in self.store.query("SELECT name FROM vms WHERE kernel=?", (name,))]
-        if users:
-            raise InUseError(f"kernel {name!r} is used by VM(s) {', '.join(users)}", hint="remove those VMs first")
-        await remove_kernel_dir(self.root, name)
-        self.store.execute("DELETE FROM kernels WHERE name=?", (name,))
+        # The record goes first, in one transaction with the check: from then on no VM can be created on this
+        # kernel (the vms -> kernels foreign key), and a cut-short removal leaves no ghost record behind.
+        with self.store.transaction() as conn:
+            users = [r["name"] for r in conn.execute("SELECT name FROM vms WHERE kernel=?", (name,))]
+            if users:
+                raise InUseError(f"kernel {name!r} is used by VM(s) {', '.join(users)}", hint="remove those VMs first")
+            conn.execute("DELETE FROM kernels WHERE name=?", (name,))
+        await asyncio.shield(remove_kernel_dir(self.root, name))
 
     async def bundle(self, name: str, out: str, url: str | None) -> dict[str, Any]:
         """Write a .tar.zst bundle of an installed kernel and its catalog entry."""
@@ -201,7 +235,10 @@ class KernelService:
                 )
                 manifest = result.manifest(name)
                 manifest.write(out)
-                await install_dir(out, target)
+                try:
+                    await install_dir(out, target)
+                finally:
+                    self.sync(name)
         progress(ProgressEvent(step=f"kernel {name} ready", message=f"{manifest.kernel_version} ({manifest.source})"))
         return self._record(manifest)
 

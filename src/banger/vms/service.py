@@ -9,6 +9,7 @@ import json
 import logging
 import secrets
 import shutil
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,6 +210,11 @@ class VmService:
                 self.store.execute("UPDATE vms SET spec=? WHERE id=?", (json.dumps(vm.spec), vm.id))
                 if forwards:
                     await in_thread(self.network.set_forwards, vm.id, forwards)
+        except sqlite3.IntegrityError as exc:
+            shutil.rmtree(vdir, ignore_errors=True)
+            if "UNIQUE" in str(exc):
+                raise AlreadyExistsError(f"a VM named {name!r} already exists") from exc
+            raise NotFoundError(f"kernel {kernel_name!r} or image {image_name!r} was removed meanwhile") from exc
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.network.release(vm.id)
