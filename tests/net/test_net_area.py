@@ -34,10 +34,14 @@ class _Vm:
 
 
 class _Vms:
-    """The one thing net_area asks of the VM service: a VM by name."""
+    """What net_area asks of the VM service: a VM by name, and its per-VM lock."""
 
     def __init__(self, db: Store) -> None:
         self.db = db
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
 
     def get(self, name: str) -> _Vm:
         row = self.db.one("SELECT id, name FROM vms WHERE name=? OR id=?", (name, name))

@@ -71,6 +71,11 @@ def test_exec_stdin(vm_home: BangerEnv, running_vm: str) -> None:
     assert digest.split()[0] == hashlib.md5(payload.encode()).hexdigest()
 
 
+def test_exec_without_i_gives_the_command_no_input(vm_home: BangerEnv, running_vm: str) -> None:
+    r = vm_home.cli("vm", "exec", running_vm, "--", "cat", input="ignored\n", timeout=60)
+    assert r.returncode == 0 and r.stdout == ""  # cat saw end of input at once instead of waiting for it
+
+
 def test_exec_ctrl_c_is_forwarded(vm_home: BangerEnv, running_vm: str) -> None:
     proc = vm_home.popen(
         "vm",
@@ -225,6 +230,39 @@ def test_vm_run_rm(vm_home: BangerEnv) -> None:
     assert r.returncode == 5 and r.stdout == "ran\n"
     assert "removed oneshot" in r.stderr
     assert "oneshot" not in vm_home.cli("vm", "ls", check=True).stdout
+
+
+def test_vm_run_rm_cleans_up_a_failed_start(vm_home: BangerEnv) -> None:
+    r = vm_home.cli("vm", "run", "--rm", "--net", "none", "--name", "doomed", "--timeout", "0.5", "--", "true")
+    assert r.returncode == 1 and "failed to start" in r.stderr
+    assert "doomed" not in vm_home.cli("vm", "ls", check=True).stdout
+    rows = json.loads(vm_home.cli("vm", "ls", "--json", check=True).stdout)
+    assert sorted(p.name for p in (vm_home.home / "vms").iterdir()) == sorted(r["id"] for r in rows)  # no files left
+
+
+def test_daemon_killed_during_start_does_not_orphan_the_vmm(vm_home: BangerEnv) -> None:
+    vm_home.cli("vm", "create", "--name", "gamma", "--net", "none", "--no-start", check=True, timeout=300)
+    vm_id = vm_info(vm_home, "gamma")["id"]
+    starter = vm_home.popen("vm", "start", "gamma")
+
+    def qemu_pid() -> int | None:
+        out = subprocess.run(["pgrep", "-f", f"{vm_home.home}/vms/{vm_id}/"], capture_output=True, text=True)
+        pids = [int(p) for p in out.stdout.split()]
+        return pids[0] if pids else None
+
+    pid = wait_for(qemu_pid, timeout=60, what="gamma's QEMU to be spawned")
+    daemon = vm_home.daemon_pid()
+    assert daemon
+    os.kill(daemon, signal.SIGKILL)  # mid-start: QEMU runs, the agent has not answered yet
+    starter.communicate(timeout=60)
+    wait_for(lambda: vm_home.daemon_pid() is None, what="daemon gone")
+    vm_home.cli("daemon", "start", check=True)
+    info = vm_info(vm_home, "gamma")
+    assert info["pid"] == pid and info["state"] == "running"  # re-adopted, not forgotten
+    r = vm_home.cli("vm", "exec", "gamma", "--", "echo", "adopted", check=True, timeout=120)
+    assert r.stdout == "adopted\n"
+    vm_home.cli("vm", "rm", "-f", "gamma", check=True)
+    assert process_gone(pid)
 
 
 def test_daemon_sigkill_keeps_vm(vm_home: BangerEnv, running_vm: str) -> None:

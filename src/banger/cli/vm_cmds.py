@@ -12,7 +12,7 @@ from banger.cli.common import json_option, rpc
 from banger.cli.connect import connect
 from banger.cli.output import emit_json, kv, table
 from banger.config import Paths
-from banger.errors import InvalidInputError
+from banger.errors import BangerError, InvalidInputError
 
 # A login shell: bash where the image has it, else sh.
 LOGIN_SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi"]
@@ -144,9 +144,17 @@ _lifecycle("vm.kill", "killed", "Kill a VM's VMM at once.")
 @click.option("-f", "--force", is_flag=True, help="Kill running VMs first.")
 def rm(names: tuple[str, ...], force: bool) -> None:
     """Remove VMs and every file of them."""
-    for name in names:
-        rpc("vm.rm", {"name": name, "force": force})
-        click.echo(f"removed {name}")
+    failed = 0
+    for name in names:  # one VM that cannot go does not keep the others
+        try:
+            rpc("vm.rm", {"name": name, "force": force})
+        except BangerError as exc:
+            click.echo(f"error: {name}: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), err=True)
+            failed += 1
+        else:
+            click.echo(f"removed {name}")
+    if failed:
+        sys.exit(1)
 
 
 @vm.command()
@@ -285,6 +293,7 @@ def run_exec(
         "tty": tty,
         "rows": rows,
         "cols": cols,
+        "stdin": interactive,
     }
     return _exit_code(_stream("vm.exec", params, stdin=interactive, tty=tty))
 
@@ -397,7 +406,7 @@ def ports(name: str, as_json: bool) -> None:
 def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
     """Create and start a VM, then run COMMAND in it (or open a shell). Builds kernel and image if missing."""
     rpc("vm.prepare", {"image": opts["image"], "kernel": opts["kernel"]}, progress=True)
-    params = _create_params(opts, start=True)
+    params = {**_create_params(opts, start=True), "rm_on_failure": remove}
     info = rpc("vm.create", params, progress=True)
     vm_name = info["name"]
     click.echo(f"started {vm_name}", err=True)

@@ -6,6 +6,7 @@ a launch returns (as `VmmHandle.to_dict()`), and hands it back to `adopt()` afte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -141,14 +142,21 @@ class VmmHandle:
             raise InvalidInputError(f"malformed VMM handle record: {exc}") from exc
 
 
+SpawnHook = Callable[["VmmHandle"], None]
+
+
 class VmmDriver(Protocol):
     """What every VMM driver offers; the daemon picks one with `host.select_vmm`."""
 
     kind: VmmKind
     binary: str
 
-    async def launch(self, spec: VmSpec) -> VmmHandle:
-        """Start the VMM and boot the guest; on failure nothing is left running."""
+    async def launch(self, spec: VmSpec, on_spawn: SpawnHook | None = None) -> VmmHandle:
+        """Start the VMM and boot the guest; on failure nothing is left running.
+
+        `on_spawn` gets the handle as soon as the process exists, before the launch waits on it, so the caller
+        can record it (a daemon killed mid-launch must still find the VMM).
+        """
         ...
 
     def adopt(self, handle: VmmHandle) -> VmmHandle | None:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from banger.drivers import process
-from banger.drivers.base import AgentTransport, StopOutcome, VmmHandle, VmmKind, VmSpec
+from banger.drivers.base import AgentTransport, SpawnHook, StopOutcome, VmmHandle, VmmKind, VmSpec
 from banger.errors import InvalidInputError, ToolError
 
 log = logging.getLogger("banger.drivers.firecracker")
@@ -133,7 +133,7 @@ class FirecrackerDriver:
     def __init__(self, binary: str) -> None:
         self.binary = binary
 
-    async def launch(self, spec: VmSpec) -> VmmHandle:
+    async def launch(self, spec: VmSpec, on_spawn: SpawnHook | None = None) -> VmmHandle:
         """Spawn Firecracker, configure the machine over the API and send InstanceStart."""
         agent = spec.agent
         if agent is not None and (agent.transport is not AgentTransport.VSOCK or agent.socket is None):
@@ -151,6 +151,8 @@ class FirecrackerDriver:
         pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, stdout_file=spec.console_log)
         started = process.start_time(pid)
         handle = VmmHandle(self.kind, pid, started or -1, api_socket, spec.run_dir, tuple(cleanup))
+        if on_spawn is not None and started is not None:
+            on_spawn(handle)  # recorded before we wait on it: a daemon killed now must still find this VMM
         try:
             await self._wait_api(handle)
             async with _api(api_socket) as api:

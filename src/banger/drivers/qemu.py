@@ -13,7 +13,7 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 
 from banger.drivers import process
-from banger.drivers.base import AGENT_PORT_NAME, AgentTransport, StopOutcome, VmmHandle, VmmKind, VmSpec
+from banger.drivers.base import AGENT_PORT_NAME, AgentTransport, SpawnHook, StopOutcome, VmmHandle, VmmKind, VmSpec
 from banger.drivers.host import DEV_VHOST_VSOCK, host_tsc_khz
 from banger.errors import InvalidInputError, ToolError, UnsupportedError
 
@@ -123,7 +123,7 @@ class QemuDriver:
                 args += ["-device", f"vhost-vsock-device,guest-cid={spec.agent.guest_cid}"]
         return args
 
-    async def launch(self, spec: VmSpec) -> VmmHandle:
+    async def launch(self, spec: VmSpec, on_spawn: SpawnHook | None = None) -> VmmHandle:
         """Start QEMU and wait until QMP answers and reports the guest running."""
         if spec.agent is not None and spec.agent.transport is AgentTransport.VSOCK and not DEV_VHOST_VSOCK.exists():
             raise UnsupportedError(
@@ -155,6 +155,8 @@ class QemuDriver:
         # Our copies of the listening sockets are closed; QEMU holds its own.
         started = process.start_time(pid)
         handle = VmmHandle(self.kind, pid, started or -1, qmp_path, spec.run_dir, tuple(cleanup))
+        if on_spawn is not None and started is not None:
+            on_spawn(handle)  # recorded before we wait on it: a daemon killed now must still find this VMM
         try:
             if started is None:
                 raise ToolError(f"qemu exited at once: {_log_tail(spec.run_dir / VMM_LOG)}")

@@ -41,6 +41,12 @@ class CallContext:
         """Send a streamed event (e.g. output chunk) for this call."""
         self._conn.send(protocol.request(protocol.EVENT, {"id": self.request_id, **payload}, None))
 
+    async def send_event(self, payload: dict[str, Any]) -> None:
+        """Send an event and wait until the client has taken it in (backpressure for output streams)."""
+        self.event(payload)
+        with contextlib.suppress(ConnectionError):
+            await self._conn.writer.drain()
+
 
 Handler = Callable[..., Awaitable[Any]]
 

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,9 @@ from banger.vms.agents import AgentEndpoint
 from banger.vms.model import VmState
 from banger.vms.service import VmService
 
-Emit = Callable[[dict[str, Any]], None]
+# Sends one event to the CLI and returns once the connection has room again: a slow reader then slows the
+# guest process (the agent's window is acknowledged only after this), instead of growing the daemon's buffers.
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 async def agent_for(vms: VmService, name: str) -> AgentClient:
@@ -37,6 +39,7 @@ async def exec_streaming(
     tty: bool,
     rows: int,
     cols: int,
+    stdin: bool,
     inbox: asyncio.Queue[dict[str, Any]],
     emit: Emit,
 ) -> dict[str, Any]:
@@ -44,12 +47,14 @@ async def exec_streaming(
     if not argv:
         raise InvalidInputError("no command given")
 
-    def sink(fd: int) -> Callable[[bytes], None]:
+    def sink(fd: int) -> Callable[[bytes], Awaitable[None]]:
         return lambda data: emit({"fd": fd, "data": base64.b64encode(data).decode()})
 
     handle = await client.start_exec(
         argv, env=env, cwd=cwd, user=user, tty=tty, rows=rows, cols=cols, stdout=sink(1), stderr=sink(2)
     )
+    if not stdin:
+        await handle.close_stdin()  # no -i: the command reads end of input, it does not wait for any
 
     async def pump_input() -> None:
         while True:
@@ -94,7 +99,7 @@ async def relay_console(socket_path: Path, inbox: asyncio.Queue[dict[str, Any]],
     feeder = asyncio.create_task(pump_in())
     try:
         while chunk := await reader.read(65536):
-            emit({"fd": 1, "data": base64.b64encode(chunk).decode()})
+            await emit({"fd": 1, "data": base64.b64encode(chunk).decode()})
         return {"closed": True}
     finally:
         feeder.cancel()

@@ -99,6 +99,5 @@ class VmRecord:
             "created_at": self.created_at,
             "ip": self.spec.get("ip"),
             "net": self.spec.get("net", "none"),
-            "publish": self.spec.get("publish", []),
             "pid": (runtime.get("handle") or {}).get("pid"),
         }

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import shutil
 import sqlite3
@@ -287,6 +288,9 @@ class VmService:
         driver = self.driver(VmmKind(vm.vmm))
         handle: VmmHandle | None = None
         gnet: GuestNet | None = None
+        console = self.vm_dir(vm.id) / CONSOLE_LOG
+        # The console log spans boots: an error must quote this boot's lines only.
+        console_start = console.stat().st_size if console.exists() else 0
         try:
             spec = self._spec(vm)
             if vm.spec.get("net") == NetMode.BRIDGE:
@@ -299,12 +303,16 @@ class VmService:
 
             await in_thread(build_seed, self.vm_dir(vm.id) / SEED_DISK, self._seed_meta(vm, gnet))
             progress(ProgressEvent(step=f"launch {vm.vmm}"))
-            handle = await driver.launch(spec)
             assert spec.agent is not None and spec.agent.socket is not None
-            runtime: dict[str, Any] = {"handle": handle.to_dict(), "agent_socket": str(spec.agent.socket)}
+            runtime: dict[str, Any] = {"agent_socket": str(spec.agent.socket)}
             if spec.agent.transport is AgentTransport.VSOCK:
                 runtime["agent_vsock_port"] = DEFAULT_VSOCK_PORT
-            self._set_runtime(vm, runtime)
+
+            def record(spawned: VmmHandle) -> None:
+                self._set_runtime(vm, {**runtime, "handle": spawned.to_dict()})
+
+            handle = await driver.launch(spec, on_spawn=record)
+            record(handle)
             self._watch(vm.id, driver, handle)
             progress(ProgressEvent(step="wait for guest agent"))
             await self.agents.get(vm.id, AgentEndpoint.from_runtime(runtime), timeout)
@@ -312,15 +320,21 @@ class VmService:
             reason = str(exc) if isinstance(exc, BangerError) else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, asyncio.CancelledError):
                 reason = "start was cancelled"
-            tail = self.console_tail(vm.id)
-            if handle is not None:
-                self._unwatch(vm.id)
-                await driver.kill(handle)
-            await self.agents.drop(vm.id)
-            if gnet is not None:
-                await self.network.unplug(vm.id)
-            self._set_runtime(vm, None)
-            self._set_state(vm, VmState.ERROR, reason)
+            tail = self.console_tail(vm.id, since=console_start)
+            try:
+                if handle is not None:
+                    self._unwatch(vm.id)
+                    await driver.kill(handle)
+                await self.agents.drop(vm.id)
+                if gnet is not None:
+                    await self.network.unplug(vm.id)
+            except Exception as cleanup_exc:  # the original error matters more; say what cleanup could not do
+                log.error("vm %s: cleanup after a failed start failed: %s", vm.name, cleanup_exc)
+                reason += f" (and cleanup failed: {cleanup_exc})"
+            finally:
+                if handle is None or not driver.is_alive(handle):
+                    self._set_runtime(vm, None)
+                self._set_state(vm, VmState.ERROR, reason)
             if isinstance(exc, BangerError):
                 raise BangerError(
                     f"VM {vm.name} failed to start: {reason}", data={"console_tail": tail}, hint=_tail_hint(tail)
@@ -329,11 +343,14 @@ class VmService:
         self._set_state(vm, VmState.RUNNING)
         return self.get(vm.id)
 
-    def console_tail(self, vm_id: str, lines: int = 15) -> str:
-        """The last lines the guest printed on its console."""
+    def console_tail(self, vm_id: str, lines: int = 15, since: int = 0) -> str:
+        """The last lines the guest printed on its console (from byte offset `since` on)."""
         path = self.vm_dir(vm_id) / CONSOLE_LOG
         try:
-            text = path.read_bytes()[-16384:].decode(errors="replace")
+            with path.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(since, size - 16384))
+                text = f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
@@ -392,10 +409,17 @@ class VmService:
                 client = await self.agents.get(vm.id, AgentEndpoint.from_runtime(vm.runtime or {}), 5.0)
                 await client.poweroff(timeout=5.0)
                 graceful = await process.wait_exit(handle, timeout)
-            if graceful:
-                process.remove_sockets(handle)
-            else:
-                await driver.stop(handle, timeout)
+            try:
+                if graceful:
+                    process.remove_sockets(handle)
+                else:
+                    await driver.stop(handle, timeout)
+            except BaseException as exc:
+                # Not left "stopping" forever: say what happened, and keep watching a VMM that survived.
+                self._set_state(vm, VmState.ERROR, f"stop failed: {exc}")
+                if driver.is_alive(handle):
+                    self._watch(vm.id, driver, handle)
+                raise
             await self.agents.drop(vm.id)
             await self._unplug(vm)
             self._set_runtime(vm, None)
@@ -407,25 +431,32 @@ class VmService:
         vm = self.get(name)
         async with self.lock(vm.id):
             vm = self.get(vm.id)
-            handle = self._handle(vm)
-            self._unwatch(vm.id)
-            await self.agents.drop(vm.id)
+            await self._kill_locked(vm)
+            return vm
+
+    async def _kill_locked(self, vm: VmRecord) -> None:
+        handle = self._handle(vm)
+        self._unwatch(vm.id)
+        await self.agents.drop(vm.id)
+        try:
             if handle is not None:
                 await self.driver(VmmKind(vm.vmm)).kill(handle)
             await self._unplug(vm)
+        finally:
             self._set_runtime(vm, None)
             if vm.state is not VmState.CREATED:
                 self._set_state(vm, VmState.STOPPED)
-            return vm
 
     async def remove(self, name: str, *, force: bool) -> None:
         """Delete a VM and every file of it; a running VM needs `force` (it is killed)."""
         vm = self.get(name)
-        if vm.state in LIVE_STATES:
-            if not force:
-                raise InvalidInputError(f"VM {vm.name} is {vm.state.value}", hint="stop it first, or use rm -f")
-            await self.kill(vm.id)
         async with self.lock(vm.id):
+            # Checked under the lock: a start queued behind us must not boot a VM we are deleting.
+            vm = self.get(vm.id)
+            if vm.state in LIVE_STATES or vm.runtime:
+                if not force:
+                    raise InvalidInputError(f"VM {vm.name} is {vm.state.value}", hint="stop it first, or use rm -f")
+                await self._kill_locked(vm)
             if vm.spec.get("net") == NetMode.BRIDGE:
                 await self.network.release(vm.id)
             await in_thread(shutil.rmtree, self.vm_dir(vm.id), ignore_errors=True)

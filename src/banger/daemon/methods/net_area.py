@@ -28,13 +28,19 @@ def register(reg: MethodRegistry, app: App) -> None:
     ) -> list[dict[str, Any]]:
         """Publish host TCP port -> guest port (or stop publishing it); returns the VM's published ports."""
         vm = app.vms.get(name)
+        async with app.vms.lock(vm.id):  # read-modify-write of the VM's ports: one caller at a time
+            return await _update_forwards(vm.id, vm.name, host_port, guest_port, remove)
+
+    async def _update_forwards(
+        vm_id: str, vm_name: str, host_port: int, guest_port: int | None, remove: bool
+    ) -> list[dict[str, Any]]:
         net = app.network
-        current = {f["host_port"]: f["guest_port"] for f in net.forwards(vm.id)}
+        current = {f["host_port"]: f["guest_port"] for f in net.forwards(vm_id)}
         if remove:
             if host_port not in current:
-                raise NotFoundError(f"VM {vm.name} does not publish host port {host_port}")
+                raise NotFoundError(f"VM {vm_name} does not publish host port {host_port}")
             del current[host_port]
         else:
             current[host_port] = host_port if guest_port is None else guest_port
-        await in_thread(net.set_forwards, vm.id, sorted(current.items()))
-        return net.forwards(vm.id)
+        await in_thread(net.set_forwards, vm_id, sorted(current.items()))
+        return net.forwards(vm_id)

@@ -11,10 +11,17 @@ from banger.errors import InvalidInputError
 from banger.rpc.registry import MethodRegistry
 from banger.rpc.server import CallContext
 from banger.vms import guestops
+from banger.vms.model import VmRecord
 
 
 def register(reg: MethodRegistry, app: App) -> None:
     vms = app.vms
+
+    def describe(vm: VmRecord) -> dict[str, Any]:
+        """A VM's public record, with its published ports as HOST:GUEST."""
+        data = vm.to_json()
+        data["publish"] = [f"{f['host_port']}:{f['guest_port']}" for f in app.network.forwards(vm.id)]
+        return data
 
     @reg.method("host.doctor")
     async def doctor(ctx: CallContext) -> dict[str, Any]:
@@ -62,8 +69,9 @@ def register(reg: MethodRegistry, app: App) -> None:
         timeout: float | None = None,
         net: str = "bridge",
         publish: list[str] | None = None,
+        rm_on_failure: bool = False,
     ) -> dict[str, Any]:
-        """Create a VM (and start it unless start=false)."""
+        """Create a VM (and start it unless start=false; rm_on_failure removes it if that start fails)."""
         vm = await vms.create(
             name=name,
             image=image,
@@ -77,34 +85,39 @@ def register(reg: MethodRegistry, app: App) -> None:
             progress=ctx.progress,
         )
         if start:
-            vm = await vms.start(vm.id, progress=ctx.progress, timeout=timeout)
-        return vm.to_json()
+            try:
+                vm = await vms.start(vm.id, progress=ctx.progress, timeout=timeout)
+            except BaseException:
+                if rm_on_failure:  # `vm run --rm`: a VM that never ran leaves nothing behind either
+                    await asyncio.shield(vms.remove(vm.id, force=True))
+                raise
+        return describe(vm)
 
     @reg.method("vm.start")
     async def start(ctx: CallContext, name: str, timeout: float | None = None) -> dict[str, Any]:
         """Boot a VM; returns when its agent answers."""
-        return (await vms.start(name, progress=ctx.progress, timeout=timeout)).to_json()
+        return describe(await vms.start(name, progress=ctx.progress, timeout=timeout))
 
     @reg.method("vm.stop")
     async def stop(ctx: CallContext, name: str, timeout: float = 20.0) -> dict[str, Any]:
         """Shut a VM down cleanly (killed after timeout)."""
-        return (await vms.stop(name, timeout=timeout)).to_json()
+        return describe(await vms.stop(name, timeout=timeout))
 
     @reg.method("vm.restart")
     async def restart(ctx: CallContext, name: str, timeout: float | None = None) -> dict[str, Any]:
         """Stop then start a VM."""
         await vms.stop(name)
-        return (await vms.start(name, progress=ctx.progress, timeout=timeout)).to_json()
+        return describe(await vms.start(name, progress=ctx.progress, timeout=timeout))
 
     @reg.method("vm.kill")
     async def kill(ctx: CallContext, name: str) -> dict[str, Any]:
         """Kill a VM's VMM at once."""
-        return (await vms.kill(name)).to_json()
+        return describe(await vms.kill(name))
 
     @reg.method("vm.rename")
     async def rename(ctx: CallContext, name: str, new_name: str) -> dict[str, Any]:
         """Rename a VM (its <name>.vm DNS record follows)."""
-        return (await vms.rename(name, new_name)).to_json()
+        return describe(await vms.rename(name, new_name))
 
     @reg.method("vm.rm")
     async def rm(ctx: CallContext, name: str, force: bool = False) -> dict[str, Any]:
@@ -115,13 +128,13 @@ def register(reg: MethodRegistry, app: App) -> None:
     @reg.method("vm.list")
     async def list_(ctx: CallContext) -> list[dict[str, Any]]:
         """All VMs."""
-        return [vm.to_json() for vm in vms.all()]
+        return [describe(vm) for vm in vms.all()]
 
     @reg.method("vm.show")
     async def show(ctx: CallContext, name: str) -> dict[str, Any]:
         """One VM, with its files and runtime details."""
         vm = vms.get(name)
-        data = vm.to_json()
+        data = describe(vm)
         data["dir"] = str(vms.vm_dir(vm.id))
         data["console_log"] = str(vms.vm_dir(vm.id) / "console.log")
         data["runtime"] = vm.runtime
@@ -163,7 +176,7 @@ def register(reg: MethodRegistry, app: App) -> None:
                 f"an interactive console needs QEMU ({vm.name} runs on {vm.vmm})",
                 hint=f"use `banger vm logs -f {vm.name}` or `banger vm shell {vm.name}`",
             )
-        return await guestops.relay_console(vms.run_dir(vm.id) / CONSOLE_SOCKET, ctx.inbox, ctx.event)
+        return await guestops.relay_console(vms.run_dir(vm.id) / CONSOLE_SOCKET, ctx.inbox, ctx.send_event)
 
     @reg.method("vm.exec")
     async def exec_(
@@ -176,8 +189,9 @@ def register(reg: MethodRegistry, app: App) -> None:
         tty: bool = False,
         rows: int = 24,
         cols: int = 80,
+        stdin: bool = True,
     ) -> dict[str, Any]:
-        """Run a command in the guest; stdio streams over `$/event` and `$/input`."""
+        """Run a command in the guest; stdio streams over `$/event` and `$/input` (stdin=false: no input)."""
         client = await guestops.agent_for(vms, name)
         return await guestops.exec_streaming(
             client,
@@ -188,8 +202,9 @@ def register(reg: MethodRegistry, app: App) -> None:
             tty=tty,
             rows=rows,
             cols=cols,
+            stdin=stdin,
             inbox=ctx.inbox,
-            emit=ctx.event,
+            emit=ctx.send_event,
         )
 
     @reg.method("vm.cp")
