@@ -156,3 +156,23 @@ def test_kernel_build_from_debian_then_bundle_and_pull(
     pulled = json.loads(banger_env.cli("kernel", "show", "deb-pulled", "--json", check=True).stdout)
     assert pulled["sha256"] == built["sha256"]
     assert pulled["boots_on"] == built["boots_on"]
+
+
+def test_the_cli_environment_decides_the_catalog(
+    banger_env: BangerEnv,
+    http_server: LoopbackServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    first = write_catalog(tmp_path / "first.json", [serve_bundle(http_server, "from-env")])
+    banger_env.env["BANGER_CATALOG"] = str(first)
+    banger_env.cli("daemon", "start", check=True)  # this daemon's own environment names `first`
+    assert "from-env" in banger_env.cli("kernel", "list", "--available", check=True).stdout
+    del banger_env.env["BANGER_CATALOG"]
+    # Without BANGER_CATALOG in the CLI, the config file decides (a path relative to it), not the daemon's env.
+    (banger_env.home / "cats").mkdir()
+    write_catalog(banger_env.home / "cats" / "c.json", [serve_bundle(http_server, "from-config")])
+    (banger_env.home / "config.toml").write_text('kernel_catalog = "cats/c.json"\n')
+    out = banger_env.cli("kernel", "list", "--available", check=True).stdout
+    assert "from-config" in out and "from-env" not in out
+    (banger_env.home / "config.toml").unlink()
+    assert "no entries" in banger_env.cli("kernel", "list", "--available", check=True).stdout  # the packaged one

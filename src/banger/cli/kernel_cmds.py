@@ -12,12 +12,15 @@ from banger.cli.common import json_option, rpc
 from banger.cli.output import emit_json, kv, table
 
 
-def _catalog_env() -> str | None:
-    """The CLI's BANGER_CATALOG wins over the daemon's settings (the daemon may have started without it)."""
-    value = os.environ.get("BANGER_CATALOG")
-    if value and not value.startswith(("http://", "https://")):
+def catalog_env() -> str:
+    """The CLI's BANGER_CATALOG, sent with every catalog call: the daemon may have been started with another one.
+
+    "" says the CLI has none, so the daemon's config file decides.
+    """
+    value = os.environ.get("BANGER_CATALOG", "")
+    if value and "://" not in value:
         value = os.path.abspath(value)
-    return value or None
+    return value
 
 
 @click.group()
@@ -31,7 +34,7 @@ def kernel() -> None:
 def list_(available: bool, as_json: bool) -> None:
     """List installed kernels (or the catalog with --available)."""
     if available:
-        cat = rpc("kernel.catalog", {"catalog": _catalog_env()})
+        cat = rpc("kernel.catalog", {"catalog": catalog_env()})
         if as_json:
             emit_json(cat["entries"])
             return
@@ -72,7 +75,7 @@ def list_(available: bool, as_json: bool) -> None:
 @json_option
 def pull(name: str, force: bool, as_json: bool) -> None:
     """Download a kernel bundle from the catalog, verifying its sha256."""
-    info = rpc("kernel.pull", {"name": name, "force": force, "catalog": _catalog_env()}, progress=not as_json)
+    info = rpc("kernel.pull", {"name": name, "force": force, "catalog": catalog_env()}, progress=not as_json)
     if as_json:
         emit_json(info)
     else:

@@ -405,7 +405,9 @@ def ports(name: str, as_json: bool) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
     """Create and start a VM, then run COMMAND in it (or open a shell). Builds kernel and image if missing."""
-    rpc("vm.prepare", {"image": opts["image"], "kernel": opts["kernel"]}, progress=True)
+    from banger.cli.kernel_cmds import catalog_env
+
+    rpc("vm.prepare", {"image": opts["image"], "kernel": opts["kernel"], "catalog": catalog_env()}, progress=True)
     params = {**_create_params(opts, start=True), "rm_on_failure": remove}
     info = rpc("vm.create", params, progress=True)
     vm_name = info["name"]

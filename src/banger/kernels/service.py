@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from banger.aio import in_thread
-from banger.config import Settings
+from banger.config import Settings, read_config_file
 from banger.errors import AlreadyExistsError, BangerError, InUseError, InvalidInputError, NotFoundError
 from banger.fsutil import human_size, temp_sibling_dir
 from banger.kernels import debian
@@ -123,8 +123,14 @@ class KernelService:
     # -- catalog ---------------------------------------------------------------------------------------------
 
     async def load_catalog(self, source: str | None = None) -> Catalog:
-        """The catalog named by the caller (the CLI's BANGER_CATALOG), else by config/env read now."""
-        return await load_catalog(source or Settings.load(self.settings.paths).kernel_catalog)
+        """The catalog to use: `source` is the CLI's BANGER_CATALOG ("" when the CLI has none, so the config file
+        decides, read now); None (no CLI involved) means the daemon's own settings, environment included."""
+        if source:
+            return await load_catalog(source)
+        if source == "":
+            configured = read_config_file(self.settings.paths.config_file).get("kernel_catalog")
+            return await load_catalog(configured or None)
+        return await load_catalog(Settings.load(self.settings.paths).kernel_catalog)
 
     async def catalog(self, source: str | None = None) -> dict[str, Any]:
         """Catalog entries annotated with STATE (pulled / available) and a human size."""

@@ -19,6 +19,7 @@ async def ensure_boot_artifacts(
     default_kernel: str,
     default_image: str,
     progress: Progress,
+    catalog: str | None = None,
 ) -> dict[str, Any]:
     """Pull or build the kernel, and build the image, when missing; only the defaults are made automatically."""
     done: dict[str, Any] = {"kernel": "present", "image": "present"}
@@ -27,10 +28,9 @@ async def ensure_boot_artifacts(
     except NotFoundError:
         if kernel != default_kernel:
             raise
-        catalog = await kernels.load_catalog()
-        if kernel in catalog.names():
+        if kernel in (await kernels.load_catalog(catalog)).names():
             progress(ProgressEvent(step=f"kernel {kernel} missing: pulling it"))
-            await kernels.pull(kernel, force=False, progress=progress)
+            await kernels.pull(kernel, force=False, catalog=catalog, progress=progress)
             done["kernel"] = "pulled"
         else:
             progress(ProgressEvent(step=f"kernel {kernel} missing: building it from Debian's kernel package"))

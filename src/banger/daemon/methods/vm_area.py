@@ -39,7 +39,9 @@ def register(reg: MethodRegistry, app: App) -> None:
         return report
 
     @reg.method("vm.prepare")
-    async def prepare(ctx: CallContext, kernel: str | None = None, image: str | None = None) -> dict[str, Any]:
+    async def prepare(
+        ctx: CallContext, kernel: str | None = None, image: str | None = None, catalog: str | None = None
+    ) -> dict[str, Any]:
         """Make sure the kernel and image exist (pulling or building the defaults on a fresh host)."""
         from banger.vms.prepare import ensure_boot_artifacts
 
@@ -52,6 +54,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             image=image or default_image,
             default_kernel=default_kernel,
             default_image=default_image,
+            catalog=catalog,
             progress=ctx.progress,
         )
 
