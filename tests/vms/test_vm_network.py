@@ -187,3 +187,7 @@ def test_daemon_sigkill_and_rm_leave_nothing(net_home: tuple[BangerEnv, Topology
     assert "dnat to" not in table and "8081" not in table and "8082" not in table  # the published port went with its VM
     status = json.loads(benv.cli("network", "status", "--json", check=True).stdout)
     assert status["leases"] == []
+    benv.cli("network", "teardown", check=True)
+    assert "banger0" not in ip("-n", topo.host, "-o", "link")
+    tables = subprocess.run(["ip", "netns", "exec", topo.host, "nft", "list", "tables"], capture_output=True, text=True)
+    assert "banger" not in tables.stdout

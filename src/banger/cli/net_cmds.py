@@ -80,3 +80,18 @@ def setup_host(as_json: bool) -> None:
     for command in info["commands"]:
         click.echo(f"ran: {command}")
     click.echo(info["message"])
+
+
+@network.command()
+@click.option("--force", is_flag=True, help="Even while running VMs use the network (they lose it).")
+@json_option
+def teardown(force: bool, as_json: bool) -> None:
+    """Undo what banger changed on the host: bridge, TAPs, nft table, ip_forward (set up again on next use)."""
+    result = rpc("network.teardown", {"force": force})
+    if as_json:
+        emit_json(result)
+    else:
+        taps = result.get("removed_taps") or []
+        click.echo(
+            f"removed bridge {result['bridge']}, banger's nft table" + (f" and TAPs {', '.join(taps)}" if taps else "")
+        )

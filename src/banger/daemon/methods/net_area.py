@@ -22,6 +22,11 @@ def register(reg: MethodRegistry, app: App) -> None:
         """Route the host's *.<domain> lookups to banger's DNS (systemd-resolved), or explain how."""
         return await app.network.setup_host()
 
+    @reg.method("network.teardown")
+    async def teardown(ctx: CallContext, force: bool = False) -> dict[str, Any]:
+        """Remove banger's bridge, TAPs and nft table and restore ip_forward (refused while VMs use them)."""
+        return await app.network.teardown(force=force)
+
     @reg.method("vm.forward")
     async def forward(
         ctx: CallContext, name: str, host_port: int, guest_port: int | None = None, remove: bool = False
