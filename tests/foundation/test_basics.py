@@ -69,3 +69,20 @@ def test_generated_names_are_unique_dns_labels() -> None:
 def test_invalid_names_rejected(bad: str) -> None:
     with pytest.raises(InvalidInputError):
         validate_name(bad)
+
+
+def test_plain_progress_lines_show_rate_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
+    from banger.cli.output import ProgressRenderer
+    from banger.progress import ProgressEvent
+
+    renderer = ProgressRenderer()
+    renderer.tty = False
+    renderer(ProgressEvent("downloading k", 0, 100 << 20))
+    renderer._started["downloading k"] -= 2.0  # as if two seconds had passed since the first event
+    renderer(ProgressEvent("downloading k", 100 << 20, 100 << 20))
+    renderer._started["other"] = renderer._started["downloading k"]
+    renderer(ProgressEvent("other", 25 << 20, 100 << 20))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "downloading k: 0 B / 100.0 MiB (0%)"
+    assert lines[1].startswith("downloading k: 100.0 MiB / 100.0 MiB (100%), ") and "MiB/s" in lines[1]
+    assert "ETA" in lines[2] and "(25%)" in lines[2]

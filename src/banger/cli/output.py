@@ -47,6 +47,7 @@ class ProgressRenderer:
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
         self._last_line: dict[str, float] = {}
+        self._started: dict[str, float] = {}
         self._last_step: str | None = None
 
     def __enter__(self) -> ProgressRenderer:
@@ -102,11 +103,18 @@ class ProgressRenderer:
             return
         self._last_step = ev.step
         self._last_line[ev.step] = now
+        started = self._started.setdefault(ev.step, now)
         text = ev.step
         if ev.done is not None:
             text += f": {_amount(ev.done, ev.unit)}"
             if ev.total:
                 text += f" / {_amount(ev.total, ev.unit)} ({100 * ev.done // max(ev.total, 1)}%)"
+            elapsed = now - started
+            if ev.unit == "B" and elapsed > 0.5 and ev.done > 0:
+                rate = ev.done / elapsed
+                text += f", {_amount(int(rate), 'B')}/s"
+                if ev.total and ev.done < ev.total:
+                    text += f", ETA {int((ev.total - ev.done) / rate)}s"
         if ev.message:
             text += f" - {ev.message}"
         click.echo(text, err=True)
