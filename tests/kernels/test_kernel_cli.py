@@ -176,3 +176,23 @@ def test_the_cli_environment_decides_the_catalog(
     assert "from-config" in out and "from-env" not in out
     (banger_env.home / "config.toml").unlink()
     assert "no entries" in banger_env.cli("kernel", "list", "--available", check=True).stdout  # the packaged one
+
+
+def test_ctrl_c_during_kernel_build_leaves_nothing(banger_env: BangerEnv) -> None:
+    from tests.kernels.conftest import DEBS
+
+    (banger_env.home / "cache").mkdir(parents=True)
+    (banger_env.home / "cache" / "debian").symlink_to(DEBS)
+    banger_env.cli("daemon", "start", check=True)
+    proc = banger_env.popen("kernel", "build", "--from", "debian", "--name", "halfway")
+    assert proc.stderr is not None
+    for line in proc.stderr:  # plain progress lines: wait until the build is inside its steps
+        if line.startswith("unpack"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    with Client(banger_env.socket) as c:
+        wait_for(lambda: c.call("daemon.status")["inflight"] == 0, what="build cancelled in the daemon")
+    assert [p.name for p in (banger_env.home / "kernels").iterdir()] == []
+    assert json.loads(banger_env.cli("kernel", "list", "--json", check=True).stdout) == []

@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
-from banger.aio import in_thread
+from banger import proc
+from banger.aio import in_thread, in_thread_cancellable
 from banger.config import Settings, read_config_file
-from banger.errors import AlreadyExistsError, BangerError, InUseError, InvalidInputError, NotFoundError
+from banger.errors import (
+    AlreadyExistsError,
+    BangerError,
+    CancelledError,
+    InUseError,
+    InvalidInputError,
+    NotFoundError,
+)
 from banger.fsutil import human_size, temp_sibling_dir
 from banger.kernels import debian
 from banger.kernels.catalog import Catalog, load_catalog
@@ -232,13 +241,18 @@ class KernelService:
                 raise AlreadyExistsError(f"kernel {name!r} is already installed", hint="use --force to rebuild it")
             with temp_sibling_dir(target, "build") as staging:
                 out = staging / "k"
-                result = await in_thread(
-                    debian.build_debian_kernel,
-                    out,
-                    package=package,
-                    cache_dir=self.settings.paths.cache / "debian",
-                    progress=progress,
-                )
+                cache_dir = self.settings.paths.cache / "debian"
+
+                def work(cancel: threading.Event) -> debian.DebianKernelBuild:
+                    def checked(event: ProgressEvent) -> None:
+                        if cancel.is_set():  # between steps: stop here
+                            raise CancelledError("kernel build was cancelled")
+                        progress(event)
+
+                    with proc.cancel_on(cancel):  # within steps: apt-get, dpkg-deb, depmod are killed
+                        return debian.build_debian_kernel(out, package=package, cache_dir=cache_dir, progress=checked)
+
+                result = await in_thread_cancellable(work)
                 manifest = result.manifest(name)
                 manifest.write(out)
                 try:
