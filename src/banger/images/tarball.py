@@ -26,6 +26,7 @@ from typing import IO
 
 import zstandard
 
+from banger import tarcompat
 from banger.errors import CancelledError, UnsafeArchiveError
 from banger.progress import Progress, ProgressEvent
 
@@ -129,7 +130,7 @@ class _RootfsFilter:
         }
         if xattrs and not member.issym():
             self.xattrs.append((rel, xattrs))
-        return member.replace(**changes, deep=False)  # type: ignore[arg-type]
+        return tarcompat.replace(member, **changes)
 
     def apply_xattrs(self) -> None:
         """Set the extended attributes tarfile itself ignores (file capabilities such as ping's cap_net_raw)."""
@@ -148,7 +149,7 @@ def extract_rootfs(
     flt = _RootfsFilter(dest, progress, step, cancel)
     try:
         with open_tar_stream(src) as tf:
-            tf.extractall(dest, numeric_owner=True, filter=flt)
+            tarcompat.extractall(tf, str(dest), flt, numeric_owner=True)
         flt.apply_xattrs()
     except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
         raise UnsafeArchiveError(f"{src}: damaged or unreadable tar archive ({exc})") from exc

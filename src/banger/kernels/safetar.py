@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from banger import tarcompat
 from banger.errors import IntegrityError, InvalidInputError, UnsafeArchiveError
 from banger.kernels.manifest import CMDLINE, CONFIG, INITRD, MODULES, VMLINUX
 
@@ -232,7 +233,7 @@ class MemberPolicy:
             self.files.add(name)
             self.dirs.update(parents)
             # Link by the checked path, never by a spelling that could walk through a symlink.
-            return member.replace(name=name, linkname=target, deep=False)
+            return tarcompat.replace(member, name=name, linkname=target)
         elif member.isreg():
             self.declared += member.size
             if self.declared > self.limit:
@@ -241,7 +242,7 @@ class MemberPolicy:
         else:
             self.dirs.add(name)
         self.dirs.update(parents)
-        return member if member.name == name else member.replace(name=name, deep=False)
+        return member if member.name == name else tarcompat.replace(member, name=name)
 
 
 def _parents(name: str) -> list[str]:
@@ -251,9 +252,9 @@ def _parents(name: str) -> list[str]:
 
 def _bundle_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     # The data filter leaves directory modes unset (0700 from mkdir); kernel trees want them world-readable.
-    filtered = tarfile.data_filter(member, dest)
+    filtered = tarcompat.data_filter(member, dest)
     if filtered.isdir():
-        filtered = filtered.replace(mode=0o755, deep=False)
+        filtered = tarcompat.replace(filtered, mode=0o755)
     return filtered
 
 
@@ -287,12 +288,12 @@ def extract_tar_stream(
                 member = policy.check(raw)
                 if member is None:
                     continue
-                tar.extract(member, str(dest), filter=_bundle_filter)
+                tarcompat.extract(tar, member, str(dest), _bundle_filter)
                 if on_extracted is not None:
                     on_extracted(member.name)
                 # Members are not needed again; dropping them keeps memory flat for large module trees.
                 tar.members.clear()  # type: ignore[attr-defined]  # real attribute, not in typeshed
-    except tarfile.FilterError as exc:
+    except tarcompat.FilterError as exc:
         raise UnsafeArchiveError(f"unsafe bundle: {exc}; refusing the bundle") from exc
     except tarfile.TarError as exc:
         raise IntegrityError(f"bundle is not a valid tar archive: {exc}") from exc
