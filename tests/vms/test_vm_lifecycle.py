@@ -97,6 +97,7 @@ def test_exec_ctrl_c_is_forwarded(vm_home: BangerEnv, running_vm: str) -> None:
 def test_ls_and_show_json(vm_home: BangerEnv, running_vm: str) -> None:
     rows = json.loads(vm_home.cli("vm", "ls", "--json", check=True).stdout)
     assert [r["name"] for r in rows] == [running_vm]
+    assert json.loads(vm_home.cli("vm", "list", "--json", check=True).stdout) == rows
     info = vm_info(vm_home, running_vm)
     assert info["state"] == "running" and info["vmm"] == "qemu" and info["pid"]
     assert "alpha" in vm_home.cli("vm", "ls", check=True).stdout
@@ -279,9 +280,9 @@ def test_daemon_sigkill_keeps_vm(vm_home: BangerEnv, running_vm: str) -> None:
 
 
 def test_stop_start_and_vmm_killed_behind_our_back(vm_home: BangerEnv, running_vm: str) -> None:
-    info = vm_home.cli("vm", "stop", running_vm, "--json", check=True, timeout=120)
+    info = vm_home.cli("vm", "stop", running_vm, "--json", "--timeout", "60", check=True, timeout=120)
     assert json.loads(info.stdout)["state"] == "stopped"
-    vm_home.cli("vm", "start", running_vm, check=True, timeout=600)
+    vm_home.cli("vm", "start", running_vm, "--timeout", "300", check=True, timeout=600)
     pid = vm_info(vm_home, running_vm)["pid"]
     os.kill(pid, signal.SIGKILL)
     state = wait_for(

@@ -125,17 +125,28 @@ def create(no_start: bool, as_json: bool, **opts: Any) -> None:
     _print_vm(rpc("vm.create", params, progress=not as_json), as_json, "created")
 
 
-def _lifecycle(method: str, verb: str, doc: str, *, progress: bool = False) -> None:
+def _lifecycle(method: str, verb: str, doc: str, *, progress: bool = False, timeout_help: str | None = None) -> None:
     @vm.command(name=method.split(".")[1], help=doc)
     @click.argument("name")
     @json_option
-    def cmd(name: str, as_json: bool) -> None:
-        _print_vm(rpc(method, {"name": name}, progress=progress and not as_json), as_json, verb)
+    def cmd(name: str, as_json: bool, timeout: float | None = None) -> None:
+        params: dict[str, Any] = {"name": name}
+        if timeout is not None:
+            params["timeout"] = timeout
+        _print_vm(rpc(method, params, progress=progress and not as_json), as_json, verb)
+
+    if timeout_help is not None:
+        click.option("--timeout", type=float, default=None, help=timeout_help)(cmd)
 
 
-_lifecycle("vm.start", "started", "Start a VM; returns when its agent answers.", progress=True)
-_lifecycle("vm.stop", "stopped", "Shut a VM down cleanly (killed after a timeout).")
-_lifecycle("vm.restart", "restarted", "Stop and start a VM.", progress=True)
+_AGENT_WAIT = "Seconds to wait for the guest agent (default: config agent_timeout)."
+_lifecycle(
+    "vm.start", "started", "Start a VM; returns when its agent answers.", progress=True, timeout_help=_AGENT_WAIT
+)
+_lifecycle(
+    "vm.stop", "stopped", "Shut a VM down cleanly (killed after a timeout).", timeout_help="Seconds before kill."
+)
+_lifecycle("vm.restart", "restarted", "Stop and start a VM.", progress=True, timeout_help=_AGENT_WAIT)
 _lifecycle("vm.kill", "killed", "Kill a VM's VMM at once.")
 
 
@@ -188,7 +199,7 @@ def forward(name: str, ports: tuple[str, ...], remove: bool, as_json: bool) -> N
 @vm.command("ls")
 @json_option
 def ls(as_json: bool) -> None:
-    """List VMs."""
+    """List VMs (also `vm list`)."""
     rows = rpc("vm.list")
     if as_json:
         emit_json(rows)
@@ -440,3 +451,6 @@ def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
             rpc("vm.rm", {"name": vm_name, "force": True})
             click.echo(f"removed {vm_name}", err=True)
     sys.exit(code)
+
+
+vm.add_command(ls, name="list")  # the name people type first; `ls` stays the documented one
