@@ -6,29 +6,15 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from banger import tarcompat
 from banger.errors import UnsafeArchiveError
 from banger.images.tarball import extract_rootfs, is_probably_tar, pack_rootfs
 from banger.progress import no_progress
-
-
-@pytest.fixture(autouse=True, scope="module", params=["stdlib-filters", "no-stdlib-filters"])
-def tar_filters(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test here runs twice: with tarfile's extraction filters, and as on Debian 12's Python 3.11.2,
-    which predates them (banger.tarcompat then applies the filters by hand)."""
-    saved = tarcompat.HAS_FILTERS
-    if request.param == "no-stdlib-filters":
-        tarcompat.HAS_FILTERS = False
-    try:
-        yield
-    finally:
-        tarcompat.HAS_FILTERS = saved
+from tests.tarfilters import tar_filters  # noqa: F401  (autouse: the module runs with and without filters)
 
 
 def _member(

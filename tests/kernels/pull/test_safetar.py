@@ -5,14 +5,12 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from banger import tarcompat
 from banger.errors import BangerError, IntegrityError, UnsafeArchiveError
 from banger.kernels.safetar import (
     ForwardReader,
@@ -22,20 +20,7 @@ from banger.kernels.safetar import (
     unpacked_limit,
 )
 from tests.kernels.pull.conftest import FAKE_VMLINUX, good_members, reg, special, tar_bytes
-
-
-@pytest.fixture(autouse=True, scope="module", params=["stdlib-filters", "no-stdlib-filters"])
-def tar_filters(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test here runs twice: with tarfile's extraction filters, and as on Debian 12's Python 3.11.2,
-    which predates them (banger.tarcompat then applies the filters by hand)."""
-    saved = tarcompat.HAS_FILTERS
-    if request.param == "no-stdlib-filters":
-        tarcompat.HAS_FILTERS = False
-    try:
-        yield
-    finally:
-        tarcompat.HAS_FILTERS = saved
-
+from tests.tarfilters import tar_filters  # noqa: F401  (autouse: the module runs with and without filters)
 
 LIMIT = 64 << 20
 
