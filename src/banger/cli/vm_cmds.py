@@ -309,6 +309,12 @@ def run_exec(
     return _exit_code(_stream("vm.exec", params, stdin=interactive, tty=tty))
 
 
+def open_shell(name: str, user: str | None) -> int:
+    """An interactive login shell in VM `name` on a PTY; returns its exit code."""
+    term = os.environ.get("TERM", "xterm-256color")
+    return run_exec(name, LOGIN_SHELL, tty=True, interactive=True, env={"TERM": term}, workdir=None, user=user)
+
+
 def _env_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
     env = {}
     for pair in pairs:
@@ -355,18 +361,7 @@ def exec_(
 @click.option("-u", "--user", default=None, help="User to log in as.")
 def shell(name: str, user: str | None) -> None:
     """Open an interactive shell in a VM (a PTY, with window resize)."""
-    term = os.environ.get("TERM", "xterm-256color")
-    sys.exit(
-        run_exec(
-            name,
-            LOGIN_SHELL,
-            tty=True,
-            interactive=True,
-            env={"TERM": term},
-            workdir=None,
-            user=user,
-        )
-    )
+    sys.exit(open_shell(name, user))
 
 
 def _split_remote(arg: str) -> tuple[str | None, str]:
@@ -436,16 +431,7 @@ def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
                 user=None,
             )
         else:
-            term = os.environ.get("TERM", "xterm-256color")
-            code = run_exec(
-                vm_name,
-                LOGIN_SHELL,
-                tty=True,
-                interactive=True,
-                env={"TERM": term},
-                workdir=None,
-                user=None,
-            )
+            code = open_shell(vm_name, None)
     finally:
         if remove:
             rpc("vm.rm", {"name": vm_name, "force": True})
