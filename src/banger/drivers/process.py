@@ -159,6 +159,22 @@ async def stop_gracefully(
     return outcome
 
 
+def pids_with_argument(arg: str, proc_root: Path = Path("/proc")) -> list[int]:
+    """Pids of live processes that have `arg` as one of their command-line arguments (or inside one)."""
+    needle = os.fsencode(arg)
+    found = []
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if any(needle in a for a in argv) and start_time(int(entry.name)) is not None:
+            found.append(int(entry.name))
+    return found
+
+
 def remove_sockets(handle: VmmHandle) -> None:
     """Remove the sockets and per-run files a VMM leaves behind."""
     for path in (handle.control_socket, *handle.cleanup_paths):

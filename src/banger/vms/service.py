@@ -497,8 +497,11 @@ class VmService:
             if adopted is None:
                 if handle is not None:
                     await driver.kill(handle)  # only removes leftovers: the process is gone
+                reason = "the VMM process exited while the daemon was not running"
+                if await self._kill_unrecorded(vm):
+                    reason = "the daemon stopped while this VM was starting; its VMM was stopped"
                 self._set_runtime(vm, None)
-                self._set_state(vm, VmState.ERROR, "the VMM process exited while the daemon was not running")
+                self._set_state(vm, VmState.ERROR, reason)
                 continue
             log.info("vm %s: re-adopted %s pid %d", vm.name, vm.vmm, adopted.pid)
             running.add(vm.id)
@@ -507,6 +510,24 @@ class VmService:
             self._watch(vm.id, driver, adopted)
         if self.network.available:
             await self.network.reconcile(running)
+
+    async def _kill_unrecorded(self, vm: VmRecord) -> bool:
+        """Kill a VMM of `vm` that runs without a record (the daemon died between spawning it and saving its pid).
+
+        Such a process is found by its root disk on its command line; left alone it would hold the disk forever.
+        """
+        from banger.drivers import process
+
+        root_disk = str(self.vm_dir(vm.id) / ROOT_DISK)
+        pids = await in_thread(process.pids_with_argument, root_disk)
+        for pid in pids:
+            started = process.start_time(pid)
+            if started is None:
+                continue
+            log.warning("vm %s: killing unrecorded %s pid %d", vm.name, vm.vmm, pid)
+            orphan = VmmHandle(VmmKind(vm.vmm), pid, started, self.run_dir(vm.id) / "none", self.run_dir(vm.id))
+            await process.kill(orphan)
+        return bool(pids)
 
     async def _unplug(self, vm: VmRecord) -> None:
         if vm.spec.get("net") == NetMode.BRIDGE:
