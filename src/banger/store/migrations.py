@@ -77,4 +77,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX forwards_by_vm ON forwards(vm_id);
     """,
+    # 5-10: reserved for the milestone-2 work streams, so parallel branches cannot collide on a schema version.
+    # Each is a no-op until its stream fills it in; none of them has been released as a no-op.
+    # 5: reliability (issue 9)
+    "SELECT 1;",
+    # 6: workspaces and derived images (issue 10)
+    "SELECT 1;",
+    # 7: tunnels, publishing, SSH (issue 11)
+    "SELECT 1;",
+    # 8: guest sessions and agent VMs (issue 12)
+    "SELECT 1;",
+    # 9: snapshots and clones (issue 14)
+    "SELECT 1;",
+    # 10: security (issue 15)
+    "SELECT 1;",
 ]
