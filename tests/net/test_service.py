@@ -80,9 +80,13 @@ def run_service(
     body: Callable[[NetworkService, str], Awaitable[None]],
     *,
     subnet: str = "172.30.77.0/24",
+    forwarding: str = "0",
 ) -> None:
     """Set up a service in a fresh namespace, run `body`, and always tear the service down."""
     ns = netns.new("svc")
+    # A new namespace inherits the root namespace's ip_forward, which banger itself may have turned on: start
+    # from a known value inside the test's own namespace.
+    set_forwarding(netns, ns, forwarding)
 
     async def main() -> None:
         svc = NetworkService(_settings(tmp_path, subnet), store, netns=ns, upstreams=[])
@@ -94,6 +98,11 @@ def run_service(
             await svc.teardown(force=True)
 
     asyncio.run(main())
+
+
+def set_forwarding(netns: Namespaces, ns: str, value: str) -> None:
+    """Set net.ipv4.ip_forward inside the test's namespace (never the root one)."""
+    netns.exec(ns, ["sysctl", "-q", "-w", f"net.ipv4.ip_forward={value}"])
 
 
 def ask(netns: Namespaces, ns: str, name: str) -> list[str]:
@@ -135,6 +144,16 @@ def test_setup_creates_bridge_table_and_dns(netns: Namespaces, tmp_path: Path, s
         assert hosted["configured"] is False and f"server=/vm/{GATEWAY}" in hosted["message"]
 
     run_service(netns, tmp_path, store, body)
+
+
+@pytest.mark.net
+def test_teardown_keeps_forwarding_that_was_already_on(netns: Namespaces, tmp_path: Path, store: Store) -> None:
+    async def body(svc: NetworkService, ns: str) -> None:
+        assert (tmp_path / "home" / "run" / "ip_forward.prev").read_text() == "1"
+        await svc.teardown(force=True)
+        assert netns.exec(ns, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.decode().strip() == "1"
+
+    run_service(netns, tmp_path, store, body, forwarding="1")
 
 
 @pytest.mark.net
@@ -250,6 +269,7 @@ def test_concurrent_allocations_never_share_an_address(netns: Namespaces, tmp_pa
 @pytest.mark.net
 def test_restart_keeps_running_guests_then_reconcile_prunes(netns: Namespaces, tmp_path: Path, store: Store) -> None:
     ns = netns.new("restart")
+    set_forwarding(netns, ns, "0")
     keep, gone = add_vm(store, "aaaaaaaaaaaa", "keep"), add_vm(store, "bbbbbbbbbbbb", "gone")
 
     async def main() -> None:
