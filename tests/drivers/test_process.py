@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -83,3 +85,36 @@ async def test_deadline_names_what_it_waited_for() -> None:
     with pytest.raises(TimeoutError_, match="the answer took longer than 0.05s"):
         async with process.deadline(0.05, "the answer"):
             await asyncio.sleep(5)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] == "Z"
+
+
+THREADED = "import threading, time\nfor _ in range(8): threading.Thread(target=time.sleep, args=(60,)).start()\n"
+
+
+async def test_kill_reaps_a_multithreaded_child_every_time(tmp_path: Path) -> None:
+    """`vm rm -f`: the killed VMM must not stay a zombie child of the daemon. A VMM has many threads, and its
+    pidfd turns readable a moment before waitpid can collect it: a single look left zombies before the fix."""
+    for i in range(15):
+        pid = process.spawn([sys.executable, "-c", THREADED], log_file=tmp_path / "vmm.log")
+        while len(os.listdir(f"/proc/{pid}/task")) < 9:
+            await asyncio.sleep(0.01)
+        started = process.start_time(pid)
+        assert started is not None
+        await process.kill(VmmHandle(VmmKind.QEMU, pid, started, tmp_path / "none", tmp_path))
+        assert not _is_zombie(pid), f"round {i}: pid {pid} left as a zombie"
+
+
+async def test_a_child_that_died_on_its_own_is_reaped_when_looked_at(tmp_path: Path) -> None:
+    handle = spawn_sleep(tmp_path)
+    os.kill(handle.pid, 9)
+    while not _is_zombie(handle.pid):
+        time.sleep(0.01)
+    assert not process.matches(handle)
+    assert not _is_zombie(handle.pid)

@@ -81,8 +81,35 @@ def _reap(pid: int) -> None:
 
 def matches(handle: VmmHandle) -> bool:
     """Whether the handle's pid is still the same live process (not exited, not a reused pid)."""
-    _reap(handle.pid)
-    return start_time(handle.pid) == handle.start_time
+    alive = start_time(handle.pid) == handle.start_time
+    if not alive:
+        # Reap after looking, not before: a child that turns zombie between a reap and the look would otherwise
+        # be reported gone and stay a zombie of the daemon for its lifetime.
+        _reap(handle.pid)
+    return alive
+
+
+async def _collect(pid: int, timeout: float = 5.0) -> None:
+    """Reap our exited child `pid`, and any other exited child on the way.
+
+    A pidfd turns readable once the process has exited, but for a multi-threaded process (QEMU, Firecracker)
+    waitpid may not see it yet at that instant: without a retry the VMM stays a zombie of the daemon.
+    """
+    reap_exited()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pid in _children and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+        reap_exited()
+    if pid in _children:
+        log.warning("VMM pid %d exited but could not be reaped within %ss", pid, timeout)
+
+
+def reap_exited() -> list[int]:
+    """Collect every exited child banger spawned (whatever path noticed the exit); returns their pids."""
+    done = [pid for pid, child in _children.items() if child.poll() is not None]
+    for pid in done:
+        del _children[pid]
+    return done
 
 
 async def wait_exit(handle: VmmHandle, timeout: float) -> bool:
@@ -94,6 +121,7 @@ async def wait_exit(handle: VmmHandle, timeout: float) -> bool:
         return True
     try:
         if not matches(handle):
+            await _collect(handle.pid)
             return True
         exited = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -105,7 +133,7 @@ async def wait_exit(handle: VmmHandle, timeout: float) -> bool:
             return False
         finally:
             loop.remove_reader(pidfd)
-        _reap(handle.pid)
+        await _collect(handle.pid)
         return True
     finally:
         os.close(pidfd)
@@ -120,6 +148,7 @@ async def kill(handle: VmmHandle, timeout: float = 10.0) -> None:
         return
     try:
         if not matches(handle):
+            await _collect(handle.pid)
             return
         # Signalling through the pidfd cannot hit a process that reused the pid after our check.
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
