@@ -62,12 +62,23 @@ def test_put_and_get_directory_round_trip_keeps_modes(tmp_path: Path) -> None:
         got2 = await c.get(str(guest / "tree" / "secret"), tmp_path / "into")
         assert got2 == tmp_path / "into" / "secret"
         assert stat.S_IMODE(got2.stat().st_mode) == 0o600 and got2.read_bytes() == b"s3cret"
-        # Into an existing directory the source keeps its name; a second put replaces it rather than merging.
+        # Into an existing directory the source keeps its name; a second put merges (like cp -r): what the
+        # source no longer has stays, what it has is replaced.
         assert await c.put(src, str(guest)) == str(guest / "src")
         (src / "secret").unlink()
+        (src / "run.sh").write_bytes(b"#!/bin/sh\necho changed\n")
         assert await c.put(src, str(guest)) == str(guest / "src")
-        assert not (guest / "src" / "secret").exists()
-        assert _tree(guest / "src") == _tree(src)
+        assert (guest / "src" / "secret").read_bytes() == b"s3cret"
+        assert (guest / "src" / "run.sh").read_bytes() == b"#!/bin/sh\necho changed\n"
+        # The same on the way out: a get onto an existing copy keeps the host's extra files.
+        out = tmp_path / "out"
+        out.mkdir()
+        assert await c.get(str(guest / "src"), out) == out / "src"
+        (out / "src" / "mine.txt").write_text("host only")
+        (out / "src" / "mine.txt").chmod(0o644)
+        assert await c.get(str(guest / "src"), out) == out / "src"
+        assert (out / "src" / "mine.txt").read_text() == "host only"
+        assert _tree(out / "src") == {**_tree(src), "mine.txt": (0o644, b"host only"), "secret": (0o600, b"s3cret")}
 
     with_client(tmp_path, body)
 

@@ -3,13 +3,14 @@
 A transfer is a POSIX tar stream (PAX) whose single top-level entry is named ROOT, carried in DATA frames. Tar is
 produced and consumed by a worker thread through the two pipe classes below, which bridge to the event loop.
 Extraction assumes the sender may be hostile (the host reads tars made by the guest): names must stay under ROOT,
-nothing is written through symlinks, devices are refused, and the result appears at its destination by rename.
+nothing is written through symlinks, devices are refused. The result is staged next to its destination and then
+merged into it like `cp -r`: each file replaced by a rename, nothing the transfer does not carry deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
 import io
 import os
 import queue
@@ -17,7 +18,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,7 +198,7 @@ def extract_tar(src: io.RawIOBase, target: Path, *, keep_owner: bool, owner: tup
             raise TransferError("transfer carried nothing")
         if owner is not None:
             _chown_tree(staged, *owner)
-        _replace(staged, target, tmp)
+        _merge(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -209,16 +210,66 @@ def _chown_tree(root: str, uid: int, gid: int) -> None:
             os.lchown(os.path.join(dirpath, name), uid, gid)
 
 
-def _replace(staged: str, target: Path, tmp: str) -> None:
-    st = os.lstat(target) if os.path.lexists(target) else None
-    if st is None or not stat.S_ISDIR(st.st_mode):
-        os.replace(staged, target)
+def _merge(staged: str, target: Path) -> None:
+    """Make the staged tree appear at `target` the way `cp -r` does: merge into what is there, delete nothing.
+
+    A path that does not exist yet appears by one rename (a whole new directory at once); onto an existing
+    directory each entry is merged in turn, and each file or symlink replaces its namesake by one rename. A
+    directory never replaces a non-directory or the other way round: such a conflict is refused before anything
+    is moved, so nothing is left half-merged by it.
+    """
+    conflict = next(_conflicts(staged, str(target)), None)
+    if conflict is not None:
+        raise TransferError(conflict)
+    _apply(staged, str(target))
+
+
+def _is_dir(path: str) -> bool:
+    """A real directory (a symlink to one is not: the merge never follows links in the destination)."""
+    return stat.S_ISDIR(os.lstat(path).st_mode)
+
+
+def _conflicts(src: str, dst: str) -> Iterator[str]:
+    if not os.path.lexists(dst):
         return
-    # rename(2) cannot replace a non-empty directory: move the old one into our temp dir, which is then removed.
-    os.rename(target, os.path.join(tmp, "old"))
+    if _is_dir(src):
+        if not _is_dir(dst):
+            yield f"cannot overwrite non-directory {dst} with a directory"
+            return
+        for name in sorted(os.listdir(src)):
+            yield from _conflicts(os.path.join(src, name), os.path.join(dst, name))
+    elif _is_dir(dst):
+        yield f"cannot overwrite directory {dst} with a non-directory"
+
+
+def _apply(src: str, dst: str) -> None:
+    if os.path.lexists(dst) and _is_dir(src):
+        # An existing directory keeps its own mode and owner (as with cp -r); only its entries are merged.
+        os.chmod(src, 0o700)  # the staged copy may be read-only; its entries are moved out of it
+        for name in sorted(os.listdir(src)):
+            _apply(os.path.join(src, name), os.path.join(dst, name))
+        return
     try:
-        os.rename(staged, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.rename(os.path.join(tmp, "old"), target)
-        raise
+        os.replace(src, dst)  # atomic: a reader sees the old entry or the new one, never a partial file
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _replace_across_devices(src, dst)
+
+
+def _replace_across_devices(src: str, dst: str) -> None:
+    """A mount point inside the destination: copy next to `dst` first, then rename there (still atomic)."""
+    parent, base = os.path.split(dst)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.banger-", dir=parent)
+    try:
+        staged = os.path.join(tmp, base)
+        if _is_dir(src):
+            shutil.copytree(src, staged, symlinks=True)
+        else:
+            shutil.copy2(src, staged, follow_symlinks=False)
+        if os.geteuid() == 0:
+            st = os.lstat(src)
+            os.lchown(staged, st.st_uid, st.st_gid)
+        os.replace(staged, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from banger.errors import InvalidInputError
+from banger.errors import InvalidInputError, ToolError
 from banger.guest.client import AgentClient
 from banger.vms.agents import AgentEndpoint
 from banger.vms.model import VmState
@@ -108,18 +108,14 @@ async def relay_console(socket_path: Path, inbox: asyncio.Queue[dict[str, Any]],
         writer.close()
 
 
-def chown_to(path: Path, uid: int, gid: int) -> None:
-    """Give a file the daemon wrote on the caller's behalf to the caller (recursively for directories)."""
-    if os.geteuid() != 0 or uid == 0:
-        return
-    for p in _walk(path):
-        with contextlib.suppress(OSError):
-            os.lchown(p, uid, gid)
+async def copy_out(client: AgentClient, src: str, dest: str, uid: int, gid: int) -> Path:
+    """Copy a guest path to the host for a caller, merged into what is there, and owned by the caller.
 
-
-def _walk(path: Path) -> list[Path]:
-    out = [path]
-    if path.is_dir() and not path.is_symlink():
-        for root, dirs, files in os.walk(path):
-            out.extend(Path(root) / n for n in (*dirs, *files))
-    return out
+    The staged copy is given to the caller before it is merged in, so files the copy does not replace keep their
+    owners, and a failing chown is an error rather than a root-owned file left in the caller's directory.
+    """
+    owner = (uid, gid) if os.geteuid() == 0 and uid != 0 else None
+    try:
+        return await client.get(src, dest, owner=owner)
+    except OSError as exc:
+        raise ToolError(f"cannot write {dest}: {exc.strerror or exc}") from exc
