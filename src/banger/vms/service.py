@@ -41,7 +41,9 @@ from banger.net.guestnet import GuestNet
 from banger.net.service import NetworkService
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
+from banger.vms import records
 from banger.vms.agents import AgentEndpoint, AgentPool
+from banger.vms.cmdline import guest_cmdline
 from banger.vms.disk import clone_root_disk
 from banger.vms.model import LIVE_STATES, NetMode, VmRecord, VmState, parse_publish
 
@@ -55,8 +57,6 @@ SEED_DISK = "seed.ext4"
 CONSOLE_LOG = "console.log"
 AGENT_SOCKET = "agent.sock"
 STOP_TIMEOUT = 20.0
-# Arguments banger adds to every guest's kernel command line: the root disk and banger's init stub.
-GUEST_CMDLINE = "root=/dev/vda rw init=/sbin/banger-init"
 
 
 class VmService:
@@ -185,42 +185,28 @@ class VmService:
         )
         vdir = self.vm_dir(vm.id)
         vdir.mkdir(parents=True)
+        inserted = False
         try:
             progress(ProgressEvent(step=f"clone image {image_name}"))
             await in_thread(clone_root_disk, image_path, vdir / ROOT_DISK, disk_bytes)
-            self.store.execute(
-                "INSERT INTO vms (id, name, state, reason, vmm, kernel, image, vcpus, memory_mib, disk_bytes, "
-                "created_at, spec, runtime) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
-                (
-                    vm.id,
-                    vm.name,
-                    vm.state.value,
-                    None,
-                    vm.vmm,
-                    vm.kernel,
-                    vm.image,
-                    vm.vcpus,
-                    vm.memory_mib,
-                    vm.disk_bytes,
-                    vm.created_at,
-                    json.dumps(vm.spec),
-                ),
-            )
+            records.insert(self.store, vm)
+            inserted = True
             if net_mode is NetMode.BRIDGE:
                 vm.spec["ip"] = str(self.network.allocate(vm.id, vm.name))
                 self.store.execute("UPDATE vms SET spec=? WHERE id=?", (json.dumps(vm.spec), vm.id))
                 if forwards:
                     await in_thread(self.network.set_forwards, vm.id, forwards)
-        except sqlite3.IntegrityError as exc:
-            shutil.rmtree(vdir, ignore_errors=True)
-            if "UNIQUE" in str(exc):
-                raise AlreadyExistsError(f"a VM named {name!r} already exists") from exc
-            raise NotFoundError(f"kernel {kernel_name!r} or image {image_name!r} was removed meanwhile") from exc
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.network.release(vm.id)
-            self.store.execute("DELETE FROM vms WHERE id=?", (vm.id,))
-            shutil.rmtree(vdir, ignore_errors=True)
+        except BaseException as exc:
+            # All or nothing: whatever failed (an integrity error included), the row, its lease and ports, and
+            # its directory go. Only a row this call inserted is deleted (a clashing id belongs to another VM).
+            if inserted:
+                networked = self.network if net_mode is NetMode.BRIDGE else None
+                await records.undo_insert(self.store, networked, vm.id)
+            await in_thread(shutil.rmtree, vdir, ignore_errors=True)
+            if isinstance(exc, sqlite3.IntegrityError):
+                if "UNIQUE" in str(exc):
+                    raise AlreadyExistsError(f"a VM named {name!r} already exists") from exc
+                raise NotFoundError(f"kernel {kernel_name!r} or image {image_name!r} was removed meanwhile") from exc
             raise
         log.info("vm %s created (%s, kernel %s, image %s)", vm.name, vm.vmm, vm.kernel, vm.image)
         return vm
@@ -242,9 +228,6 @@ class VmService:
         manifest = self.kernels.boot_files(vm.kernel)
         kdir = Path(self.kernels.get(vm.kernel)["path"])
         vdir, rdir = self.vm_dir(vm.id), self.run_dir(vm.id)
-        base = (manifest.cmdline or "console=ttyS0 reboot=k panic=1").split()
-        # Our own root= and init= replace whatever the kernel's default line says about them.
-        base = [a for a in base if not a.startswith(("root=", "init=", "rw", "ro"))]
         kind = VmmKind(vm.vmm)
         if kind is VmmKind.QEMU:
             agent = AgentChannel(AgentTransport.VIRTIO_SERIAL, socket=rdir / AGENT_SOCKET)
@@ -256,7 +239,7 @@ class VmService:
             memory_mib=vm.memory_mib,
             kernel=kdir / VMLINUX,
             initrd=kdir / INITRD if (kdir / INITRD).is_file() else None,
-            cmdline=" ".join([*base, GUEST_CMDLINE]),
+            cmdline=guest_cmdline(manifest.cmdline),
             console_log=vdir / CONSOLE_LOG,
             run_dir=rdir,
             disks=(Disk(vdir / ROOT_DISK), Disk(vdir / SEED_DISK, read_only=True)),
@@ -497,9 +480,8 @@ class VmService:
             if adopted is None:
                 if handle is not None:
                     await driver.kill(handle)  # only removes leftovers: the process is gone
-                reason = "the VMM process exited while the daemon was not running"
-                if await self._kill_unrecorded(vm):
-                    reason = "the daemon stopped while this VM was starting; its VMM was stopped"
+                killed = await self._kill_unrecorded(vm)
+                reason = _reconcile_reason(vm.state, killed)
                 self._set_runtime(vm, None)
                 self._set_state(vm, VmState.ERROR, reason)
                 continue
@@ -542,6 +524,18 @@ class VmService:
             self._unwatch(vm_id)
         await self.agents.close_all()
         await self.network.shutdown()
+
+
+def _reconcile_reason(state: VmState, killed: bool) -> str:
+    """Why a VM found dead at daemon start is in error: one wording per situation, whatever the timing."""
+    if state is VmState.STARTING:
+        # Whether the VMM died with the daemon or had to be stopped, the start did not finish: say so.
+        return "the daemon stopped while this VM was starting; " + (
+            "its VMM was stopped" if killed else "its VMM is gone"
+        )
+    if killed:
+        return "the VMM ran without a record while the daemon was not running; it was stopped"
+    return "the VMM process exited while the daemon was not running"
 
 
 def _tail_hint(tail: str) -> str | None:
