@@ -31,6 +31,9 @@ def which(tool: str, *, hint: str | None = None) -> str:
 
 _local = threading.local()
 
+# The bound on any external command run without an explicit timeout: nothing banger runs may hang forever.
+DEFAULT_TIMEOUT = 3600.0
+
 
 @contextlib.contextmanager
 def cancel_on(event: threading.Event) -> Iterator[None]:
@@ -100,8 +103,14 @@ def run(
     step: str | None = None,
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a command to completion; on failure raise ToolError carrying the tool's own stderr."""
+    """Run a command to completion; on failure raise ToolError carrying the tool's own stderr.
+
+    It is killed after `timeout` seconds (DEFAULT_TIMEOUT when not given), and at once when the `cancel_on`
+    event of this thread is set.
+    """
     args = [os.fspath(a) for a in argv]
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT
     log.debug("run: %s", shlex.join(args))
     streams: dict[str, Any] = {
         "stdout": subprocess.PIPE if capture else None,

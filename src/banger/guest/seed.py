@@ -164,7 +164,7 @@ def build_seed(out_path: Path, meta: SeedMeta) -> None:
         with tempfile.TemporaryDirectory(prefix="banger-seed-") as stage:
             stage_seed(Path(stage), meta)
             argv = [mkfs, "-q", "-F", "-L", SEED_LABEL, "-m", "0", "-E", "root_owner=0:0", "-d", stage]
-            proc.run([*argv, tmp_img, SEED_SIZE], step="build seed drive")
+            proc.run([*argv, tmp_img, SEED_SIZE], step="build seed drive", timeout=120)
         os.replace(tmp_img, out_path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -121,7 +121,7 @@ def stage_from_cache(tar: Path, stage: Path, *, progress: Progress, cancel: thre
             os.replace(tmp, tree)
     check_cancel(cancel, BuildStep.EXTRACT)
     if os.stat(tree).st_dev == os.stat(stage.parent).st_dev:
-        proc.run(["cp", "-al", "--", f"{tree}/.", str(stage)], step="link cached rootfs")
+        proc.run(["cp", "-al", "--", f"{tree}/.", str(stage)], step="link cached rootfs", timeout=3600)
     else:
         stage.mkdir(mode=0o755)
         extract_rootfs(tar, stage, progress=progress, step=BuildStep.EXTRACT, cancel=cancel)

@@ -48,7 +48,7 @@ def import_rootfs(
         progress(ProgressEvent(step=BuildStep.EXTRACT, message=str(src)))
         if is_dir:
             # cp -a keeps owners, modes, hard links, xattrs and device nodes exactly as the tree has them.
-            proc.run(["cp", "-a", "--", f"{src}/.", str(stage)], step="copy rootfs directory")
+            proc.run(["cp", "-a", "--", f"{src}/.", str(stage)], step="copy rootfs directory", timeout=3600)
             rootfs_bytes = dir_size(stage)
         else:
             stage.mkdir(mode=0o755)

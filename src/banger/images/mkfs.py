@@ -79,5 +79,6 @@ def make_ext4(root: Path, image: Path, size_bytes: int, *, progress: Progress, l
             f"{size_bytes // 1024}k",
         ],
         step=BuildStep.MKFS,
+        timeout=3600,
     )
     progress(ProgressEvent(step=BuildStep.MKFS, done=size_bytes, total=size_bytes))

@@ -42,6 +42,8 @@ from banger.net.links import DEFAULT_BRIDGE, DEFAULT_SUBNET, check_ifname
 TABLE = "banger"
 FAMILY = "ip"
 _FORWARD_SYSCTL = "net.ipv4.ip_forward"
+# nft and sysctl answer in milliseconds; one that does not within this is stuck (a wedged netlink, say).
+TOOL_TIMEOUT = 30.0
 
 
 class Proto(StrEnum):
@@ -92,7 +94,7 @@ def _prefix(netns: str | None) -> list[str]:
 
 def _nft(netns: str | None, args: Sequence[str], *, input: bytes | None = None, step: str) -> str:
     argv = [*_prefix(netns), proc.which("nft", hint="install the nftables package"), *args]
-    return proc.run(argv, input=input, step=step).stdout.decode()
+    return proc.run(argv, input=input, step=step, timeout=TOOL_TIMEOUT).stdout.decode()
 
 
 def render_ruleset(state: NatState) -> str:
@@ -171,7 +173,7 @@ def read_table_json(*, netns: str | None = None) -> list[dict[str, Any]] | None:
 
 def _sysctl(netns: str | None, args: Sequence[str], step: str) -> str:
     argv = [*_prefix(netns), proc.which("sysctl", hint="install the procps package"), *args]
-    return proc.run(argv, step=step).stdout.decode().strip()
+    return proc.run(argv, step=step, timeout=TOOL_TIMEOUT).stdout.decode().strip()
 
 
 def enable_forwarding(*, netns: str | None = None) -> str:
