@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -41,11 +40,12 @@ from banger.net.guestnet import GuestNet
 from banger.net.service import NetworkService
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
-from banger.vms import records
+from banger.vms import limits, records
 from banger.vms.agents import AgentEndpoint, AgentPool
 from banger.vms.cmdline import guest_cmdline
 from banger.vms.disk import clone_root_disk
 from banger.vms.model import LIVE_STATES, NetMode, VmRecord, VmState, parse_publish
+from banger.vms.stopping import stop_vmm
 
 if TYPE_CHECKING:
     from banger.guest.seed import SeedMeta
@@ -111,12 +111,21 @@ class VmService:
 
     # -- drivers ---------------------------------------------------------------------------------------------
 
-    def caps(self) -> host.HostCaps:
+    async def load_caps(self) -> host.HostCaps:
+        """Probe the host (VMM `--version` runs among other things) in a thread, off the event loop; cached."""
         if self._caps is None:
-            self._caps = host.detect(
-                qemu_bin=self.settings.get("qemu_bin"), firecracker_bin=self.settings.get("firecracker_bin")
-            )
+            self._caps = await in_thread(self._detect)
         return self._caps
+
+    def caps(self) -> host.HostCaps:
+        """The cached host probe (the daemon loads it at startup with `load_caps`)."""
+        if self._caps is None:
+            log.warning("host capabilities probed on the event loop (load_caps was not awaited first)")
+            self._caps = self._detect()
+        return self._caps
+
+    def _detect(self) -> host.HostCaps:
+        return host.detect(qemu_bin=self.settings.get("qemu_bin"), firecracker_bin=self.settings.get("firecracker_bin"))
 
     def driver(self, kind: VmmKind) -> VmmDriver:
         caps = self.caps()
@@ -158,12 +167,9 @@ class VmService:
         if kind is VmmKind.FIRECRACKER and not (kinfo.get("boots_on") or {}).get("firecracker", False):
             raise InvalidInputError(f"kernel {kernel_name!r} has no ELF entry Firecracker can boot")
         iinfo = self.images.get(image_name)
-        if vcpus < 1 or vcpus > 64:
-            raise InvalidInputError(f"vcpus must be between 1 and 64 (got {vcpus})")
-        if memory_mib < 128:
-            raise InvalidInputError(f"memory must be at least 128 MiB (got {memory_mib})")
         image_path = Path(iinfo["path"])
         disk_bytes = parse_size(disk_size) if disk_size else image_path.stat().st_size
+        limits.check_request(vcpus=vcpus, memory_mib=memory_mib, disk_bytes=disk_bytes, vm_root=self.settings.paths.vms)
         taken = {r["name"] for r in self.store.query("SELECT name FROM vms")}
         if name is None:
             name = generate_name(taken)
@@ -385,18 +391,9 @@ class VmService:
             self._set_state(vm, VmState.STOPPING)
             self._unwatch(vm.id)
             driver = self.driver(VmmKind(vm.vmm))
-            from banger.drivers import process
-
-            graceful = False
-            with contextlib.suppress(Exception):
-                client = await self.agents.get(vm.id, AgentEndpoint.from_runtime(vm.runtime or {}), 5.0)
-                await client.poweroff(timeout=5.0)
-                graceful = await process.wait_exit(handle, timeout)
+            endpoint = AgentEndpoint.from_runtime(vm.runtime or {})
             try:
-                if graceful:
-                    process.remove_sockets(handle)
-                else:
-                    await driver.stop(handle, timeout)
+                await stop_vmm(driver, handle, self.agents, vm.id, endpoint, timeout)
             except BaseException as exc:
                 # Not left "stopping" forever: say what happened, and keep watching a VMM that survived.
                 self._set_state(vm, VmState.ERROR, f"stop failed: {exc}")
@@ -465,6 +462,7 @@ class VmService:
 
     async def reconcile(self) -> None:
         """At daemon start: re-adopt VMMs that kept running, and record the ones that died meanwhile."""
+        await self.load_caps()
         vms = self.all()
         if any(vm.spec.get("net") == NetMode.BRIDGE for vm in vms):
             # Networking is set up lazily (never on a host that has no networked VM), but once VMs use it, the
