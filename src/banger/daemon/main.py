@@ -13,6 +13,7 @@ from pathlib import Path
 
 from banger import __version__
 from banger.config import Settings
+from banger.daemon import runner
 from banger.daemon.app import App
 from banger.daemon.lock import DaemonLock
 from banger.daemon.methods import build_registry
@@ -21,6 +22,9 @@ from banger.rpc.server import RpcServer
 from banger.store.db import Store
 
 log = logging.getLogger("banger.daemon")
+
+# How long the services' own shutdown (watchers, agent connections, DNS) may take once calls are done.
+SERVICES_GRACE = 10.0
 
 
 def setup_logging(path: Path, level: str, to_stderr: bool) -> None:
@@ -92,7 +96,11 @@ class Daemon:
         if self.server is not None:
             await self.server.stop(self.paths.socket)
         if self.app is not None:
-            await self.app.vms.close()
+            try:
+                async with asyncio.timeout(SERVICES_GRACE):
+                    await self.app.vms.close()
+            except TimeoutError:
+                log.error("VM watchers and agent connections did not close within %ss", SERVICES_GRACE)
         if self.store is not None:
             self.store.close()
         if self.app is not None:
@@ -123,11 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.paths.daemon_log, level, to_stderr=sys.stderr.isatty())
     daemon = Daemon(settings, ready_fd=args.ready_fd)
     try:
-        asyncio.run(daemon.run())
+        clean = runner.run(daemon.run())
     except BangerError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    if not clean:
+        # A worker thread is stuck in a blocking call: the interpreter would wait for it at exit, forever.
+        logging.shutdown()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ class CallContext:
 Handler = Callable[..., Awaitable[Any]]
 
 
+# How long closing one connection waits for its cancelled calls, then for its unread replies to drain.
+CLOSE_GRACE = 5.0
+
+
 class Connection:
     """One client connection: reads calls, runs each as a task, writes replies in order of completion."""
 
@@ -184,16 +188,28 @@ class Connection:
         self.hello_done = True
         return protocol.result(req.id, {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid()})
 
-    async def close(self) -> None:
-        """Cancel this connection's calls (their cleanup runs), then close the socket."""
+    async def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Cancel this connection's calls (their cleanup runs), then close the socket; both bounded by `grace`.
+
+        A call that outlives its cancellation, or a client that stopped reading (a suspended `vm logs -f`), must
+        not hold the daemon: past the grace the call is left behind (logged) and the socket is aborted.
+        """
         tasks = list(self.tasks.values())
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                log.error("call %s did not end within %ss of its cancellation", task.get_name(), grace)
         self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
+        try:
+            async with asyncio.timeout(grace):
+                await self.writer.wait_closed()
+        except TimeoutError:
+            log.warning("a client did not read its pending replies within %ss; dropping the connection", grace)
+            self.writer.transport.abort()
+        except (ConnectionError, OSError):
+            pass  # the peer went first: nothing is left to flush
         self.server.connections.discard(self)
 
 
@@ -234,8 +250,8 @@ class RpcServer:
             _done, pending = await asyncio.wait(list(self.inflight), timeout=grace)
             for task in pending:
                 log.error("call %s did not finish its cleanup within %ss", task.get_name(), grace)
-        for conn in list(self.connections):
-            await conn.close()
+        # Concurrently: each close is bounded, so the whole stop is too, however many clients hang.
+        await asyncio.gather(*(conn.close() for conn in list(self.connections)))
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
