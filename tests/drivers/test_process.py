@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -118,3 +119,25 @@ async def test_a_child_that_died_on_its_own_is_reaped_when_looked_at(tmp_path: P
         time.sleep(0.01)
     assert not process.matches(handle)
     assert not _is_zombie(handle.pid)
+
+
+async def test_tagged_pids_finds_exactly_the_vmms_spawned_for_a_run_dir(tmp_path: Path) -> None:
+    """The orphan finder: a VMM spawned for a run dir (Firecracker's argv names no disk at all) is found; a
+    process that only names the VM's files (an admin's `tail -f` of the root disk) is not."""
+    run_dir, other = tmp_path / "run" / "vm1", tmp_path / "run" / "vm2"
+    disk = tmp_path / "root.ext4"
+    disk.write_bytes(b"")
+    exe = tmp_path / "firecracker"
+    exe.symlink_to("/bin/sleep")
+    pids = [process.spawn([str(exe), "60"], log_file=d / "vmm.log") for d in (run_dir, other)]
+    bystander = subprocess.Popen(["tail", "-f", str(disk), str(run_dir / "vmm.log")])
+    try:
+        assert process.tagged_pids(run_dir) == [pids[0]]
+        assert process.tagged_pids(other) == [pids[1]]
+    finally:
+        bystander.kill()
+        bystander.wait()
+        for pid in pids:
+            started = process.start_time(pid)
+            assert started is not None
+            await process.kill(VmmHandle(VmmKind.FIRECRACKER, pid, started, tmp_path / "x", tmp_path))

@@ -292,16 +292,19 @@ def test_daemon_killed_during_start_does_not_orphan_the_vmm(vm_home: BangerEnv) 
 
 
 def test_restart_stops_a_vmm_the_daemon_never_recorded(vm_home: BangerEnv) -> None:
-    """The window between spawning a VMM and saving its pid, made deterministic: a process holding the VM's root
-    disk on its command line (standing in for QEMU) and a record left in 'starting' with no pid."""
+    """The window between spawning a VMM and saving its pid, made deterministic: a process spawned the way banger
+    spawns VMMs (standing in for QEMU) and a record left in 'starting' with no pid. A bystander that merely names
+    the VM's root disk on its command line (an admin's `tail -f`) must survive."""
     import sqlite3
     import sys
 
+    from banger.drivers import process
+
     vm_home.cli("vm", "create", "--name", "delta", "--net", "none", "--no-start", check=True, timeout=300)
     info = vm_info(vm_home, "delta")
-    stand_in = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(600)", str(Path(info["dir"]) / "root.ext4")]
-    )
+    run_dir = vm_home.home / "run" / info["id"]
+    stand_in = process.spawn([sys.executable, "-c", "import time; time.sleep(600)"], log_file=run_dir / "vmm.log")
+    bystander = subprocess.Popen(["tail", "-f", str(Path(info["dir"]) / "root.ext4")], stdout=subprocess.DEVNULL)
     try:
         vm_home.cli("daemon", "stop", check=True)
         db = sqlite3.connect(vm_home.home / "banger.db")
@@ -311,10 +314,14 @@ def test_restart_stops_a_vmm_the_daemon_never_recorded(vm_home: BangerEnv) -> No
         vm_home.cli("daemon", "start", check=True)
         after = vm_info(vm_home, "delta")
         assert after["state"] == "error" and "was starting" in after["reason"]
-        assert stand_in.wait(timeout=30) == -signal.SIGKILL
+        assert wait_for(lambda: process_gone(stand_in), timeout=30, what="the unrecorded VMM killed")
+        assert bystander.poll() is None, "a process that only names the root disk was killed"
     finally:
-        stand_in.kill()
-        stand_in.wait()
+        bystander.kill()
+        bystander.wait()
+        if not process_gone(stand_in):
+            os.kill(stand_in, signal.SIGKILL)
+        os.waitpid(stand_in, 0)
     vm_home.cli("vm", "rm", "delta", check=True)
 
 

@@ -21,6 +21,9 @@ log = logging.getLogger("banger.drivers")
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
+# The environment variable that marks a VMM banger spawned with its VM's run directory.
+TAG_VAR = "BANGER_VMM_RUN_DIR"
+
 # sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -50,9 +53,14 @@ def start_time(pid: int) -> int | None:
 
 
 def spawn(argv: Sequence[str], *, log_file: Path, stdout_file: Path | None = None, pass_fds: Sequence[int] = ()) -> int:
-    """Start a long-running VMM in its own session with stdio on files; return its pid."""
+    """Start a long-running VMM in its own session with stdio on files; return its pid.
+
+    The VMM's log lives in its VM's run directory, and the process carries that directory in its environment
+    (TAG_VAR): a daemon that died before recording the pid finds exactly this VMM again with `tagged_pids`.
+    """
     log.debug("spawn: %s", shlex.join(argv))
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, TAG_VAR: os.fspath(log_file.parent.resolve())}
     with contextlib.ExitStack() as stack:
         err = stack.enter_context(open(log_file, "ab"))
         out = stack.enter_context(open(stdout_file, "ab")) if stdout_file else err
@@ -66,6 +74,7 @@ def spawn(argv: Sequence[str], *, log_file: Path, stdout_file: Path | None = Non
                 pass_fds=tuple(pass_fds),
                 start_new_session=True,
                 close_fds=True,
+                env=env,
             )
         except OSError as exc:
             raise ToolError(f"cannot start {Path(argv[0]).name}: {exc}") from exc
@@ -188,18 +197,22 @@ async def stop_gracefully(
     return outcome
 
 
-def pids_with_argument(arg: str, proc_root: Path = Path("/proc")) -> list[int]:
-    """Pids of live processes that have `arg` as one of their command-line arguments (or inside one)."""
-    needle = os.fsencode(arg)
+def tagged_pids(run_dir: Path, proc_root: Path = Path("/proc")) -> list[int]:
+    """Pids of live processes that `spawn` started for `run_dir` (exactly: by the tag in their environment).
+
+    A process that merely names a VM's files on its command line (an admin's `less` of the root disk) has no
+    such tag and is never returned.
+    """
+    needle = os.fsencode(f"{TAG_VAR}={os.fspath(run_dir.resolve())}")
     found = []
     for entry in proc_root.iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue  # gone meanwhile, or not ours to read
-        if any(needle in a for a in argv) and start_time(int(entry.name)) is not None:
+        if needle in environ and start_time(int(entry.name)) is not None:
             found.append(int(entry.name))
     return found
 

@@ -494,12 +494,12 @@ class VmService:
     async def _kill_unrecorded(self, vm: VmRecord) -> bool:
         """Kill a VMM of `vm` that runs without a record (the daemon died between spawning it and saving its pid).
 
-        Such a process is found by its root disk on its command line; left alone it would hold the disk forever.
+        Such a process (QEMU or Firecracker) is found by the tag `spawn` put in its environment, never by its
+        command line; left alone it would hold the disk forever.
         """
         from banger.drivers import process
 
-        root_disk = str(self.vm_dir(vm.id) / ROOT_DISK)
-        pids = await in_thread(process.pids_with_argument, root_disk)
+        pids = await in_thread(process.tagged_pids, self.run_dir(vm.id))
         for pid in pids:
             started = process.start_time(pid)
             if started is None:
