@@ -86,3 +86,34 @@ def test_stop_returns_within_its_timeout_when_the_agent_hangs(vm_home: BangerEnv
     assert took < 1 + 5, f"vm stop --timeout 1 took {took:.1f}s"
     assert not Path(f"/proc/{pid}").exists() or "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
     vm_home.cli("vm", "rm", "hang", check=True)
+
+
+def test_logs_follow_delivers_a_large_append_and_daemon_stop_ends_it(vm_home: BangerEnv) -> None:
+    """`vm logs -f` reads the console log in bounded slices off the loop: a 3 MiB burst arrives whole, and an
+    attached follower does not hold up `daemon stop`."""
+    vm_home.cli("vm", "create", "--name", "quiet", "--net", "none", "--no-start", check=True, timeout=300)
+    log = Path(json.loads(vm_home.cli("vm", "show", "quiet", "--json", check=True).stdout)["dir"]) / "console.log"
+    follower = vm_home.popen("vm", "logs", "-f", "-n", "0", "quiet")
+    try:
+        time.sleep(2)
+        line = b"x" * 1023 + b"\n"
+        with log.open("ab") as f:
+            f.write(line * 3072)
+            f.write(b"END-OF-BURST\n")
+        assert follower.stdout is not None
+        got = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = follower.stdout.readline()
+            if text.startswith("END-OF-BURST"):
+                break
+            got += len(text)
+        assert got == 3 * 1024 * 1024, f"the follower saw {got} bytes of the burst"
+        began = time.monotonic()
+        vm_home.cli("daemon", "stop", check=True, timeout=60)
+        assert time.monotonic() - began < 30
+        follower.wait(timeout=30)
+    finally:
+        follower.kill()
+        follower.communicate()
+    vm_home.cli("vm", "rm", "quiet", check=True)

@@ -119,3 +119,15 @@ async def copy_out(client: AgentClient, src: str, dest: str, uid: int, gid: int)
         return await client.get(src, dest, owner=owner)
     except OSError as exc:
         raise ToolError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+
+
+# The most one `vm logs -f` turn reads of the console log.
+LOG_SLICE = 1 << 20
+
+
+def read_slice(path: Path, offset: int, length: int) -> bytes:
+    """Up to `length` bytes (at most LOG_SLICE) of `path` from `offset` (blocking: call it in a thread)."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(min(length, LOG_SLICE))
+

@@ -159,10 +159,9 @@ def register(reg: MethodRegistry, app: App) -> None:
                 continue
             size = path.stat().st_size
             if size > pos:
-                with path.open("rb") as f:
-                    f.seek(pos)
-                    chunk = f.read(size - pos)
-                pos = size
+                # Read in a thread, one bounded slice per turn: the loop never waits on the disk.
+                chunk = await asyncio.to_thread(guestops.read_slice, path, pos, size - pos)
+                pos += len(chunk)
                 ctx.event({"text": chunk.decode(errors="replace")})
 
     @reg.method("vm.console")
