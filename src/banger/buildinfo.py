@@ -45,3 +45,38 @@ def build_info() -> BuildInfo:
     except (OSError, ValueError):
         pass
     return _from_git() or BuildInfo(__version__, None, None, "unknown")
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources_digest(package: str = _PACKAGE) -> str:
+    """A digest of the package's Python sources (names, sizes and modification times: stat only, no reads).
+
+    It changes with any edit, a `git pull` in an editable install, or a reinstall, which a stamped commit alone
+    would not show: an install stamp goes stale the moment its checkout moves on.
+    """
+    import zlib  # a change detector, not a security check: crc32 is enough and costs nothing to import
+
+    crc = 0
+    stack = [package]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and entry.name != "__pycache__":
+                stack.append(entry.path)
+            elif entry.name.endswith(".py"):
+                st = entry.stat()
+                line = f"{entry.path[len(package) :]}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                crc = zlib.crc32(line.encode(), crc)
+    return f"{crc:08x}"
+
+
+def code_id() -> str:
+    """What identifies the running code across processes: the commit (stamp or git) and the sources' digest.
+
+    CLI and daemon compare it at the handshake; the commit is there for people, the digest for exactness.
+    """
+    info = build_info() if os.path.exists(_STAMP) else BuildInfo(__version__, None, None, "unknown")
+    return f"{(info.commit or 'nogit')[:12]}-{sources_digest()}"

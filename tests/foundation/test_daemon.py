@@ -117,12 +117,12 @@ def test_errors_unknown_method_bad_params_version(daemon: BangerEnv) -> None:
         daemon.socket,
         [
             {"jsonrpc": "2.0", "id": 1, "method": "rpc.hello", "params": {"version": "0.0.0-old", "protocol": 1}},
-            {"jsonrpc": "2.0", "id": 2, "method": "daemon.status"},
+            {"jsonrpc": "2.0", "id": 2, "method": "daemon.sleep", "params": {"seconds": 0.1}},
         ],
     )
-    assert mismatch[0]["error"]["code"] == ErrorCode.VERSION_MISMATCH
-    assert "does not match daemon" in mismatch[0]["error"]["message"]
-    assert mismatch[1]["error"]["code"] == ErrorCode.VERSION_MISMATCH  # nothing is served without a handshake
+    assert mismatch[0]["result"]["same_code"] is False  # other code: seen and stoppable (tests/foundation/test_upgrade)
+    assert mismatch[1]["error"]["code"] == ErrorCode.VERSION_MISMATCH
+    assert "banger daemon stop" in mismatch[1]["error"]["message"]
     hello = {"jsonrpc": "2.0", "id": 1, "method": "rpc.hello", "params": {"version": __version__, "protocol": 1}}
     replies = raw_call(
         daemon.socket,

@@ -19,9 +19,16 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
 
 
-def rpc(method: str, params: dict[str, Any] | None = None, *, progress: bool = False, autostart: bool = True) -> Any:
-    """Call one daemon method, rendering its progress notifications when asked."""
-    client = connect(Paths.from_env(), autostart=autostart)
+def rpc(
+    method: str,
+    params: dict[str, Any] | None = None,
+    *,
+    progress: bool = False,
+    autostart: bool = True,
+    across_versions: bool = False,
+) -> Any:
+    """Call one daemon method, rendering its progress notifications when asked (see connect for the flags)."""
+    client = connect(Paths.from_env(), autostart=autostart, across_versions=across_versions)
     try:
         if not progress:
             return client.call(method, params or {})

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
 import select
 import subprocess
 import sys
 import time
 
-from banger.config import Paths
+from banger.config import ENV_OVERRIDES, Paths
 from banger.daemon.lock import lock_holder
 from banger.errors import DaemonError
 from banger.rpc.client import Client, DaemonUnavailable
@@ -16,12 +17,22 @@ from banger.rpc.client import Client, DaemonUnavailable
 START_TIMEOUT = 60.0
 
 
-def connect(paths: Paths, *, autostart: bool = True) -> Client:
-    """A connected, handshaken client; starts bangerd first when allowed and needed."""
+def connect(paths: Paths, *, autostart: bool = True, across_versions: bool = False) -> Client:
+    """A connected, handshaken client; starts bangerd first when allowed and needed.
+
+    A daemon that runs other code than this CLI is replaced (see cli/upgrade.py), unless `across_versions`
+    (for `daemon status` and `daemon stop`, which work on any daemon).
+    """
     client = Client(paths.socket)
     try:
-        client.connect()
-        return client
+        client.connect(across_versions=True)
+        if client.same_code or across_versions:
+            return client
+        from banger.cli.upgrade import refuse_stale, stop_stale
+
+        if not autostart or os.environ.get("BANGER_NO_AUTOSTART") == "1":
+            refuse_stale(client)  # it could not be started again: say so rather than stop it
+        stop_stale(paths, client)
     except DaemonUnavailable:
         if not autostart or os.environ.get("BANGER_NO_AUTOSTART") == "1":
             raise DaemonUnavailable(
@@ -42,8 +53,28 @@ def connect(paths: Paths, *, autostart: bool = True) -> Client:
             time.sleep(0.05)
 
 
-def start_daemon(paths: Paths, timeout: float = START_TIMEOUT) -> int:
-    """Spawn bangerd detached and wait for its readiness message on a pipe; returns its pid."""
+def daemon_env(paths: Paths, *, explicit: bool) -> dict[str, str]:
+    """The environment a daemon starts with: fixed, never the whole environment of whichever CLI started it.
+
+    The daemon's settings come from the config file; BANGER_HOME is passed (absolute). Only a daemon started on
+    purpose (`banger daemon start`, explicit) also takes the BANGER_* setting overrides of that shell. PATH is
+    the system's plus this interpreter's bin directory (where setup.sh puts firecracker); PYTHONPATH is kept
+    because it decides which code the daemon runs, and that must be the CLI's.
+    """
+    bindir = os.path.dirname(sys.executable)
+    env = {
+        "PATH": f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "BANGER_HOME": str(paths.home.absolute()),
+        "LC_ALL": "C.UTF-8",
+        "HOME": pwd.getpwuid(os.geteuid()).pw_dir,
+    }
+    keep = ["PYTHONPATH", *ENV_OVERRIDES] if explicit else ["PYTHONPATH"]
+    env.update({k: os.environ[k] for k in keep if os.environ.get(k)})
+    return env
+
+
+def start_daemon(paths: Paths, timeout: float = START_TIMEOUT, *, explicit: bool = False) -> int:
+    """Spawn bangerd detached (clean environment, cwd /) and wait for its readiness message; returns its pid."""
     paths.ensure()
     read_fd, write_fd = os.pipe()
     log = open(paths.daemon_log, "ab")
@@ -56,6 +87,8 @@ def start_daemon(paths: Paths, timeout: float = START_TIMEOUT) -> int:
             pass_fds=(write_fd,),
             start_new_session=True,
             close_fds=True,
+            env=daemon_env(paths, explicit=explicit),
+            cwd="/",
         )
     finally:
         os.close(write_fd)

@@ -23,7 +23,7 @@ from banger.rpc.client import Client, DaemonUnavailable
 def _daemon_status(paths: Paths) -> dict[str, Any] | None:
     client = Client(paths.socket)
     try:
-        client.connect()
+        client.connect(across_versions=True)
     except DaemonUnavailable:
         return None
     try:
@@ -52,8 +52,8 @@ def start(as_json: bool) -> None:
     paths = Paths.from_env()
     status = _daemon_status(paths)
     if status is None:
-        start_daemon(paths)
-        status = rpc("daemon.status", autostart=False)
+        start_daemon(paths, explicit=True)
+        status = rpc("daemon.status", autostart=False, across_versions=True)
         message = f"bangerd started (pid {status['pid']})"
     else:
         message = f"bangerd already running (pid {status['pid']})"
@@ -69,7 +69,7 @@ def stop(timeout: float) -> None:
     """Stop bangerd gracefully (in-flight work is cancelled and cleaned up)."""
     paths = Paths.from_env()
     try:
-        reply = rpc("daemon.stop", autostart=False)
+        reply = rpc("daemon.stop", autostart=False, across_versions=True)
     except DaemonUnavailable:
         click.echo("bangerd is not running")
         return

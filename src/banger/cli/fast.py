@@ -49,9 +49,9 @@ def _daemon_status(home: str) -> dict[str, Any] | None:
         raise SystemExit(f"error: cannot talk to the daemon: {exc}") from exc
     finally:
         sock.close()
-    for reply in replies:
-        if "error" in reply:
-            raise SystemExit(f"error: {reply['error']['message']}")
+    # The handshake may fail (a daemon of another protocol); daemon.status is served across versions regardless.
+    if "error" in replies[1]:
+        raise SystemExit(f"error: {replies[1]['error']['message']}")
     result: dict[str, Any] = replies[1]["result"]
     return result
 
@@ -63,29 +63,39 @@ def _kv(pairs: list[tuple[str, Any]]) -> None:
 
 def version_cmd(as_json: bool) -> int:
     """`banger version`: CLI and daemon version, commit, build date."""
-    from banger.buildinfo import build_info
+    from banger.buildinfo import build_info, code_id
 
     info = build_info()
+    cli = {"version": info.version, "commit": info.commit, "build_date": info.date, "build": code_id()}
     status = _daemon_status(state_home())
     daemon = None
     if status:
-        daemon = {"version": status["version"], "commit": status.get("commit"), "build_date": status.get("build_date")}
+        daemon = {
+            "version": status["version"],
+            "commit": status.get("commit"),
+            "build_date": status.get("build_date"),
+            "build": status.get("build"),
+        }
     if as_json:
-        cli = {"version": info.version, "commit": info.commit, "build_date": info.date}
-        print(json.dumps({"cli": cli, "daemon": daemon}, indent=2))
+        print(
+            json.dumps(
+                {"cli": cli, "daemon": daemon, "same_code": bool(daemon and daemon["build"] == cli["build"])}, indent=2
+            )
+        )
         return 0
 
     def line(v: dict[str, Any] | None) -> str:
         if v is None:
             return "not running"
-        return f"{v['version']} (commit {(v['commit'] or 'unknown')[:12]}, built {v['build_date'] or 'unknown'})"
+        return (
+            f"{v['version']} (commit {(v['commit'] or 'unknown')[:12]}, build {v['build'] or 'unknown'}, "
+            f"built {v['build_date'] or 'unknown'})"
+        )
 
-    _kv(
-        [
-            ("cli", line({"version": info.version, "commit": info.commit, "build_date": info.date})),
-            ("daemon", line(daemon)),
-        ]
-    )
+    pairs = [("cli", line(cli)), ("daemon", line(daemon))]
+    if daemon is not None and daemon["build"] != cli["build"]:
+        pairs.append(("note", "the daemon runs other code; the next command restarts it (or `banger daemon stop`)"))
+    _kv(pairs)
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from banger.buildinfo import code_id
 from banger.config import Settings
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
@@ -25,6 +26,8 @@ class App:
     vms: VmService
     network: NetworkService
     started_at: float = field(default_factory=time.time)
+    # The code this daemon loaded (buildinfo.code_id at startup): the handshake compares the CLI's with it.
+    build: str = field(default_factory=code_id)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod

@@ -62,7 +62,7 @@ class Daemon:
         self.store.migrate()
         self.app = App.create(self.settings, self.store)
         await self.app.vms.reconcile()
-        self.server = RpcServer(build_registry(self.app))
+        self.server = RpcServer(build_registry(self.app), build=self.app.build)
         await self.server.start(self.paths.socket)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

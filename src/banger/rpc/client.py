@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from banger import PROTOCOL_VERSION, __version__
-from banger.errors import DaemonError, error_class_for
+from banger.buildinfo import code_id
+from banger.errors import DaemonError, VersionMismatchError, error_class_for
 from banger.rpc import protocol
 
 
@@ -41,8 +42,12 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def connect(self) -> None:
-        """Connect and perform the version handshake."""
+    def connect(self, *, across_versions: bool = False) -> None:
+        """Connect and perform the version handshake.
+
+        With `across_versions`, a daemon of another protocol is still connected to (its handshake error is kept
+        in `daemon_info`): the methods of the server's ACROSS_VERSIONS (status, stop) work on it.
+        """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self._connect_timeout)
         try:
@@ -55,7 +60,18 @@ class Client:
             raise DaemonUnavailable(f"cannot connect to the daemon at {self.path}: {exc.strerror}") from exc
         sock.settimeout(None)
         self._sock = sock
-        self.daemon_info = self.call(protocol.HELLO, {"version": __version__, "protocol": PROTOCOL_VERSION})
+        hello = {"version": __version__, "protocol": PROTOCOL_VERSION, "build": code_id()}
+        try:
+            self.daemon_info = self.call(protocol.HELLO, hello)
+        except VersionMismatchError as exc:
+            if not across_versions:
+                raise
+            self.daemon_info = {"same_code": False, "handshake_error": exc.message}
+
+    @property
+    def same_code(self) -> bool:
+        """Whether the daemon runs this CLI's code (a daemon too old to say so does not)."""
+        return bool(self.daemon_info.get("same_code", False))
 
     def close(self) -> None:
         if self._sock is not None:

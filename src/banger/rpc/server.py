@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from banger import PROTOCOL_VERSION, __version__
+from banger.buildinfo import code_id
 from banger.errors import BangerError, ErrorCode
 from banger.progress import ProgressEvent
 from banger.rpc import protocol
@@ -51,6 +52,10 @@ class CallContext:
 Handler = Callable[..., Awaitable[Any]]
 
 
+# Methods served to a client running other code than the daemon (or another protocol): enough to see the
+# daemon and to stop it, so an upgrade can always replace it.
+ACROSS_VERSIONS = frozenset({"daemon.status", "daemon.stop"})
+
 # How long closing one connection waits for its cancelled calls, then for its unread replies to drain.
 CLOSE_GRACE = 5.0
 
@@ -67,6 +72,9 @@ class Connection:
         # Calls that got their reply; a call cancelled before its task ever ran is answered by _finished.
         self.replied: set[int | str] = set()
         self.hello_done = False
+        # Whether the client runs the same code as this daemon (its build matches): if not, only the methods of
+        # ACROSS_VERSIONS are served, so an old daemon can still be seen and stopped after an upgrade.
+        self.same_code = False
 
     def peer_ids(self) -> tuple[int, int]:
         """uid and gid of the client process (SO_PEERCRED), so files it receives can be made its own."""
@@ -143,12 +151,9 @@ class Connection:
             self.send(self._hello(req))
             self.replied.add(req.id)
             return
-        if not self.hello_done:
-            self.send(
-                protocol.error(
-                    req.id, ErrorCode.VERSION_MISMATCH, f"call {protocol.HELLO} with a matching version first"
-                )
-            )
+        refusal = self._refusal(req.method)
+        if refusal is not None:
+            self.send(protocol.error(req.id, ErrorCode.VERSION_MISMATCH, refusal))
             self.replied.add(req.id)
             return
         try:
@@ -178,15 +183,38 @@ class Connection:
     def _hello(self, req: protocol.Request) -> bytes:
         client_version = req.params.get("version")
         client_proto = req.params.get("protocol")
-        if client_proto != PROTOCOL_VERSION or client_version != __version__:
+        client_build = req.params.get("build")
+        if client_proto != PROTOCOL_VERSION:
             return protocol.error(
                 req.id,
                 ErrorCode.VERSION_MISMATCH,
-                f"banger CLI {client_version} (protocol {client_proto}) does not match daemon {__version__} "
-                f"(protocol {PROTOCOL_VERSION}); restart the daemon with `banger daemon stop`",
+                f"banger CLI {client_version} speaks protocol {client_proto}, this daemon (pid {os.getpid()}) "
+                f"protocol {PROTOCOL_VERSION}; stop it with `banger daemon stop` and retry",
             )
         self.hello_done = True
-        return protocol.result(req.id, {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid()})
+        # A client that states no build is an older CLI: it is the same code only if the version says so.
+        self.same_code = client_version == __version__ and client_build in (None, self.server.build)
+        return protocol.result(
+            req.id,
+            {
+                "version": __version__,
+                "protocol": PROTOCOL_VERSION,
+                "pid": os.getpid(),
+                "build": self.server.build,
+                "same_code": self.same_code,
+            },
+        )
+
+    def _refusal(self, method: str) -> str | None:
+        """Why `method` is not served on this connection (None: it is)."""
+        if method in ACROSS_VERSIONS or (self.hello_done and self.same_code):
+            return None
+        if not self.hello_done:
+            return f"call {protocol.HELLO} with a matching protocol first"
+        return (
+            f"this daemon (pid {os.getpid()}, build {self.server.build}) runs other code than the CLI: "
+            "stop it with `banger daemon stop` and retry (the next command starts the new one)"
+        )
 
     async def close(self, grace: float = CLOSE_GRACE) -> None:
         """Cancel this connection's calls (their cleanup runs), then close the socket; both bounded by `grace`.
@@ -216,8 +244,10 @@ class Connection:
 class RpcServer:
     """Listens on a Unix socket (mode 0660) and serves a MethodRegistry."""
 
-    def __init__(self, registry: MethodRegistry) -> None:
+    def __init__(self, registry: MethodRegistry, build: str | None = None) -> None:
         self.registry = registry
+        # The code this daemon loaded, fixed at startup (its files may change under it, as in a `git pull`).
+        self.build = build or code_id()
         self.connections: set[Connection] = set()
         self.inflight: set[asyncio.Task[None]] = set()
         self._server: asyncio.base_events.Server | None = None

@@ -30,6 +30,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             "version": __version__,
             "commit": info.commit,
             "build_date": info.date,
+            "build": app.build,
             "uptime_s": round(time.time() - app.started_at, 3),
             "home": str(paths.home),
             "socket": str(paths.socket),
