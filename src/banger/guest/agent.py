@@ -88,7 +88,9 @@ class Session:
                 await self.reset()
                 self.nonce = frame.header.get("nonce")
                 await self.mux.send_padding()
-            await self.mux.send(Kind.HELLO, 0, nonce=frame.header.get("nonce"), version=VERSION, pid=os.getpid())
+            await self.mux.send(
+                Kind.HELLO, 0, nonce=frame.header.get("nonce"), version=VERSION, pid=os.getpid(), **hello_extras()
+            )
         elif frame.kind == Kind.CANCEL:
             # A second cancel would interrupt the first one's cleanup (killing and reaping the process).
             if (task := self.tasks.get(frame.id)) and not task.cancelling():
@@ -120,6 +122,11 @@ class Session:
                 await self.mux.send(Kind.END, stream.id, **reply)
             except (OSError, ConnectionError):
                 pass  # the host is gone; the session is being torn down
+
+
+def hello_extras() -> dict[str, Any]:
+    """What a HELLO reply tells the host besides the version: the request kinds this agent serves."""
+    return {"kinds": sorted(HANDLERS)}
 
 
 def _error(code: str, message: str) -> dict[str, str]:

@@ -17,6 +17,9 @@ from typing import Any, NoReturn
 from banger import errors
 from banger.guest.ports import ListeningPort
 from banger.guest.protocol import (
+    BASE_REQUEST_KINDS,
+    OLDEST_AGENT_VERSION,
+    UNSUPPORTED_BY_AGENT,
     VERSION,
     Fd,
     Kind,
@@ -50,6 +53,8 @@ _ERRORS: dict[str, type[errors.BangerError]] = {
 def _raise_for(header: dict[str, Any]) -> NoReturn:
     err = header.get("error") or {}
     code, message = str(err.get("code", "failed")), str(err.get("message", "agent request failed"))
+    if code == "unsupported":  # an agent older than this request kind
+        message = f"{message}: {UNSUPPORTED_BY_AGENT}"
     raise _ERRORS.get(code, AgentError)(f"guest agent: {message}", data={"agent_code": code})
 
 
@@ -171,6 +176,9 @@ class AgentClient:
         self._ids = itertools.count(1)
         self._nonce = secrets.token_hex(8)
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.agent_version = VERSION
+        # None: the agent did not say (an older one), so it serves BASE_REQUEST_KINDS.
+        self.agent_kinds: frozenset[Kind] | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -222,8 +230,15 @@ class AgentClient:
                 if self._reader_task.done() and not self._hello.done():
                     raise AgentError("guest agent connection closed during handshake")
         reply = self._hello.result()
-        if reply.get("version") != VERSION:
-            raise errors.VersionMismatchError(f"guest agent speaks protocol {reply.get('version')}, host {VERSION}")
+        version = reply.get("version")
+        if not isinstance(version, int) or not OLDEST_AGENT_VERSION <= version <= VERSION:
+            raise errors.VersionMismatchError(
+                f"guest agent speaks protocol {version}, host {OLDEST_AGENT_VERSION} to {VERSION}",
+                hint=UNSUPPORTED_BY_AGENT,
+            )
+        self.agent_version = version
+        kinds = reply.get("kinds")
+        self.agent_kinds = frozenset(Kind(k) for k in kinds if k in Kind.__members__.values()) if kinds else None
 
     async def _read_loop(self) -> None:
         try:
@@ -267,9 +282,15 @@ class AgentClient:
         """False once the connection has dropped."""
         return not self._closed
 
+    def supports(self, kind: Kind) -> bool:
+        """Whether this VM's agent serves requests of `kind` (it may be older than the host)."""
+        return kind in (self.agent_kinds if self.agent_kinds is not None else BASE_REQUEST_KINDS)
+
     async def _request(self, kind: Kind, **fields: Any) -> Stream:
         if self._closed:
             raise AgentError("guest agent connection is closed")
+        if not self.supports(kind):
+            raise errors.UnsupportedError(f"{kind.value} is {UNSUPPORTED_BY_AGENT}", data={"agent_code": "unsupported"})
         stream = Stream(next(self._ids))
         self.mux.streams[stream.id] = stream
         await self.mux.send(kind, stream.id, **fields)

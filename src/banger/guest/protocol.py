@@ -88,6 +88,14 @@ class Kind(enum.StrEnum):
     END = "end"
 
 
+# A running VM keeps the agent it booted with (it sits on the VM's seed drive), so a newer host must still talk
+# to older agents: it accepts any agent version from OLDEST_AGENT_VERSION up to VERSION. Agents list the request
+# kinds they serve in their HELLO ("kinds"); an agent that lists none serves BASE_REQUEST_KINDS.
+OLDEST_AGENT_VERSION = 1
+BASE_REQUEST_KINDS = frozenset({Kind.HEALTH, Kind.EXEC, Kind.PUT, Kind.GET, Kind.PORTS, Kind.POWEROFF})
+UNSUPPORTED_BY_AGENT = "unsupported by this VM's agent: restart the VM"
+
+
 class Fd(enum.IntEnum):
     """Which byte stream of a request a DATA/EOF frame belongs to."""
 
