@@ -130,4 +130,3 @@ def read_slice(path: Path, offset: int, length: int) -> bytes:
     with path.open("rb") as f:
         f.seek(offset)
         return f.read(min(length, LOG_SLICE))
-
