@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from banger.config import Settings
+from banger.daemon.events import EventBus
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
 from banger.net.service import NetworkService
@@ -26,6 +27,7 @@ class App:
     network: NetworkService
     started_at: float = field(default_factory=time.time)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    events: EventBus = field(default_factory=EventBus)
 
     @classmethod
     def create(cls, settings: Settings, store: Store) -> App:
@@ -40,6 +42,9 @@ class App:
             images=images,
             vms=VmService(settings, store, kernels, images, network),
             network=network,
+        )
+        app.vms.on_change = lambda what, vm: app.events.publish(
+            f"vm.{what}", vm=vm.name, vm_id=vm.id, state=vm.state.value, reason=vm.reason
         )
         app.kernels.reconcile()
         app.images.reconcile()

@@ -30,7 +30,9 @@ def register(reg: MethodRegistry, app: App) -> None:
     @reg.method("kernel.pull")
     async def pull(ctx: CallContext, name: str, force: bool = False, catalog: str | None = None) -> dict[str, Any]:
         """Download, verify and install a catalog kernel."""
-        return await k.pull(name, force=force, catalog=catalog, progress=ctx.progress)
+        with app.events.operation("kernel.pull", name):
+            progress = app.events.progress_tee(ctx.progress, op="kernel.pull", name=name)
+            return await k.pull(name, force=force, catalog=catalog, progress=progress)
 
     @reg.method("kernel.import")
     async def import_(
