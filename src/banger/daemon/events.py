@@ -1,7 +1,7 @@
 """The daemon's event bus: services publish, `daemon.events` subscribers receive, each through a bounded queue.
 
 A slow subscriber never makes the daemon grow or wait: when its queue is full, further events are dropped and
-counted, and the subscriber's next read starts with one `{"type": "lost", "count": N}` marker.
+counted in one `{"type": "lost", "count": N}` marker where they would have been.
 """
 
 from __future__ import annotations
@@ -24,27 +24,26 @@ class Subscription:
     def __init__(self, maxlen: int) -> None:
         self._items: deque[dict[str, Any]] = deque()
         self._maxlen = maxlen
-        self._lost = 0
         self._ready = asyncio.Event()
 
     def put(self, event: dict[str, Any]) -> None:
-        """Queue an event, or count it as lost when the queue is full."""
+        """Queue an event; when the queue is full, count it in a `lost` marker at the queue's end instead."""
         if len(self._items) >= self._maxlen:
-            self._lost += 1
+            # One slot past the bound holds the marker, so the reader sees the gap where it happened.
+            if self._items[-1].get("type") == "lost":
+                self._items[-1]["count"] += 1
+            else:
+                self._items.append({"type": "lost", "count": 1, "time": time.time()})
         else:
             self._items.append(event)
         self._ready.set()
 
     async def get(self) -> dict[str, Any]:
-        """The next event (a `lost` marker first when events were dropped)."""
-        while True:
-            if self._lost:
-                lost, self._lost = self._lost, 0
-                return {"type": "lost", "count": lost, "time": time.time()}
-            if self._items:
-                return self._items.popleft()
+        """The next event (or `lost` marker)."""
+        while not self._items:
             self._ready.clear()
             await self._ready.wait()
+        return self._items.popleft()
 
 
 class EventBus:

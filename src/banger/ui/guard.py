@@ -180,4 +180,3 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, messa
         }
     )
     await send({"type": "http.response.body", "body": body})
-
