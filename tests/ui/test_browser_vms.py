@@ -72,6 +72,17 @@ def test_vm_lifecycle_and_terminal_in_the_browser(ui_vm: UiServer, tmp_path: Pat
             timeout=120_000,
         )
         assert "hi" in _terminal_lines(page)
+        # The window shrinks: the terminal refits and the guest's PTY follows.
+        cols = page.evaluate("window.bangerTerminal.cols")
+        page.set_viewport_size({"width": 700, "height": 800})
+        page.wait_for_function(f"window.bangerTerminal.cols < {cols}")
+        size = f"{page.evaluate('window.bangerTerminal.rows')} {page.evaluate('window.bangerTerminal.cols')}"
+        page.keyboard.type("stty size\n")
+        page.wait_for_function(
+            f"""() => [...document.querySelectorAll('#terminal .xterm-rows > div')]
+                 .some((r) => r.textContent.trim() === '{size}')""",
+            timeout=60_000,
+        )
         expect(page.locator("#console")).not_to_be_empty()
         expect(page.locator("#vm-ports table")).to_be_visible()
         expect(page.locator("#sessions .error")).to_contain_text("is not supported by this daemon")

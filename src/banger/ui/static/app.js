@@ -253,6 +253,7 @@ async function pageVm(name) {
     term.loadAddon(fit);
     term.open(div);
     fit.fit();
+    window.bangerTerminal = term;  // for tests and the console: rows, cols, buffer
     const proto = location.protocol === "https:" ? "wss" : "ws";
     ws = new WebSocket(`${proto}://${location.host}/api/vms/${name}/terminal?rows=${term.rows}&cols=${term.cols}`);
     ws.binaryType = "arraybuffer";
