@@ -87,12 +87,17 @@ def _keystrokes(send: Callable[[bytes], None], read: Callable[[float], bytes], n
     return times
 
 
-class WebTerminal:
-    """The UI's terminal websocket, as the page opens it."""
+def terminal_socket(base: str, cookie: str, vm: str) -> ClientConnection:
+    """The UI's terminal websocket, opened as the page opens it."""
+    url = base.replace("http://", "ws://") + f"/api/vms/{vm}/terminal?rows=24&cols=80"
+    return ws_connect(url, origin=base, additional_headers={"Cookie": f"banger_ui={cookie}"})  # type: ignore[arg-type]
 
-    def __init__(self, base: str, cookie: str, vm: str) -> None:
-        url = base.replace("http://", "ws://") + f"/api/vms/{vm}/terminal?rows=24&cols=80"
-        self.ws: ClientConnection = ws_connect(url, origin=base, additional_headers={"Cookie": f"banger_ui={cookie}"})  # type: ignore[arg-type]
+
+class WebTerminal:
+    """Keys over the UI's terminal websocket."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
 
     def send(self, data: bytes) -> None:
         self.ws.send(json.dumps({"data": data.decode()}))
@@ -100,9 +105,6 @@ class WebTerminal:
     def read(self, timeout: float) -> bytes:
         msg = self.ws.recv(timeout=timeout)
         return msg if isinstance(msg, bytes) else b""
-
-    def close(self) -> None:
-        self.ws.close()
 
 
 class PtyShell:
@@ -132,7 +134,11 @@ class PtyShell:
 
 
 def bench_keys(home: Home, base: str, cookie: str, rounds: int, keys: int) -> None:
-    web = WebTerminal(base, cookie, "vm0")
+    with terminal_socket(base, cookie, "vm0") as ws:
+        _bench_keys(home, WebTerminal(ws), rounds, keys)
+
+
+def _bench_keys(home: Home, web: WebTerminal, rounds: int, keys: int) -> None:
     shell = PtyShell(home.env, "vm0")
     try:
         for side in (web, shell):  # a prompt first; then warm both paths
@@ -143,7 +149,6 @@ def bench_keys(home: Home, base: str, cookie: str, rounds: int, keys: int) -> No
             results["web UI terminal"] += _keystrokes(web.send, web.read, keys // rounds)
             results["vm shell (terminal)"] += _keystrokes(shell.send, shell.read, keys // rounds)
     finally:
-        web.close()
         shell.close()
     floor = statistics.median(results["vm shell (terminal)"])
     print(f"\nkeystroke -> echo ({len(results['web UI terminal'])} keys per side, interleaved in {rounds} rounds)")

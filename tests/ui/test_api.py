@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import stat
 from pathlib import Path
 
@@ -41,14 +42,26 @@ def test_token_becomes_an_httponly_cookie_once(ui: UiServer) -> None:
     assert fresh != ui.login_url and httpx.get(fresh).status_code == 303
 
 
-def test_state_file_is_private_and_removed_on_exit(daemon: BangerEnv, tmp_path: Path) -> None:
+def test_ui_url_names_the_newest_running_ui(daemon: BangerEnv, tmp_path: Path) -> None:
     runtime = tmp_path / "xdg"
-    with run_ui(daemon, runtime):
-        files = list((runtime / "banger").glob("ui-*.json"))
-        assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    with run_ui(daemon, runtime) as first:
+        with run_ui(daemon, runtime) as second:
+            files = list((runtime / "banger").glob("ui-*.json"))
+            assert len(files) == 2 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+            assert second.fresh_url().startswith(second.base + "/?token=")
+            second.proc.send_signal(signal.SIGTERM)  # a terminated UI cleans up too
+            second.proc.wait(15)
+            assert len(list((runtime / "banger").glob("ui-*.json"))) == 1
+            assert first.fresh_url().startswith(first.base + "/?token=")
     assert not list((runtime / "banger").glob("ui-*.json"))
     gone = daemon.cli("ui", "url")
     assert gone.returncode == 1 and "error: no banger ui is running" in gone.stderr
+
+
+def test_a_busy_port_is_a_clear_error(ui: UiServer) -> None:
+    busy = ui.benv.cli("ui", "--port", str(ui.port), "--no-open")
+    assert busy.returncode == 1 and busy.stdout == ""
+    assert busy.stderr.startswith(f"error: cannot listen on 127.0.0.1:{ui.port}: Address already in use")
 
 
 def test_foreign_host_is_refused_even_when_logged_in(ui: UiServer) -> None:

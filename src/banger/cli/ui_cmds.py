@@ -36,7 +36,7 @@ def ui(ctx: click.Context, host: str, port: int, no_open: bool) -> None:
 @ui.command()
 def url() -> None:
     """Print a fresh one-time login URL for the UI that is running."""
-    from banger.ui.state import UiState, state_path
+    from banger.ui.state import running_ui
 
-    state = UiState.read(state_path(Paths.from_env().socket))
+    state = running_ui(Paths.from_env().socket)
     click.echo(state.url(state.mint()))

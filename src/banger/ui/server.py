@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 import socket
 from collections.abc import Callable
 from importlib import resources
@@ -62,11 +63,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(socket_path: Path, host: str, port: int, on_ready: Callable[[str], None]) -> None:
     """Run the UI until interrupted; `on_ready` gets the first login URL once the socket listens."""
     sock = bind(host, port)
     state = UiState(pid=os.getpid(), host=host, port=sock.getsockname()[1], secret=secrets.token_hex(32))
-    spath = state_path(socket_path)
+    spath = state_path(socket_path, state.pid)
     guard = Guard(bound_host=host, port=state.port, tokens=TokenChecker(state.secret))
     config = uvicorn.Config(
         build_app(socket_path, guard),
@@ -76,6 +81,9 @@ def serve(socket_path: Path, host: str, port: int, on_ready: Callable[[str], Non
         timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the previous handler: make
+    # that one an exception for SIGTERM too, so the `finally` below still removes the state file.
+    signal.signal(signal.SIGTERM, _terminated)
     state.write(spath)
     try:
         on_ready(state.url(state.mint()))

@@ -25,10 +25,29 @@ def state_dir() -> Path:
     return Path.home() / ".cache" / "banger"
 
 
-def state_path(socket: Path) -> Path:
-    """One state file per daemon socket: UIs of separate state roots do not see each other."""
-    key = hashlib.sha256(str(socket.absolute()).encode()).hexdigest()[:16]
-    return state_dir() / f"ui-{key}.json"
+def _key(socket: Path) -> str:
+    return hashlib.sha256(str(socket.absolute()).encode()).hexdigest()[:16]
+
+
+def state_path(socket: Path, pid: int) -> Path:
+    """One state file per UI process, named by its daemon's socket: UIs of separate state roots do not mix."""
+    return state_dir() / f"ui-{_key(socket)}-{pid}.json"
+
+
+def running_ui(socket: Path) -> UiState:
+    """The newest UI still running for this daemon (files of UIs that died are removed), or NotFoundError."""
+    found: list[tuple[float, UiState]] = []
+    for path in state_dir().glob(f"ui-{_key(socket)}-*.json"):
+        try:
+            found.append((path.stat().st_mtime, UiState.read(path)))
+        except NotFoundError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        except OSError:
+            continue
+    if not found:
+        raise NotFoundError("no banger ui is running", hint="start one with `banger ui`")
+    return max(found, key=lambda item: item[0])[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +95,9 @@ class UiState:
         return state
 
     def remove(self, path: Path) -> None:
-        """Remove the file if it is still this UI's."""
-        with contextlib.suppress(NotFoundError, OSError):
-            if UiState.read(path).pid == self.pid:
-                path.unlink()
+        """Remove this UI's file."""
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _mac(secret: str, body: str) -> str:
