@@ -119,3 +119,6 @@ def test_create_form_reports_errors_in_page(ui_vm: UiServer, tmp_path: Path) -> 
         screenshot(page, "vms", "5-form")
         ui_vm.benv.cli("vm", "rm", "formvm", check=True)
         expect(page.locator("#vm-row-formvm")).to_have_count(0)
+        page.locator("nav a", has_text="Images").click()
+        expect(page.locator("#image-debian-bookworm")).to_contain_text("debian")
+        screenshot(page, "images", "1-list")

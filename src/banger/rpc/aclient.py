@@ -68,8 +68,7 @@ class AsyncClient:
         """Close the connection; the daemon cancels whatever calls were still running."""
         if self._pump is not None:
             self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+            await asyncio.wait([self._pump])  # unlike awaiting it, never swallows our own cancellation
             self._pump = None
         if self._writer is not None:
             self._writer.close()

@@ -378,15 +378,17 @@ async function pageKernels() {
 
 async function pageImages() {
   const body = h("tbody", { id: "image-rows" });
+  const cols = ["Name", "Preset", "Suite", "Size", "Built", "Source", ""];
   const render = async () => {
     let rows;
-    try { rows = await api("GET", "/api/images"); } catch (e) { body.replaceChildren(h("tr", {}, h("td", { colspan: 5 }, errorLine(e)))); return; }
-    body.replaceChildren(...(rows.length ? rows.map((im) => h("tr", { id: `image-${im.name}` }, h("td", {}, im.name), h("td", {}, im.state || im.preset || ""),
-      h("td", {}, im.size || fmtBytes(im.size_bytes)), h("td", {}, im.created_at || ""),
-      h("td", {}, h("button", { class: "danger", "data-action": "rm", onclick: (e) => confirmed(`Remove image ${im.name}?`) && act(e.target, async () => { await api("DELETE", `/api/images/${im.name}`); render(); }) }, "Remove"))))
-      : [h("tr", {}, h("td", { colspan: 5, class: "empty" }, "no images (build one with `banger image build`)"))]));
+    try { rows = await api("GET", "/api/images"); } catch (e) { body.replaceChildren(h("tr", {}, h("td", { colspan: cols.length }, errorLine(e)))); return; }
+    const rm = (im) => (e) => confirmed(`Remove image ${im.name}?`) && act(e.target, async () => { await api("DELETE", `/api/images/${im.name}`); render(); });
+    body.replaceChildren(...(rows.length ? rows.map((im) => h("tr", { id: `image-${im.name}` }, h("td", {}, im.name), h("td", {}, im.preset || ""),
+      h("td", {}, im.suite || ""), h("td", {}, im.size || fmtBytes(im.size_bytes)), h("td", {}, im.built_at || ""), h("td", { class: "muted" }, im.source || ""),
+      h("td", {}, h("button", { class: "danger", "data-action": "rm", onclick: rm(im) }, "Remove"))))
+      : [h("tr", {}, h("td", { colspan: cols.length, class: "empty" }, "no images (build one with `banger image build`)"))]));
   };
-  main.replaceChildren(h("h1", {}, "Images"), h("table", {}, h("thead", {}, h("tr", {}, ["Name", "State", "Size", "Created", ""].map((c) => h("th", {}, c)))), body));
+  main.replaceChildren(h("h1", {}, "Images"), h("table", {}, h("thead", {}, h("tr", {}, cols.map((c) => h("th", {}, c)))), body));
   await render();
   return () => {};
 }
