@@ -107,6 +107,11 @@ def test_daemon_errors_read_as_the_cli_prints_them(ui: UiServer) -> None:
         sessions = client.get("/api/vms/nope/sessions")  # this daemon has no session.* methods
         assert sessions.status_code == 501
         assert sessions.json()["error"] == "session.list is not supported by this daemon"
+        send = client.post("/api/vms/nope/sessions/s1/send", json={"text": "hi"})
+        assert send.status_code == 501 and send.json()["error"] == "guest.session.send is not supported by this daemon"
+        logs = client.get("/api/vms/nope/sessions/s1/logs")  # server-sent events: the failure is an event
+        assert logs.status_code == 200 and "event: failure" in logs.text
+        assert "session.logs is not supported by this daemon" in logs.text
         ui.benv.stop_daemon()
         down = client.get("/api/vms")
         assert down.status_code == 503 and "not running" in down.json()["error"]

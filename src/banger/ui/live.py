@@ -58,6 +58,12 @@ async def console_follow(request: Request) -> StreamingResponse:
     return _stream(_relay(request, "vm.logs", params, "text"))
 
 
+async def session_follow(request: Request) -> StreamingResponse:
+    """A session's output or agent transcript from the start, then as it streams (`session logs -f`)."""
+    params = {"vm": request.path_params["name"], "session": request.path_params["sid"], "follow": True}
+    return _stream(_relay(request, "session.logs", params, None))
+
+
 async def terminal(ws: WebSocket) -> None:
     """A login shell on a PTY in the guest (the call `vm shell` makes): bytes both ways, resize as JSON."""
     rows = _int(ws.query_params.get("rows"), 24)
@@ -121,5 +127,6 @@ def _int(value: Any, default: int) -> int:
 ROUTES = [
     Route("/api/events", events),
     Route("/api/vms/{name}/console", console_follow),
+    Route("/api/vms/{name}/sessions/{sid}/logs", session_follow),
     WebSocketRoute("/api/vms/{name}/terminal", terminal),
 ]

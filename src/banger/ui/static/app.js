@@ -299,19 +299,29 @@ async function pageVm(name) {
     });
     sessionsBox.replaceChildren(
       h("table", {}, h("thead", {}, h("tr", {}, ["Name", "Kind", "State", "Command", "Started"].map((c) => h("th", {}, c)))),
-        h("tbody", {}, sessions.length ? sessions.map((s) => h("tr", {}, h("td", {}, h("a", { href: "#", onclick: (e) => { e.preventDefault(); selected = s.name; transcript.textContent = ""; } }, s.name)),
+        h("tbody", {}, sessions.length ? sessions.map((s) => h("tr", {}, h("td", {}, h("a", { href: "#", onclick: (e) => { e.preventDefault(); follow(s.name); } }, s.name)),
           h("td", {}, s.kind), h("td", {}, stateBadge(s.state)), h("td", {}, (s.command || []).join(" ")), h("td", {}, s.started_at || "")))
           : h("tr", {}, h("td", { colspan: 5, class: "empty" }, "no sessions")))),
       startForm, transcript, prompt);
   };
+  // A session's transcript from the start, then live (session.logs --follow relayed as server-sent events).
+  let logStream = null;
+  const follow = (session) => {
+    if (logStream) logStream.close();
+    selected = session;
+    transcript.textContent = "";
+    logStream = new EventSource(`/api/vms/${name}/sessions/${session}/logs`);
+    logStream.onmessage = (m) => {
+      transcript.textContent += transcriptLine(JSON.parse(m.data));
+      if (transcript.textContent.length > 400000) transcript.textContent = transcript.textContent.slice(-300000);
+      transcript.scrollTop = transcript.scrollHeight;
+    };
+    logStream.addEventListener("failure", (m) => { const e = JSON.parse(m.data); transcript.textContent += `error: ${e.error}\n`; logStream.close(); });
+  };
+  cleanups.push(() => logStream && logStream.close());
   cleanups.push(onEvent((ev) => {
     if (ev.type.startsWith("vm.") && (ev.vm === name || ev.vm_id === (current && current.id))) renderDetails();
     if (ev.type.startsWith("session.") && ev.vm === name) {
-      if (ev.session === selected) {
-        const line = ev.text !== undefined ? ev.text : ev.type === "session.tool" ? `[tool ${ev.tool}: ${ev.status}]\n` : ev.error ? `error: ${ev.error}\n` : `[${ev.type}]\n`;
-        transcript.textContent += line;
-        transcript.scrollTop = transcript.scrollHeight;
-      }
       if (ev.type === "session.state") renderSessions();
     }
   }));
@@ -323,6 +333,17 @@ async function pageVm(name) {
   const vm = await renderDetails();
   if (vm && vm.state !== "running") renderSessions();
   return () => cleanups.forEach((fn) => fn());
+}
+
+// One streamed session item as readable text: output, agent text, tool calls with status, errors.
+function transcriptLine(note) {
+  const ev = note.event && typeof note.event === "object" ? note.event : note;
+  if (typeof ev.text === "string") return ev.text;
+  if (typeof ev.data === "string") { try { return atob(ev.data); } catch (e) { return ""; } }
+  if (ev.error) return `error: ${ev.error}\n`;
+  if (ev.tool) return `[tool ${ev.tool}${ev.status ? `: ${ev.status}` : ""}]\n`;
+  if (ev.type) return `[${ev.type}]\n`;
+  return "";
 }
 
 // ---- kernels and images -----------------------------------------------------------------------------------
