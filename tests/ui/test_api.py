@@ -141,3 +141,15 @@ def test_api_objects_are_the_cli_json(
         assert states == {"k1": "pulled", "k2": "pulled"}
         assert client.delete("/api/kernels/k1").json() == {"removed": "k1"}
         assert [k["name"] for k in client.get("/api/kernels").json()] == ["k2"]
+
+
+def test_without_a_daemon_the_ui_serves_and_says_so(banger_env: BangerEnv, tmp_path: Path) -> None:
+    banger_env.env["BANGER_NO_AUTOSTART"] = "1"
+    with run_ui(banger_env, tmp_path / "xdg") as server, server.client() as client:
+        resp = client.get("/api/vms")
+        assert resp.status_code == 503
+        assert resp.json() == {
+            "error": f"the banger daemon is not running (socket {banger_env.socket})",
+            "hint": "start it with `banger daemon start`",
+        }
+    assert banger_env.daemon_pid() is None

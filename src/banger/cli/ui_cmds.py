@@ -18,7 +18,15 @@ def ui(ctx: click.Context, host: str, port: int, no_open: bool) -> None:
     """Serve the web UI; the first line printed is the login URL (a one-time token)."""
     if ctx.invoked_subcommand is not None:
         return
+    from banger.cli.connect import connect
+    from banger.errors import BangerError
     from banger.ui.server import serve
+
+    paths = Paths.from_env()
+    try:
+        connect(paths).close()  # like any command, start the daemon when none answers (unless told not to)
+    except BangerError as exc:
+        click.echo(f"warning: {exc.message}; the UI shows this until the daemon answers", err=True)
 
     def ready(url: str) -> None:
         click.echo(url)
@@ -30,7 +38,7 @@ def ui(ctx: click.Context, host: str, port: int, no_open: bool) -> None:
 
             webbrowser.open(url)
 
-    serve(Paths.from_env().socket, host, port, ready)
+    serve(paths.socket, host, port, ready)
 
 
 @ui.command()
