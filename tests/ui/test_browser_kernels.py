@@ -46,6 +46,11 @@ def test_pull_progress_bar_reaches_100_then_rm(
         expect(page.locator("#catalog-k1 .kstate")).to_have_text("available")
         assert dialogs == ["Remove kernel k1?"]
         assert '"k1"' not in daemon.cli("kernel", "list", "--json", check=True).stdout
+        # Pulled and removed by the CLI while the page is open: the page follows without a reload.
+        daemon.cli("kernel", "pull", "k1", check=True)
+        expect(page.locator("#kernel-k1")).to_be_visible()
+        daemon.cli("kernel", "rm", "k1", check=True)
+        expect(page.locator("#kernel-k1")).to_have_count(0)
         # A daemon error shows in the page as the CLI prints it, not as a blank page.
         page.goto(ui.base + "/#/vm/nope")
         expect(page.locator("#vm-details .error")).to_contain_text("error: no VM named 'nope'")

@@ -381,6 +381,7 @@ async function pageKernels() {
   };
   const refreshAll = () => { renderInstalled(); renderCatalog(); };
   const off = onEvent((ev) => {
+    if (ev.type === "kernel.removed" || (ev.type === "op.done" && ev.op === "kernel.build")) { refreshAll(); return; }
     if (ev.op !== "kernel.pull") return;
     if (ev.type === "op.progress") {
       const pct = ev.total ? Math.floor(100 * ev.done / ev.total) : null;
@@ -411,7 +412,8 @@ async function pageImages() {
   };
   main.replaceChildren(h("h1", {}, "Images"), h("table", {}, h("thead", {}, h("tr", {}, cols.map((c) => h("th", {}, c)))), body));
   await render();
-  return () => {};
+  const refresh = debounce(render, 150);
+  return onEvent((ev) => { if (ev.type === "image.removed" || (ev.type === "op.done" && ev.op === "image.build")) refresh(); });
 }
 
 // ---- router -----------------------------------------------------------------------------------------------
