@@ -21,6 +21,24 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.lock
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+# The web UI's terminal: xterm.js and its fit addon, pinned, vendored from npm (gitignored; no CDN at run time).
+vendor=src/banger/ui/static/vendor
+xterm_pins="@xterm/xterm@6.0.0 @xterm/addon-fit@0.11.0"
+if [ "$(cat "$vendor/PINS" 2>/dev/null)" != "$xterm_pins" ]; then
+  echo "setup: vendoring $xterm_pins from npm"
+  tmp_npm=$(mktemp -d)
+  (cd "$tmp_npm" && timeout 300 npm pack --silent $xterm_pins >/dev/null)
+  mkdir -p "$tmp_npm/xterm" "$tmp_npm/fit" "$vendor.tmp"
+  tar -xzf "$tmp_npm"/xterm-xterm-*.tgz -C "$tmp_npm/xterm"
+  tar -xzf "$tmp_npm"/xterm-addon-fit-*.tgz -C "$tmp_npm/fit"
+  cp "$tmp_npm/xterm/package/lib/xterm.js" "$tmp_npm/xterm/package/css/xterm.css" "$vendor.tmp/"
+  cp "$tmp_npm/xterm/package/LICENSE" "$vendor.tmp/LICENSE.xterm"
+  cp "$tmp_npm/fit/package/lib/addon-fit.js" "$vendor.tmp/"
+  cp "$tmp_npm/fit/package/LICENSE" "$vendor.tmp/LICENSE.addon-fit"
+  echo "$xterm_pins" > "$vendor.tmp/PINS"
+  rm -rf "$vendor" "$tmp_npm" && mv "$vendor.tmp" "$vendor"
+fi
+
 python3 - <<'PY' > src/banger/_buildinfo.json.tmp
 import json, subprocess, datetime
 def git(*a):

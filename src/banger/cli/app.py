@@ -16,6 +16,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "vm": ("banger.cli.vm_cmds", "vm"),
     "doctor": ("banger.cli.vm_cmds", "doctor"),
     "network": ("banger.cli.net_cmds", "network"),
+    "ui": ("banger.cli.ui_cmds", "ui"),
+    "events": ("banger.cli.events_cmds", "events"),
 }
 
 

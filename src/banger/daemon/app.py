@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from banger.buildinfo import code_id
 from banger.config import Settings
+from banger.daemon.events import EventBus
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
 from banger.net.service import NetworkService
@@ -29,6 +30,7 @@ class App:
     # The code this daemon loaded (buildinfo.code_id at startup): the handshake compares the CLI's with it.
     build: str = field(default_factory=code_id)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    events: EventBus = field(default_factory=EventBus)
 
     @classmethod
     def create(cls, settings: Settings, store: Store) -> App:
@@ -43,6 +45,9 @@ class App:
             images=images,
             vms=VmService(settings, store, kernels, images, network),
             network=network,
+        )
+        app.vms.on_change = lambda what, vm: app.events.publish(
+            f"vm.{what}", vm=vm.name, vm_id=vm.id, state=vm.state.value, reason=vm.reason
         )
         app.kernels.reconcile()
         app.images.reconcile()

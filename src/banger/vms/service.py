@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,7 @@ class VmService:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._caps: host.HostCaps | None = None
+        self.on_change: Callable[[str, VmRecord], None] = lambda _what, _vm: None  # the daemon's event bus
 
     # -- records ---------------------------------------------------------------------------------------------
 
@@ -98,6 +100,7 @@ class VmService:
         vm.state, vm.reason = state, reason
         self.store.execute("UPDATE vms SET state=?, reason=? WHERE id=?", (state.value, reason, vm.id))
         log.info("vm %s: %s%s", vm.name, state.value, f" ({reason})" if reason else "")
+        self.on_change("state", vm)
 
     def _set_runtime(self, vm: VmRecord, runtime: dict[str, Any] | None) -> None:
         vm.runtime = runtime
@@ -215,6 +218,7 @@ class VmService:
                 raise NotFoundError(f"kernel {kernel_name!r} or image {image_name!r} was removed meanwhile") from exc
             raise
         log.info("vm %s created (%s, kernel %s, image %s)", vm.name, vm.vmm, vm.kernel, vm.image)
+        self.on_change("created", vm)
         return vm
 
     # -- start -----------------------------------------------------------------------------------------------
@@ -444,6 +448,7 @@ class VmService:
             self.store.execute("DELETE FROM vms WHERE id=?", (vm.id,))
         self._locks.pop(vm.id, None)
         log.info("vm %s removed", vm.name)
+        self.on_change("removed", vm)
 
     async def rename(self, name: str, new_name: str) -> VmRecord:
         """Give a VM a new name; its DNS name follows at once."""
@@ -456,6 +461,7 @@ class VmService:
             if vm.spec.get("net") == NetMode.BRIDGE:
                 self.network.rename(vm.id, new_name)
         log.info("vm %s renamed to %s", vm.name, new_name)
+        self.on_change("renamed", self.get(vm.id))
         return self.get(vm.id)
 
     # -- daemon lifecycle ------------------------------------------------------------------------------------

@@ -34,16 +34,17 @@ def register(reg: MethodRegistry, app: App) -> None:
         force: bool = False,
     ) -> dict[str, Any]:
         """Build an image from a preset."""
-        return await im.build(
-            name,
-            preset=preset,
-            suite=suite,
-            mirror=mirror,
-            packages=packages or [],
-            size=size,
-            force=force,
-            progress=ctx.progress,
-        )
+        with app.events.operation("image.build", name):
+            return await im.build(
+                name,
+                preset=preset,
+                suite=suite,
+                mirror=mirror,
+                packages=packages or [],
+                size=size,
+                force=force,
+                progress=app.events.progress_tee(ctx.progress, op="image.build", name=name),
+            )
 
     @reg.method("image.import")
     async def import_(
@@ -56,4 +57,5 @@ def register(reg: MethodRegistry, app: App) -> None:
     async def rm(ctx: CallContext, name: str) -> dict[str, Any]:
         """Remove an image (refused while a VM uses it)."""
         await im.remove(name)
+        app.events.publish("image.removed", name=name)
         return {"removed": name}

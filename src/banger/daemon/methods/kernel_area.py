@@ -30,7 +30,9 @@ def register(reg: MethodRegistry, app: App) -> None:
     @reg.method("kernel.pull")
     async def pull(ctx: CallContext, name: str, force: bool = False, catalog: str | None = None) -> dict[str, Any]:
         """Download, verify and install a catalog kernel."""
-        return await k.pull(name, force=force, catalog=catalog, progress=ctx.progress)
+        with app.events.operation("kernel.pull", name):
+            progress = app.events.progress_tee(ctx.progress, op="kernel.pull", name=name)
+            return await k.pull(name, force=force, catalog=catalog, progress=progress)
 
     @reg.method("kernel.import")
     async def import_(
@@ -55,12 +57,15 @@ def register(reg: MethodRegistry, app: App) -> None:
         force: bool = False,
     ) -> dict[str, Any]:
         """Build a bootable kernel from a distribution kernel package."""
-        return await k.build(source, name=name, package=package, force=force, progress=ctx.progress)
+        with app.events.operation("kernel.build", name or package):
+            progress = app.events.progress_tee(ctx.progress, op="kernel.build", name=name or package)
+            return await k.build(source, name=name, package=package, force=force, progress=progress)
 
     @reg.method("kernel.rm")
     async def rm(ctx: CallContext, name: str) -> dict[str, Any]:
         """Remove an installed kernel (refused while a VM uses it)."""
         await k.remove(name)
+        app.events.publish("kernel.removed", name=name)
         return {"removed": name}
 
     @reg.method("kernel.bundle")
