@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -105,8 +107,15 @@ def test_round_trip_through_a_real_guest(vm_home: BangerEnv, tmp_path: Path) -> 
 
 def test_vm_run_rm_in_a_checkout_exports_before_removing(vm_home: BangerEnv, tmp_path: Path) -> None:  # noqa: F811
     repo = make_repo(tmp_path, "auto")
+    (repo / ".banger.toml").write_text(
+        'packages = ["python3-venv"]\n'
+        "setup = [\"python3 -m venv /tmp/venv && /tmp/venv/bin/python -c 'print(6 * 7)' > venv-ok.txt\"]\n"
+    )
     markers = [Path(f"/tmp/banger-pwned-{uuid.uuid4().hex}") for _ in range(4)]
-    script = _hostile_config(markers) + "echo hi > made-in-guest.txt\n"
+    # 24 MiB of incompressible bytes: the upload takes many chunks and fills the CLI's window several times.
+    big = os.urandom(24 * 1024 * 1024)
+    (repo / "big.bin").write_bytes(big)
+    script = _hostile_config(markers) + "echo hi > made-in-guest.txt\nsha256sum big.bin > big.sha\n"
     # Started inside the checkout, with no --workspace: the checkout is the workspace, and exec starts in it.
     proc = subprocess.run(
         [str(VENV_BIN / "banger"), "vm", "run", "--rm", "--name", "wsb", *SMALL, "--", "sh", "-c", script],
@@ -119,6 +128,9 @@ def test_vm_run_rm_in_a_checkout_exports_before_removing(vm_home: BangerEnv, tmp
     assert proc.returncode == 0, proc.stderr
     assert "exported: branch banger/wsb" in proc.stderr and "removed wsb" in proc.stderr
     assert git(repo, "show", "banger/wsb:made-in-guest.txt") == "hi\n"
+    assert git(repo, "show", "banger/wsb:big.sha").split()[0] == hashlib.sha256(big).hexdigest()
+    # The tooling plan ran: python3-venv came with a derived image, the setup command ran in the workspace.
+    assert "setup [1/1]" in proc.stderr and git(repo, "show", "banger/wsb:venv-ok.txt") == "42\n"
     assert not [m for m in markers if m.exists()]
     assert "wsb" not in vm_home.cli("vm", "ls", check=True).stdout
 

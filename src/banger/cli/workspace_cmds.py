@@ -36,6 +36,7 @@ def find_checkout(path: str | None) -> Path | None:
 
 def upload(vm_name: str, top: Path, *, user: str | None = None) -> dict[str, Any]:
     """Snapshot the checkout, bundle it and stream it into VM `vm_name`'s /workspace/<basename>."""
+    click.echo(f"workspace: snapshot and bundle of {top}", err=True)
     snap = hostgit.make_snapshot(top, vm_name)
     if snap.submodules:
         click.echo(
