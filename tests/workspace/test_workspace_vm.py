@@ -113,8 +113,8 @@ def test_vm_run_rm_in_a_checkout_exports_before_removing(vm_home: BangerEnv, tmp
         "setup = [\"python3 -c 'import ensurepip; print(6 * 7)' > venv-ok.txt\"]\n"
     )
     markers = [Path(f"/tmp/banger-pwned-{uuid.uuid4().hex}") for _ in range(4)]
-    # 24 MiB of incompressible bytes: the upload takes many chunks and fills the CLI's window several times.
-    big = os.urandom(24 * 1024 * 1024)
+    # 12 MiB of incompressible bytes: the upload takes many 1 MiB chunks and fills the CLI's 8 MiB window.
+    big = os.urandom(12 * 1024 * 1024)
     (repo / "big.bin").write_bytes(big)
     script = _hostile_config(markers) + "echo hi > made-in-guest.txt\nsha256sum big.bin > big.sha\n"
     # Started inside the checkout, with no --workspace: the checkout is the workspace, and exec starts in it.
