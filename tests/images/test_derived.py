@@ -98,3 +98,15 @@ def test_files_land_in_a_real_image(debian_image: Path, tmp_path: Path) -> None:
     assert "Mode:  0640" in stat and "User:     0" in stat
     assert image_has(out, "/opt/agent/bin/agent") and not image_has(debian_image, "/opt/agent/bin/agent")
     assert fsck_clean(out)
+
+
+def test_workspace_images_get_git_when_they_lack_it() -> None:
+    from banger.daemon.methods.workspace_area import packages_to_add
+
+    old = dataclasses.replace(BASE, packages=["python3"])  # a Debian image built before the preset had git
+    assert packages_to_add(old, [], has_git=False) == ["git"]
+    assert packages_to_add(old, ["make", "git", "make"], has_git=True) == ["git", "make"]
+    imported = dataclasses.replace(BASE, preset=None, source="import:alpine.tar")
+    with pytest.raises(UnsupportedError, match="has no git and was not built by the Debian preset"):
+        packages_to_add(imported, [], has_git=False)
+    assert packages_to_add(imported, [], has_git=True) == []

@@ -8,6 +8,7 @@ from banger.daemon.app import App
 from banger.errors import UnsupportedError
 from banger.images.derived import DerivedSpec, image_has
 from banger.images.presets import Preset
+from banger.images.spec import ImageInfo
 from banger.rpc.registry import MethodRegistry
 from banger.rpc.server import CallContext
 
@@ -74,19 +75,25 @@ def register(reg: MethodRegistry, app: App) -> None:
         """The image a workspace VM boots: `image` plus git (when missing) and `packages`, as a cached derived image."""
         base = image or str(app.settings.get("default_image"))
         info = app.images.info_of(base)
-        wanted = sorted(set(packages or ()))
-        has_git = "git" in info.packages or await _has_git(app, base)
-        if need_git and not has_git:
-            if info.preset != Preset.DEBIAN:
-                raise UnsupportedError(
-                    f"image {base!r} has no git and was not built by the Debian preset, so banger cannot add it",
-                    hint="install git in that image, or use an image built with `--preset debian`",
-                )
-            wanted = sorted({*wanted, "git"})
+        has_git = not need_git or "git" in info.packages or await _has_git(app, base)
+        wanted = packages_to_add(info, packages or [], has_git=has_git)
         if not wanted:
             return {"image": base, "derived": False, "packages": []}
         name = await app.images.ensure_derived(DerivedSpec(base, tuple(wanted), label=base), progress=ctx.progress)
         return {"image": name, "derived": True, "packages": wanted, "base_image": base}
+
+
+def packages_to_add(info: ImageInfo, packages: list[str], *, has_git: bool) -> list[str]:
+    """The packages a workspace VM's image needs on top of `info`: the plan's, plus git when it lacks it."""
+    wanted = sorted(set(packages))
+    if has_git:
+        return wanted
+    if info.preset != Preset.DEBIAN:
+        raise UnsupportedError(
+            f"image {info.name!r} has no git and was not built by the Debian preset, so banger cannot add it",
+            hint="install git in that image, or use an image built with `--preset debian`",
+        )
+    return sorted({*wanted, "git"})
 
 
 async def _has_git(app: App, image: str) -> bool:
