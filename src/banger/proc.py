@@ -84,8 +84,8 @@ def _feed(pipe: IO[bytes], data: bytes) -> None:
             pipe.close()
 
 
-def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ)
+def _env(extra: Mapping[str, str] | None, inherit: bool = True) -> dict[str, str]:
+    env = dict(os.environ) if inherit else {}
     env.setdefault("LC_ALL", "C.UTF-8")
     if extra:
         env.update(extra)
@@ -102,11 +102,13 @@ def run(
     capture: bool = True,
     step: str | None = None,
     timeout: float | None = None,
+    inherit_env: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a command to completion; on failure raise ToolError carrying the tool's own stderr.
 
     It is killed after `timeout` seconds (DEFAULT_TIMEOUT when not given), and at once when the `cancel_on`
     event of this thread is set.
+    inherit_env=False starts the child from `env` alone (plus LC_ALL), not from this process's environment.
     """
     args = [os.fspath(a) for a in argv]
     if timeout is None:
@@ -119,9 +121,11 @@ def run(
     cancel: threading.Event | None = getattr(_local, "cancel", None)
     try:
         if cancel is not None:
-            proc = _run_cancellable(args, cancel, input, timeout, cwd=cwd, env=_env(env), **streams)
+            proc = _run_cancellable(args, cancel, input, timeout, cwd=cwd, env=_env(env, inherit_env), **streams)
         else:
-            proc = subprocess.run(args, cwd=cwd, env=_env(env), input=input, timeout=timeout, check=False, **streams)
+            proc = subprocess.run(
+                args, cwd=cwd, env=_env(env, inherit_env), input=input, timeout=timeout, check=False, **streams
+            )
     except FileNotFoundError as exc:
         raise ToolError(f"required tool {args[0]!r} not found") from exc
     except subprocess.TimeoutExpired as exc:

@@ -53,7 +53,7 @@ def test_debian_argv_unshare_mode_and_defaults() -> None:
     assert cmd.argv[2] == "--mode=unshare"
     assert "--architectures=arm64" in cmd.argv
     assert cmd.argv[-3:] == ["bookworm", "/stage/out", "http://deb.example/debian"]
-    assert "--include=ca-certificates,iproute2,procps,python3,util-linux" in cmd.argv
+    assert "--include=ca-certificates,git,iproute2,procps,python3,util-linux" in cmd.argv
 
 
 def test_alpine_argv_default_and_mirror_override(tmp_path: Path) -> None:

@@ -247,7 +247,19 @@ def test_image_import_list_show_rm(vm_home: BangerEnv, debian_rootfs_tar: Path) 
 
 def test_vm_run_rm(vm_home: BangerEnv) -> None:
     r = vm_home.cli(
-        "vm", "run", "--rm", "--net", "none", "--name", "oneshot", "--", "sh", "-c", "echo ran; exit 5", timeout=600
+        "vm",
+        "run",
+        "--rm",
+        "--no-workspace",
+        "--net",
+        "none",
+        "--name",
+        "oneshot",
+        "--",
+        "sh",
+        "-c",
+        "echo ran; exit 5",
+        timeout=600,
     )
     assert r.returncode == 5 and r.stdout == "ran\n"
     assert "removed oneshot" in r.stderr
@@ -255,7 +267,9 @@ def test_vm_run_rm(vm_home: BangerEnv) -> None:
 
 
 def test_vm_run_rm_cleans_up_a_failed_start(vm_home: BangerEnv) -> None:
-    r = vm_home.cli("vm", "run", "--rm", "--net", "none", "--name", "doomed", "--timeout", "0.5", "--", "true")
+    r = vm_home.cli(
+        "vm", "run", "--rm", "--no-workspace", "--net", "none", "--name", "doomed", "--timeout", "0.5", "--", "true"
+    )
     assert r.returncode == 1 and "failed to start" in r.stderr
     rows = json.loads(vm_home.cli("vm", "ls", "--json", check=True).stdout)
     assert "doomed" not in [r["name"] for r in rows]

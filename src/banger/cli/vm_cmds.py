@@ -118,11 +118,23 @@ def create_options(fn: Any) -> Any:
 @click.option("--name", default=None, help="VM name (default: a random adjective-noun).")
 @create_options
 @click.option("--no-start", is_flag=True, help="Only create it.")
+@click.option("--workspace", "workspace_path", default=None, help="Copy this git checkout to /workspace/<name>.")
 @json_option
-def create(no_start: bool, as_json: bool, **opts: Any) -> None:
+def create(no_start: bool, as_json: bool, workspace_path: str | None, **opts: Any) -> None:
     """Create a VM (and start it, unless --no-start)."""
     params = _create_params(opts, start=not no_start)
-    _print_vm(rpc("vm.create", params, progress=not as_json), as_json, "created")
+    if workspace_path is None:
+        _print_vm(rpc("vm.create", params, progress=not as_json), as_json, "created")
+        return
+    from banger.cli import workspace_cmds as wsc
+
+    top = wsc.find_checkout(workspace_path)
+    if no_start or top is None:
+        raise InvalidInputError("--workspace needs a VM that starts (drop --no-start)")
+    params["image"] = wsc.workspace_image(opts["image"], None)
+    info = rpc("vm.create", params, progress=not as_json)
+    info["workspace"] = wsc.upload(info["name"], top)
+    _print_vm(info, as_json, "created")
 
 
 def _lifecycle(method: str, verb: str, doc: str, *, progress: bool = False, timeout_help: str | None = None) -> None:
@@ -408,18 +420,44 @@ def ports(name: str, as_json: bool) -> None:
 @click.option("--name", default=None, help="VM name (default: random).")
 @create_options
 @click.option("--rm", "remove", is_flag=True, help="Remove the VM when the command or shell ends.")
+@click.option("--workspace", "workspace_path", default=None, help="Git checkout to copy in (default: the one here).")
+@click.option("--no-workspace", is_flag=True, help="No workspace, even inside a git checkout.")
+@click.option("--no-tooling", is_flag=True, help="Do not install the checkout's tooling plan.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
-    """Create and start a VM, then run COMMAND in it (or open a shell). Builds kernel and image if missing."""
+def run(
+    remove: bool,
+    command: tuple[str, ...],
+    workspace_path: str | None,
+    no_workspace: bool,
+    no_tooling: bool,
+    **opts: Any,
+) -> None:
+    """Create and start a VM, then run COMMAND in it (or open a shell). Builds kernel and image if missing.
+
+    Inside a git checkout (or with --workspace) the checkout is copied to /workspace/<name> first, its tooling
+    installed, and with --rm the VM's changes come back as branch banger/NAME before it is removed."""
+    from banger.cli import workspace_cmds as wsc
     from banger.cli.kernel_cmds import catalog_env
 
+    if no_workspace and workspace_path:
+        raise InvalidInputError("--workspace and --no-workspace exclude each other")
+    top = None if no_workspace else wsc.find_checkout(workspace_path)
     rpc("vm.prepare", {"image": opts["image"], "kernel": opts["kernel"], "catalog": catalog_env()}, progress=True)
     params = {**_create_params(opts, start=True), "rm_on_failure": remove}
+    tooling_plan = None if top is None or no_tooling else wsc.plan_of(top)
+    if top is not None:
+        params["image"] = wsc.workspace_image(opts["image"], tooling_plan)
     info = rpc("vm.create", params, progress=True)
     vm_name = info["name"]
     click.echo(f"started {vm_name}", err=True)
     code = 0
+    uploaded = keep = False
     try:
+        if top is not None:
+            wsc.upload(vm_name, top)
+            uploaded = True
+            if tooling_plan is not None and tooling_plan.setup:
+                wsc.run_setup(vm_name, tooling_plan.setup)
         if command:
             code = run_exec(
                 vm_name,
@@ -434,9 +472,21 @@ def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
             code = open_shell(vm_name, None)
     finally:
         if remove:
-            rpc("vm.rm", {"name": vm_name, "force": True})
-            click.echo(f"removed {vm_name}", err=True)
-    sys.exit(code)
+            keep = uploaded and not wsc.export_before_rm(vm_name)
+            if not keep:
+                rpc("vm.rm", {"name": vm_name, "force": True})
+                click.echo(f"removed {vm_name}", err=True)
+    sys.exit(code or (1 if keep else 0))
 
 
 vm.add_command(ls, name="list")  # the name people type first; `ls` stays the documented one
+
+
+def _add_workspace_groups() -> None:
+    from banger.cli.workspace_cmds import tooling, workspace
+
+    vm.add_command(workspace)
+    vm.add_command(tooling)
+
+
+_add_workspace_groups()

@@ -14,6 +14,7 @@ from banger.kernels.service import KernelService
 from banger.net.service import NetworkService
 from banger.store.db import Store
 from banger.vms.service import VmService
+from banger.workspace.service import WorkspaceService
 
 
 @dataclass
@@ -26,6 +27,7 @@ class App:
     images: ImageService
     vms: VmService
     network: NetworkService
+    workspaces: WorkspaceService
     started_at: float = field(default_factory=time.time)
     # The code this daemon loaded (buildinfo.code_id at startup): the handshake compares the CLI's with it.
     build: str = field(default_factory=code_id)
@@ -38,13 +40,15 @@ class App:
         kernels = KernelService(settings, store)
         images = ImageService(settings, store)
         network = NetworkService(settings, store)
+        vms = VmService(settings, store, kernels, images, network)
         app = cls(
             settings=settings,
             store=store,
             kernels=kernels,
             images=images,
-            vms=VmService(settings, store, kernels, images, network),
+            vms=vms,
             network=network,
+            workspaces=WorkspaceService(store, vms),
         )
         app.vms.on_change = lambda what, vm: app.events.publish(
             f"vm.{what}", vm=vm.name, vm_id=vm.id, state=vm.state.value, reason=vm.reason

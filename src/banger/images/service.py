@@ -15,11 +15,12 @@ from banger.config import Settings
 from banger.errors import AlreadyExistsError, BusyError, InUseError, NotFoundError
 from banger.fsutil import human_size
 from banger.images.build import build_image
+from banger.images.derived import DerivedSpec, build_derived, check_spec, derived_key, derived_name
 from banger.images.importer import import_rootfs
 from banger.images.presets import Preset
 from banger.images.spec import ImageInfo, ImageSpec, parse_size
 from banger.names import validate_name
-from banger.progress import Progress, no_progress
+from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
 
 log = logging.getLogger("banger.images")
@@ -33,6 +34,7 @@ class ImageService:
         self.store = store
         self.root = settings.paths.images
         self._busy: set[str] = set()
+        self._derive_locks: dict[str, asyncio.Lock] = {}
 
     def path_of(self, name: str) -> Path:
         return self.root / f"{name}.ext4"
@@ -67,6 +69,37 @@ class ImageService:
         data = self._row_json(ImageInfo.from_json(json.loads(row["info"])), row["path"])
         data["used_by"] = [r["name"] for r in self.store.query("SELECT name FROM vms WHERE image=?", (name,))]
         return data
+
+    def info_of(self, name: str) -> ImageInfo:
+        """The typed record of image `name` (NotFoundError when it does not exist)."""
+        self.get(name)
+        row = self.store.one("SELECT info FROM images WHERE name=?", (name,))
+        assert row is not None
+        return ImageInfo.from_json(json.loads(row["info"]))
+
+    async def ensure_derived(self, spec: DerivedSpec, progress: Progress = no_progress) -> str:
+        """The name of the cached derived image for `spec`, built first when missing (see images/derived.py)."""
+        base = self.info_of(spec.base_image)
+        check_spec(spec)
+        key = await asyncio.to_thread(derived_key, spec, base)
+        name = derived_name(spec, key)
+        async with self._derive_locks.setdefault(name, asyncio.Lock()):
+            if self.store.one("SELECT 1 FROM images WHERE name=?", (name,)) and self.path_of(name).exists():
+                log.info("derived image %s: reusing the cached image (no install)", name)
+                progress(ProgressEvent(step="derive", message=f"reusing cached image {name}"))
+                return name
+            cache = self.settings.paths.cache / "images"
+            base_path = self.path_of(base.name)
+            with self._claim(name, force=True):
+
+                def make(out: Path, cancel: threading.Event) -> ImageInfo:
+                    return build_derived(
+                        spec, name, key, base, base_path, out, cache_dir=cache, progress=progress, cancel=cancel
+                    )
+
+                await self._produce(name, True, make)
+            log.info("derived image %s: built from %s", name, base.name)
+            return name
 
     def reconcile(self) -> None:
         """Drop records whose file vanished (unless a VM still names them)."""

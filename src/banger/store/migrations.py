@@ -82,7 +82,19 @@ MIGRATIONS: list[str] = [
     # 5: reliability (issue 9)
     "SELECT 1;",
     # 6: workspaces and derived images (issue 10)
-    "SELECT 1;",
+    """
+    CREATE TABLE workspaces (
+        vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        host_path TEXT NOT NULL,
+        guest_path TEXT NOT NULL,
+        guest_user TEXT NOT NULL,
+        base_commit TEXT NOT NULL,
+        base_ref TEXT NOT NULL,
+        head_commit TEXT NOT NULL,
+        branch TEXT,
+        created_at TEXT NOT NULL
+    );
+    """,
     # 7: tunnels, publishing, SSH (issue 11)
     "SELECT 1;",
     # 8: guest sessions and agent VMs (issue 12)

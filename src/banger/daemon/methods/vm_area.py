@@ -141,6 +141,8 @@ def register(reg: MethodRegistry, app: App) -> None:
         data["dir"] = str(vms.vm_dir(vm.id))
         data["console_log"] = str(vms.vm_dir(vm.id) / "console.log")
         data["runtime"] = vm.runtime
+        workspace = app.workspaces.get(vm.id)
+        data["workspace"] = workspace.to_json() if workspace else None
         return data
 
     @reg.method("vm.logs")
@@ -199,7 +201,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             client,
             argv,
             env=env or {},
-            cwd=cwd,
+            cwd=cwd or app.workspaces.default_cwd(name),
             user=user,
             tty=tty,
             rows=rows,
