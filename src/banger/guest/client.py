@@ -22,6 +22,7 @@ from banger.guest.protocol import (
     Kind,
     Mux,
     Stream,
+    WindowExceeded,
     read_frame,
     stream_writer,
 )
@@ -166,7 +167,7 @@ class AgentClient:
     """One protocol session with a guest agent. Use `async with await AgentClient.connect_unix(path)`."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.mux = Mux(reader, stream_writer(writer))
+        self.mux = Mux(reader, stream_writer(writer), enforce_window=True)
         self._writer = writer
         self._ids = itertools.count(1)
         self._nonce = secrets.token_hex(8)
@@ -226,6 +227,7 @@ class AgentClient:
             raise errors.VersionMismatchError(f"guest agent speaks protocol {reply.get('version')}, host {VERSION}")
 
     async def _read_loop(self) -> None:
+        reason = None
         try:
             while True:
                 frame = await read_frame(self.mux.reader)
@@ -240,9 +242,15 @@ class AgentClient:
                     self.mux.route(frame)  # unknown ids are leftovers of streams we gave up on
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except WindowExceeded as exc:
+            # A guest that ignores credit is cut off rather than buffered: the agent then kills what this
+            # session ran, and the next request opens a fresh session.
+            reason = f"the guest agent ignored flow control ({exc})"
+            log.warning("%s; closing its connection", reason)
+            self._writer.close()
         finally:
             self._closed = True
-            self.mux.close_streams()
+            self.mux.close_streams(reason)
 
     async def close(self) -> None:
         """Drop the connection; the agent kills whatever this session still runs."""

@@ -258,6 +258,7 @@ class VmService:
             initrd=kdir / INITRD if (kdir / INITRD).is_file() else None,
             cmdline=" ".join([*base, GUEST_CMDLINE]),
             console_log=vdir / CONSOLE_LOG,
+            console_log_max_bytes=int(self.settings.get("console_log_max_mib")) << 20,
             run_dir=rdir,
             disks=(Disk(vdir / ROOT_DISK), Disk(vdir / SEED_DISK, read_only=True)),
             agent=agent,
@@ -349,7 +350,7 @@ class VmService:
         try:
             with path.open("rb") as f:
                 size = f.seek(0, os.SEEK_END)
-                f.seek(max(since, size - 16384))
+                f.seek(max(since if since <= size else 0, size - 16384))  # since > size: rotated meanwhile
                 text = f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""

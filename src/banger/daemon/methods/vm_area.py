@@ -10,7 +10,7 @@ from banger.daemon.app import App
 from banger.errors import InvalidInputError
 from banger.rpc.registry import MethodRegistry
 from banger.rpc.server import CallContext
-from banger.vms import guestops
+from banger.vms import consolefollow, guestops
 from banger.vms.model import VmRecord
 
 
@@ -152,18 +152,11 @@ def register(reg: MethodRegistry, app: App) -> None:
         if not follow:
             return {"text": text}
         ctx.event({"text": text + ("\n" if text else "")})
-        pos = path.stat().st_size if path.exists() else 0
-        while True:
-            await asyncio.sleep(0.25)
-            if not path.exists():
-                continue
-            size = path.stat().st_size
-            if size > pos:
-                with path.open("rb") as f:
-                    f.seek(pos)
-                    chunk = f.read(size - pos)
-                pos = size
-                ctx.event({"text": chunk.decode(errors="replace")})
+
+        async def emit(chunk: str) -> None:
+            await ctx.send_event({"text": chunk})  # waits for the client: a slow reader slows only itself
+
+        await consolefollow.follow(path, emit)
 
     @reg.method("vm.console")
     async def console(ctx: CallContext, name: str) -> dict[str, Any]:
