@@ -237,6 +237,7 @@ class AgentClient:
                             self._hello.set_result(frame.header)
                     elif self._hello.done():
                         log.info("guest agent restarted (pid %s); session over", frame.header.get("pid"))
+                        reason = f"the guest agent restarted (pid {frame.header.get('pid')}); try again"
                         return
                 elif self._hello.done():
                     self.mux.route(frame)  # unknown ids are leftovers of streams we gave up on

@@ -41,6 +41,7 @@ from banger.net.guestnet import GuestNet
 from banger.net.service import NetworkService
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
+from banger.vms import exitreason
 from banger.vms.agents import AgentEndpoint, AgentPool
 from banger.vms.disk import clone_root_disk
 from banger.vms.model import LIVE_STATES, NetMode, VmRecord, VmState, parse_publish
@@ -384,7 +385,8 @@ class VmService:
                 await driver.kill(handle)  # removes its sockets
                 await self._unplug(vm)
                 self._set_runtime(vm, None)
-                self._set_state(vm, VmState.ERROR, "the VMM process exited unexpectedly")
+                reason = await exitreason.unexpected_exit(self.vm_dir(vm_id) / CONSOLE_LOG)
+                self._set_state(vm, VmState.ERROR, reason)
 
     # -- stop / kill / rm ------------------------------------------------------------------------------------
 
