@@ -155,9 +155,13 @@ class FaultEnv:
         return vms
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fault_env(debian_kernel: Path, debian_image: Path) -> Iterator[FaultEnv]:  # noqa: F811
-    """A daemon in its own network namespace, kernel and image installed, console logs capped at 1 MiB."""
+    """A daemon in its own network namespace, kernel and image installed, console logs capped at 1 MiB.
+
+    Shared by the whole fault suite (installing costs a minute): each test removes the VMs it made, and
+    check_consistent() holds between tests whatever a test did to the daemon.
+    """
     with test_netns() as ns:
         config = f"console_log_max_mib = {CONSOLE_CAP_MIB}\n"
         with installed_home(debian_kernel, wrap=("ip", "netns", "exec", ns), config=config) as benv:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -209,6 +210,15 @@ class Connection:
             if exc.hint:
                 data["hint"] = exc.hint
             self.send(protocol.error(req.id, exc.code, exc.message, data or None))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.exception("call %s (%s) crashed", req.id, req.method)
+                self.send(protocol.error(req.id, ErrorCode.INTERNAL, f"internal error in {req.method}: {exc!r}"))
+            else:  # a full disk is the host's state, not a bug: say so in one line
+                log.warning("call %s (%s): %s", req.id, req.method, exc)
+                hint = "free some space on the filesystem holding the state root, then retry"
+                message = f"{req.method}: no space left on device"
+                self.send(protocol.error(req.id, ErrorCode.GENERIC, message, {"hint": hint}))
         except Exception as exc:
             log.exception("call %s (%s) crashed", req.id, req.method)
             self.send(protocol.error(req.id, ErrorCode.INTERNAL, f"internal error in {req.method}: {exc!r}"))
