@@ -37,7 +37,7 @@ pathlib.Path("/run/hostile-agent.py").write_text(src.replace(marker, patch + "\\
 """
 # Generous: the issue measured +300 MB for this flood before the host enforced the window.
 MAX_RSS_GROWTH_MIB = 150
-FLOOD_SECONDS = 25
+FLOOD_SECONDS = 12
 
 
 def agent_pid(fe: FaultEnv, name: str) -> int | None:
@@ -76,9 +76,9 @@ def test_hostile_agent_and_console_flood_are_bounded(fault_env: FaultEnv) -> Non
         before = sampler.peak
         sampler.start()
         try:
-            # A slow reader: nothing is read from the CLI for 10 s while the guest pushes 300 MB.
+            # A slow reader: nothing is read from the CLI for 5 s while the guest pushes 300 MB.
             flood = fe.env.popen("vm", "exec", name, "--", "sh", "-c", "yes | head -c 300M")
-            time.sleep(10)
+            time.sleep(5)
             assert fe.cli("vm", "ls", "--json", timeout=60).returncode == 0  # the daemon answers meanwhile
             out, err = flood.communicate(timeout=300)
         finally:

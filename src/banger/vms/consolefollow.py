@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
+from banger.drivers.consolelog import rotated
+
 # One event carries at most this much; the next is read only once the client has taken the last one in.
 CHUNK = 64 * 1024
 POLL_S = 0.25
@@ -59,7 +61,17 @@ async def follow(path: Path, emit: Emit, *, from_start: bool = False) -> NoRetur
                 # rename: finish it, then read the new file from its start.
                 while rest := await asyncio.to_thread(f.read, CHUNK):
                     await emit(decoder.decode(rest))
-                f.close()
+                older = rotated(path)
+                if not _same_file(f, older):
+                    # Rotated twice since we looked (a slow reader): the half in between is console.log.1 now.
+                    # A reader more than a whole cap behind has lost output, which is what the cap is for.
+                    f.close()
+                    f = _open(older)
+                    if f is not None:
+                        while rest := await asyncio.to_thread(f.read, CHUNK):
+                            await emit(decoder.decode(rest))
+                if f is not None:
+                    f.close()
                 f = None
                 continue
             await asyncio.sleep(POLL_S)
