@@ -41,7 +41,7 @@ from banger.net.guestnet import GuestNet
 from banger.net.service import NetworkService
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
-from banger.vms import exitreason
+from banger.vms import exitreason, sweep
 from banger.vms.agents import AgentEndpoint, AgentPool
 from banger.vms.disk import clone_root_disk
 from banger.vms.model import LIVE_STATES, NetMode, VmRecord, VmState, parse_publish
@@ -486,6 +486,7 @@ class VmService:
     async def reconcile(self) -> None:
         """At daemon start: re-adopt VMMs that kept running, and record the ones that died meanwhile."""
         vms = self.all()
+        sweep.remove_orphans((self.settings.paths.vms, self.settings.paths.run_dir), {vm.id for vm in vms})
         if any(vm.spec.get("net") == NetMode.BRIDGE for vm in vms):
             # Networking is set up lazily (never on a host that has no networked VM), but once VMs use it, the
             # bridge, table and DNS must come back with the daemon.
