@@ -23,6 +23,7 @@ CONFIG_KEYS: dict[str, type] = {
     "dns_domain": str,
     "agent_timeout": float,
     "log_level": str,
+    "console_log_max_mib": int,
 }
 
 ENV_OVERRIDES: dict[str, str] = {
@@ -45,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "dns_domain": "vm",
     "agent_timeout": 120.0,
     "log_level": "info",
+    "console_log_max_mib": 10,
 }
 
 
@@ -192,6 +194,8 @@ def _check_value(key: str, value: Any) -> str | None:
             return f"not an IPv4 network: {exc}"
         if net.prefixlen > 29:
             return "needs at least a /29 (a gateway and some guests)"
+    if key == "console_log_max_mib" and not 1 <= value <= 65536:
+        return "must be a number of MiB from 1 to 65536"
     if key in ("bridge", "dns_domain", "default_kernel", "default_image") and not value:
         return "must not be empty"
     return None

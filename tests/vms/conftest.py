@@ -39,10 +39,12 @@ def vm_home(debian_kernel: Path, debian_image: Path) -> Iterator[BangerEnv]:  # 
 
 
 @contextlib.contextmanager
-def installed_home(kernel_dir: Path, wrap: tuple[str, ...] = ()) -> Iterator[BangerEnv]:
+def installed_home(kernel_dir: Path, wrap: tuple[str, ...] = (), config: str = "") -> Iterator[BangerEnv]:
     """A fresh state root with `kernel_dir` imported and the default image built; everything torn down after."""
     # Short path: QEMU's sockets live under it and Unix socket paths are limited to 108 bytes.
     home = Path(tempfile.mkdtemp(prefix="bgv", dir="/tmp"))
+    if config:
+        (home / "config.toml").write_text(config)
     env = dict(os.environ, BANGER_HOME=str(home), PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     env.pop("BANGER_NO_AUTOSTART", None)
     benv = BangerEnv(home=home, env=env, wrap=wrap)

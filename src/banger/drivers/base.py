@@ -92,6 +92,8 @@ class VmSpec:
     disks: tuple[Disk, ...] = ()
     net: NetSpec | None = None
     agent: AgentChannel | None = None
+    # console.log plus its rotated copy stay within this (see consolelog.py).
+    console_log_max_bytes: int = 10 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.vcpus < 1:

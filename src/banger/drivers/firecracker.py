@@ -147,8 +147,15 @@ class FirecrackerDriver:
             # Firecracker refuses to bind over a leftover socket from an earlier run.
             stale.unlink(missing_ok=True)
         argv = [self.binary, "--api-sock", os.fspath(api_socket), "--id", _instance_id(spec.name)]
-        # The guest's serial console is Firecracker's stdout.
-        pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, stdout_file=spec.console_log)
+        # The guest's serial console is Firecracker's stdout, into banger's capped log writer.
+        writer = process.console_writer(spec)
+        try:
+            pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, stdout_file=writer.fd)
+        except BaseException:
+            os.close(writer.fd)
+            await process.writer_gone(writer.pid)
+            raise
+        os.close(writer.fd)
         started = process.start_time(pid)
         handle = VmmHandle(self.kind, pid, started or -1, api_socket, spec.run_dir, tuple(cleanup))
         if on_spawn is not None and started is not None:
@@ -160,6 +167,7 @@ class FirecrackerDriver:
                 await api.actions.put({"action_type": "InstanceStart"})
         except BaseException:
             await self.kill(handle)
+            await process.writer_gone(writer.pid)
             raise
         log.info("firecracker pid %d started for %s", pid, spec.name)
         return handle

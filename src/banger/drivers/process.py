@@ -12,7 +12,8 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
-from banger.drivers.base import StopOutcome, VmmHandle
+from banger.drivers import consolelog
+from banger.drivers.base import StopOutcome, VmmHandle, VmSpec
 from banger.errors import BangerError, InvalidInputError, TimeoutError_, ToolError
 
 log = logging.getLogger("banger.drivers")
@@ -52,8 +53,43 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def spawn(argv: Sequence[str], *, log_file: Path, stdout_file: Path | None = None, pass_fds: Sequence[int] = ()) -> int:
-    """Start a long-running VMM in its own session with stdio on files; return its pid.
+def console_writer(spec: VmSpec) -> consolelog.Writer:
+    """Start the VM's capped console log writer (consolelog.py); its pipe's write end is for the VMM.
+
+    The caller closes the fd once the VMM holds its copy; the writer exits when the VMM's copy closes too.
+    """
+    try:
+        return consolelog.start(spec.console_log, spec.console_log_max_bytes)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ToolError(f"cannot start the console log writer for {spec.console_log}: {exc}") from exc
+
+
+async def writer_gone(pid: int, timeout: float = 5.0) -> None:
+    """After a failed launch: wait for the console writer to see the end of its pipe and exit (else kill it)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        exited = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(pidfd, exited.set)
+        try:
+            await asyncio.wait_for(exited.wait(), timeout)
+        except TimeoutError:
+            log.warning("console log writer %d did not exit with its VMM; killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def spawn(
+    argv: Sequence[str], *, log_file: Path, stdout_file: Path | int | None = None, pass_fds: Sequence[int] = ()
+) -> int:
+    """Start a long-running VMM in its own session with stdio on files (stdout may be an fd); return its pid.
 
     The VMM's log lives in its VM's run directory, and the process carries that directory in its environment
     (TAG_VAR): a daemon that died before recording the pid finds exactly this VMM again with `tagged_pids`.
@@ -63,7 +99,9 @@ def spawn(argv: Sequence[str], *, log_file: Path, stdout_file: Path | None = Non
     env = {**os.environ, TAG_VAR: os.fspath(log_file.parent.resolve())}
     with contextlib.ExitStack() as stack:
         err = stack.enter_context(open(log_file, "ab"))
-        out = stack.enter_context(open(stdout_file, "ab")) if stdout_file else err
+        out = err
+        if stdout_file is not None:
+            out = stack.enter_context(open(stdout_file, "ab", closefd=not isinstance(stdout_file, int)))
         devnull = stack.enter_context(open(os.devnull, "rb"))
         try:
             child = subprocess.Popen(

@@ -12,7 +12,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from banger.drivers import process
+from banger.drivers import consolelog, process
 from banger.drivers.base import AGENT_PORT_NAME, AgentTransport, SpawnHook, StopOutcome, VmmHandle, VmmKind, VmSpec
 from banger.drivers.host import DEV_VHOST_VSOCK, host_tsc_khz
 from banger.errors import InvalidInputError, ToolError, UnsupportedError
@@ -83,8 +83,15 @@ class QemuDriver:
                 line = f"{line} tsc_early_khz={khz}"
         return line
 
-    def argv(self, spec: VmSpec, qmp_fd: int, agent_fd: int | None, console_fd: int | None = None) -> list[str]:
-        """The full QEMU command line for `spec`, given the fds of the sockets we created."""
+    def argv(
+        self,
+        spec: VmSpec,
+        qmp_fd: int,
+        agent_fd: int | None,
+        console_fd: int | None = None,
+        console_log_fd: int | None = None,
+    ) -> list[str]:
+        """The full QEMU command line for `spec`, given the fds of the sockets (and console log pipe) we created."""
         # microvm keeps ACPI on by default: Debian's cloud kernel finds virtio-mmio devices only through it.
         # Under TCG, cap the translation cache (QEMU's default reserves 1 GiB, and it fills as the guest runs):
         # it is most of the host memory a TCG guest costs beyond its own RAM.
@@ -97,11 +104,13 @@ class QemuDriver:
         args += ["-kernel", os.fspath(spec.kernel), "-append", self.cmdline(spec)]
         if spec.initrd is not None:
             args += ["-initrd", os.fspath(spec.initrd)]
+        # The log goes through banger's capped writer (consolelog.py) when we were given its pipe.
+        log_path = f"/dev/fd/{console_log_fd}" if console_log_fd is not None else _opt(spec.console_log)
         if console_fd is None:
-            args += ["-chardev", f"file,id=console,path={_opt(spec.console_log)},append=on"]
+            args += ["-chardev", f"file,id=console,path={log_path},append=on"]
         else:
             # An interactive serial console (`banger vm console`) whose output is also logged, client or not.
-            log_opt = f"logfile={_opt(spec.console_log)},logappend=on"
+            log_opt = f"logfile={log_path},logappend=on"
             args += ["-chardev", f"socket,id=console,fd={console_fd},server=on,wait=off,{log_opt}"]
         args += ["-serial", "chardev:console"]
         args += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
@@ -136,6 +145,7 @@ class QemuDriver:
         process.check_socket_paths(qmp_path, console_path, *([agent_socket] if agent_socket else []))
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         cleanup: list[Path] = []
+        writer: consolelog.Writer | None = None
         try:
             with contextlib.ExitStack() as fds:
                 qmp_sock = fds.enter_context(_listen(qmp_path))
@@ -145,12 +155,16 @@ class QemuDriver:
                 if spec.agent is not None and spec.agent.transport is AgentTransport.VIRTIO_SERIAL and agent_socket:
                     cleanup.append(agent_socket)
                     agent_fd = fds.enter_context(_listen(agent_socket)).fileno()
-                argv = self.argv(spec, qmp_sock.fileno(), agent_fd, console_fd)
-                pass_fds = [qmp_sock.fileno(), console_fd] + ([agent_fd] if agent_fd is not None else [])
+                writer = process.console_writer(spec)
+                fds.callback(os.close, writer.fd)
+                argv = self.argv(spec, qmp_sock.fileno(), agent_fd, console_fd, writer.fd)
+                pass_fds = [qmp_sock.fileno(), console_fd, writer.fd] + ([agent_fd] if agent_fd is not None else [])
                 pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, pass_fds=pass_fds)
         except BaseException:
             for path in (qmp_path, *cleanup):
                 path.unlink(missing_ok=True)
+            if writer is not None:
+                await process.writer_gone(writer.pid)
             raise
         # Our copies of the listening sockets are closed; QEMU holds its own.
         started = process.start_time(pid)
@@ -165,6 +179,7 @@ class QemuDriver:
                 raise ToolError(f"qemu started but the guest is {status.get('status')!r}, not running")
         except BaseException:
             await self.kill(handle)
+            await process.writer_gone(writer.pid)
             raise
         log.info("qemu pid %d started for %s (accel %s)", pid, spec.name, self.accel)
         return handle

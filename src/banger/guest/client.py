@@ -25,6 +25,7 @@ from banger.guest.protocol import (
     Kind,
     Mux,
     Stream,
+    WindowExceeded,
     read_frame,
     stream_writer,
 )
@@ -171,7 +172,7 @@ class AgentClient:
     """One protocol session with a guest agent. Use `async with await AgentClient.connect_unix(path)`."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.mux = Mux(reader, stream_writer(writer))
+        self.mux = Mux(reader, stream_writer(writer), enforce_window=True)
         self._writer = writer
         self._ids = itertools.count(1)
         self._nonce = secrets.token_hex(8)
@@ -241,6 +242,7 @@ class AgentClient:
         self.agent_kinds = frozenset(Kind(k) for k in kinds if k in Kind.__members__.values()) if kinds else None
 
     async def _read_loop(self) -> None:
+        reason = None
         try:
             while True:
                 frame = await read_frame(self.mux.reader)
@@ -250,14 +252,21 @@ class AgentClient:
                             self._hello.set_result(frame.header)
                     elif self._hello.done():
                         log.info("guest agent restarted (pid %s); session over", frame.header.get("pid"))
+                        reason = f"the guest agent restarted (pid {frame.header.get('pid')}); try again"
                         return
                 elif self._hello.done():
                     self.mux.route(frame)  # unknown ids are leftovers of streams we gave up on
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except WindowExceeded as exc:
+            # A guest that ignores credit is cut off rather than buffered: the agent then kills what this
+            # session ran, and the next request opens a fresh session.
+            reason = f"the guest agent ignored flow control ({exc})"
+            log.warning("%s; closing its connection", reason)
+            self._writer.close()
         finally:
             self._closed = True
-            self.mux.close_streams()
+            self.mux.close_streams(reason)
 
     async def close(self) -> None:
         """Drop the connection; the agent kills whatever this session still runs."""

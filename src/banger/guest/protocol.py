@@ -38,7 +38,9 @@ Error codes: not_found, permission, unsafe, exec_failed, invalid, unsupported, c
 
 Flow control. Each side may have at most WINDOW unacknowledged DATA payload bytes in flight per stream; the
 receiver sends ACK {n} once it has consumed n bytes (written them to a process, a file, or a host sink). So a slow
-consumer stalls only its own stream, never the connection.
+consumer stalls only its own stream, never the connection. The host enforces this: an agent that sends beyond
+the window (or queues more than MAX_QUEUED_FRAMES frames on a stream) has its connection closed, with the reason
+logged, instead of being buffered.
 
 Room to grow: unknown kinds get an END with code "unsupported", so a newer host can probe an older agent (e.g. for
 long-running SESSION streams that outlive one connection).
@@ -47,6 +49,7 @@ long-running SESSION streams that outlive one connection).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import json
@@ -61,6 +64,8 @@ _PREFIX = struct.Struct(">4sII")
 MAX_CHUNK = 32 * 1024
 MAX_HEADER = 64 * 1024
 WINDOW = 256 * 1024
+# Frames a stream may have queued unread, besides the byte window (small DATA frames are merged, see Inbox).
+MAX_QUEUED_FRAMES = 16 * 1024
 # Zeros that complete any frame torn by a previous connection; they then fail to parse and the reader resyncs.
 SYNC_PADDING = bytes(_PREFIX.size + MAX_HEADER + MAX_CHUNK)
 SERIAL_PORT_NAME = "org.banger.agent"
@@ -187,13 +192,57 @@ class Credit:
         self._changed.set()
 
 
+class Inbox:
+    """Frames received on one stream, oldest first (loop-thread only).
+
+    A DATA frame that follows a DATA frame of the same fd is merged into it (up to MAX_CHUNK), so a peer's small
+    writes cost one queued frame per chunk, not one per write.
+    """
+
+    def __init__(self) -> None:
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, frame: Frame) -> None:
+        """Queue a frame."""
+        last = self._frames[-1] if self._frames else None
+        if (
+            last is not None
+            and frame.kind == Kind.DATA
+            and last.kind == Kind.DATA
+            and last.header.get("fd") == frame.header.get("fd")
+            and len(last.payload) + len(frame.payload) <= MAX_CHUNK
+        ):
+            self._frames[-1] = Frame(last.kind, last.id, last.header, last.payload + frame.payload)
+        else:
+            self._frames.append(frame)
+        self._ready.set()
+
+    async def get(self) -> Frame:
+        """The oldest frame, waiting for one."""
+        while not self._frames:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._frames.popleft()
+
+    def qsize(self) -> int:
+        """How many (merged) frames wait."""
+        return len(self._frames)
+
+
 @dataclass
 class Stream:
     """One multiplexed request as both sides track it."""
 
     id: int
-    inbox: asyncio.Queue[Frame] = field(default_factory=asyncio.Queue)
+    inbox: Inbox = field(default_factory=Inbox)
     credit: Credit = field(default_factory=Credit)
+    # DATA payload bytes received and not yet ACKed by us: a peer that keeps credit stays within WINDOW.
+    unacked: int = 0
+
+
+class WindowExceeded(ProtocolError):
+    """The peer sent more on a stream than the flow-control window allows (it ignores credit)."""
 
 
 Writer = Callable[[bytes], Awaitable[None]]
@@ -202,11 +251,13 @@ Writer = Callable[[bytes], Awaitable[None]]
 class Mux:
     """Frame I/O over one connection: serialised writes, per-stream credit, chunked data."""
 
-    def __init__(self, reader: asyncio.StreamReader, write: Writer) -> None:
+    def __init__(self, reader: asyncio.StreamReader, write: Writer, *, enforce_window: bool = False) -> None:
         self.reader = reader
         self._write = write
         self._lock = asyncio.Lock()
         self.streams: dict[int, Stream] = {}
+        # The host enforces the window (the guest is untrusted); route() then raises WindowExceeded.
+        self.enforce_window = enforce_window
 
     async def send(self, kind: Kind, sid: int, payload: bytes = b"", **fields: Any) -> None:
         """Send one frame; frames never interleave."""
@@ -231,6 +282,9 @@ class Mux:
 
     def ack(self, sid: int, n: int) -> None:
         """Tell the peer we consumed `n` bytes of stream `sid` (fire and forget)."""
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.unacked -= n
         if n > 0:
             asyncio.get_running_loop().create_task(self._ack(sid, n))
 
@@ -239,21 +293,34 @@ class Mux:
             await self.send(Kind.ACK, sid, n=n)
 
     def route(self, frame: Frame) -> bool:
-        """Deliver a stream frame (ACKs update credit); False if no such stream."""
+        """Deliver a stream frame (ACKs update credit); False if no such stream.
+
+        With enforce_window, raises WindowExceeded when the peer overruns the window: it is not buffered.
+        """
         stream = self.streams.get(frame.id)
         if stream is None:
             return False
         if frame.kind == Kind.ACK:
             stream.credit.grant(int(frame.header.get("n", 0)))
-        else:
-            stream.inbox.put_nowait(frame)
+            return True
+        if self.enforce_window:
+            if frame.kind == Kind.DATA:
+                stream.unacked += len(frame.payload)
+            if stream.unacked > WINDOW:
+                raise WindowExceeded(
+                    f"stream {frame.id}: {stream.unacked} bytes unacknowledged, beyond the {WINDOW}-byte window"
+                )
+            if stream.inbox.qsize() >= MAX_QUEUED_FRAMES:
+                raise WindowExceeded(f"stream {frame.id}: more than {MAX_QUEUED_FRAMES} frames queued")
+        stream.inbox.put_nowait(frame)
         return True
 
-    def close_streams(self) -> None:
-        """Wake everyone blocked on a stream of this connection."""
+    def close_streams(self, reason: str | None = None) -> None:
+        """Wake everyone blocked on a stream of this connection (`reason` tells them why it closed)."""
+        gone = {**_GONE, "message": f"{_GONE['message']}: {reason}"} if reason else _GONE
         for stream in self.streams.values():
             stream.credit.close()
-            stream.inbox.put_nowait(Frame(str(Kind.END), stream.id, {"ok": False, "error": _GONE}))
+            stream.inbox.put_nowait(Frame(str(Kind.END), stream.id, {"ok": False, "error": gone}))
         self.streams.clear()
 
 

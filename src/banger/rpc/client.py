@@ -94,6 +94,9 @@ class Client:
         chunk = self.sock.recv(1 << 16)
         if not chunk:
             raise DaemonError("the daemon closed the connection unexpectedly (see `banger daemon logs`)")
+        if len(self._buf) > protocol.MAX_LINE and b"\n" not in self._buf:
+            self.close()
+            raise DaemonError(f"the daemon sent a message longer than {protocol.MAX_LINE} bytes; connection closed")
         self._buf += chunk
 
     def pop_message(self) -> dict[str, Any] | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -31,7 +33,7 @@ class CallContext:
         self.request_id = request_id
         self.method = method
         # `$/input` notifications the client sends for this call (stdin data, resize, signals).
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.inbox = InputInbox(MAX_INPUT_BYTES)
         self.peer_uid, self.peer_gid = conn.peer_ids()
 
     def progress(self, event: ProgressEvent) -> None:
@@ -50,6 +52,34 @@ class CallContext:
 
 
 Handler = Callable[..., Awaitable[Any]]
+
+# Bounds on what one client can make the daemon hold: calls running at once on a connection, and `$/input`
+# bytes queued for a call that has not consumed them yet.
+MAX_CALLS_PER_CONNECTION = 64
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+
+class InputInbox(asyncio.Queue[dict[str, Any]]):
+    """A call's queue of `$/input` messages, bounded by their size on the wire."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+        self._sizes: collections.deque[int] = collections.deque()
+
+    def offer(self, item: dict[str, Any], size: int) -> bool:
+        """Queue `item` (`size` bytes on the wire); False, and nothing queued, if that would pass the bound."""
+        if self.queued_bytes + size > self.max_bytes:
+            return False
+        self._sizes.append(size)
+        self.queued_bytes += size
+        self.put_nowait(item)
+        return True
+
+    def _get(self) -> dict[str, Any]:
+        self.queued_bytes -= self._sizes.popleft() if self._sizes else 0
+        return super()._get()
 
 
 # Methods served to a client running other code than the daemon (or another protocol): enough to see the
@@ -121,13 +151,31 @@ class Connection:
             return
         if req.method == protocol.INPUT:
             ctx = self.contexts.get(req.params.get("id"))  # type: ignore[arg-type]
-            if ctx is not None:
-                ctx.inbox.put_nowait(req.params)
+            if ctx is not None and not ctx.inbox.offer(req.params, len(line)):
+                # Not buffered without bound: the call fails instead (its cleanup runs as for any cancel).
+                log.warning(
+                    "call %s (%s): over %d bytes of input not consumed; cancelling it",
+                    ctx.request_id,
+                    ctx.method,
+                    ctx.inbox.max_bytes,
+                )
+                task = self.tasks.get(ctx.request_id)
+                if task is not None:
+                    task.cancel()
             return
         if req.id is None:
             return  # other notifications from clients carry nothing we act on
         if req.id in self.tasks:
             self.send(protocol.error(req.id, ErrorCode.INVALID_REQUEST, f"request id {req.id!r} already in use"))
+            return
+        if len(self.tasks) >= MAX_CALLS_PER_CONNECTION:
+            self.send(
+                protocol.error(
+                    req.id,
+                    ErrorCode.INVALID_REQUEST,
+                    f"too many calls in flight on one connection (at most {MAX_CALLS_PER_CONNECTION})",
+                )
+            )
             return
         # The context exists before the task runs: `$/input` lines right behind the call must find it.
         ctx = CallContext(self, req.id, req.method)
@@ -171,6 +219,15 @@ class Connection:
             if exc.hint:
                 data["hint"] = exc.hint
             self.send(protocol.error(req.id, exc.code, exc.message, data or None))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.exception("call %s (%s) crashed", req.id, req.method)
+                self.send(protocol.error(req.id, ErrorCode.INTERNAL, f"internal error in {req.method}: {exc!r}"))
+            else:  # a full disk is the host's state, not a bug: say so in one line
+                log.warning("call %s (%s): %s", req.id, req.method, exc)
+                hint = "free some space on the filesystem holding the state root, then retry"
+                message = f"{req.method}: no space left on device"
+                self.send(protocol.error(req.id, ErrorCode.GENERIC, message, {"hint": hint}))
         except Exception as exc:
             log.exception("call %s (%s) crashed", req.id, req.method)
             self.send(protocol.error(req.id, ErrorCode.INTERNAL, f"internal error in {req.method}: {exc!r}"))

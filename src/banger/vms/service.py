@@ -41,7 +41,7 @@ from banger.net.guestnet import GuestNet
 from banger.net.service import NetworkService
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
-from banger.vms import limits, records
+from banger.vms import exitreason, limits, records, sweep
 from banger.vms.agents import AgentEndpoint, AgentPool
 from banger.vms.cmdline import guest_cmdline
 from banger.vms.disk import clone_root_disk
@@ -251,6 +251,7 @@ class VmService:
             initrd=kdir / INITRD if (kdir / INITRD).is_file() else None,
             cmdline=guest_cmdline(manifest.cmdline),
             console_log=vdir / CONSOLE_LOG,
+            console_log_max_bytes=int(self.settings.get("console_log_max_mib")) << 20,
             run_dir=rdir,
             disks=(Disk(vdir / ROOT_DISK), Disk(vdir / SEED_DISK, read_only=True)),
             agent=agent,
@@ -342,7 +343,7 @@ class VmService:
         try:
             with path.open("rb") as f:
                 size = f.seek(0, os.SEEK_END)
-                f.seek(max(since, size - 16384))
+                f.seek(max(since if since <= size else 0, size - 16384))  # since > size: rotated meanwhile
                 text = f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
@@ -376,7 +377,8 @@ class VmService:
                 await driver.kill(handle)  # removes its sockets
                 await self._unplug(vm)
                 self._set_runtime(vm, None)
-                self._set_state(vm, VmState.ERROR, "the VMM process exited unexpectedly")
+                reason = await exitreason.unexpected_exit(self.vm_dir(vm_id) / CONSOLE_LOG)
+                self._set_state(vm, VmState.ERROR, reason)
 
     # -- stop / kill / rm ------------------------------------------------------------------------------------
 
@@ -470,6 +472,7 @@ class VmService:
         """At daemon start: re-adopt VMMs that kept running, and record the ones that died meanwhile."""
         await self.load_caps()
         vms = self.all()
+        sweep.remove_orphans((self.settings.paths.vms, self.settings.paths.run_dir), {vm.id for vm in vms})
         if any(vm.spec.get("net") == NetMode.BRIDGE for vm in vms):
             # Networking is set up lazily (never on a host that has no networked VM), but once VMs use it, the
             # bridge, table and DNS must come back with the daemon.

@@ -10,7 +10,7 @@ from banger.daemon.app import App
 from banger.errors import InvalidInputError
 from banger.rpc.registry import MethodRegistry
 from banger.rpc.server import CallContext
-from banger.vms import guestops
+from banger.vms import consolefollow, guestops
 from banger.vms.model import VmRecord
 
 
@@ -154,17 +154,11 @@ def register(reg: MethodRegistry, app: App) -> None:
         if not follow:
             return {"text": text}
         ctx.event({"text": text + ("\n" if text else "")})
-        pos = path.stat().st_size if path.exists() else 0
-        while True:
-            await asyncio.sleep(0.25)
-            if not path.exists():
-                continue
-            size = path.stat().st_size
-            if size > pos:
-                # Read in a thread, one bounded slice per turn: the loop never waits on the disk.
-                chunk = await asyncio.to_thread(guestops.read_slice, path, pos, size - pos)
-                pos += len(chunk)
-                ctx.event({"text": chunk.decode(errors="replace")})
+
+        async def emit(chunk: str) -> None:
+            await ctx.send_event({"text": chunk})  # waits for the client: a slow reader slows only itself
+
+        await consolefollow.follow(path, emit)
 
     @reg.method("vm.console")
     async def console(ctx: CallContext, name: str) -> dict[str, Any]:
