@@ -92,6 +92,7 @@ class Daemon:
         if self.server is not None:
             await self.server.stop(self.paths.socket)
         if self.app is not None:
+            await self.app.tunnels.close()
             await self.app.vms.close()
         if self.store is not None:
             self.store.close()
