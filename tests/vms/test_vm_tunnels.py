@@ -54,7 +54,10 @@ def _serve(lab: Lab, name: str, port: int, text: str) -> None:
     lab.guest(
         name,
         f"mkdir -p /srv/{port} && cd /srv/{port} && echo {text} > index.html && "
-        f"setsid python3 -m http.server {port} --bind 127.0.0.1 >/dev/null 2>&1 < /dev/null & sleep 0.5",
+        f"setsid python3 -m http.server {port} --bind 127.0.0.1 >/dev/null 2>&1 < /dev/null & "
+        # Python starts slowly under TCG: return once the server accepts connections.
+        f"for i in $(seq 300); do bash -c 'echo > /dev/tcp/127.0.0.1/{port}' 2>/dev/null && exit 0; sleep 0.1; done; "
+        "exit 1",
     )
 
 
