@@ -50,11 +50,11 @@ class Lab:
         return r.stdout
 
 
-def _serve(lab: Lab, name: str, port: int, text: str) -> None:
+def _serve(lab: Lab, name: str, port: int, text: str, bind: str = "127.0.0.1") -> None:
     lab.guest(
         name,
         f"mkdir -p /srv/{port} && cd /srv/{port} && echo {text} > index.html && "
-        f"setsid python3 -m http.server {port} --bind 127.0.0.1 >/dev/null 2>&1 < /dev/null & "
+        f"setsid python3 -m http.server {port} --bind {bind} >/dev/null 2>&1 < /dev/null & "
         # Python starts slowly under TCG: return once the server accepts connections.
         f"for i in $(seq 300); do bash -c 'echo > /dev/tcp/127.0.0.1/{port}' 2>/dev/null && exit 0; sleep 0.1; done; "
         "exit 1",
@@ -94,8 +94,10 @@ def lab(debian_kernel: Path, debian_image: Path) -> Iterator[Lab]:
             for p in creates:
                 out, err = p.communicate(timeout=900)
                 assert p.returncode == 0, err
-            for name in ("nonet", "br"):
-                _serve(lab, name, 8081, f"{NOTE}-{name}")
+            _serve(lab, "nonet", 8081, f"{NOTE}-nonet")
+            # Outside traffic to a bridged VM's port published on a host address is DNAT'ed to the guest's own
+            # address, so that server listens on every guest address (loopback is reached through the tunnel).
+            _serve(lab, "br", 8081, f"{NOTE}-br", bind="0.0.0.0")
             yield lab
     finally:
         if "lab" in locals() and lab.reverse_server is not None:

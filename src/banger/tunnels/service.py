@@ -200,6 +200,12 @@ class TunnelService:
         live = self.live.get(vm_id)
         return live.auto_ports() if live is not None else {}
 
+    def skip_port(self, vm_id: str, guest_port: int) -> None:
+        """Never forward this guest port automatically (banger's own servers in the guest, e.g. an agent's)."""
+        live = self.live.get(vm_id)
+        if live is not None:
+            live.skip.add(guest_port)
+
     async def add_reverse(self, vm_id: str, guest_port: int, connector: HostConnector) -> None:
         """Guest 127.0.0.1:guest_port reaches whatever `connector` opens, while the VM runs (not persisted)."""
         live = self._live(self.vms.get(vm_id))
