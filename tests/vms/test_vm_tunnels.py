@@ -167,7 +167,7 @@ def test_auto_forward_follows_the_guest_listener(lab: Lab) -> None:
     wait_for(lambda: lab.curl(host, url) == "auto-forwarded\n", timeout=30, what="auto-forward appears")
     ports = json.loads(lab.benv.cli("vm", "ports", "nonet", "--json", check=True).stdout)
     assert any(p["port"] == 18095 and p["host_port"] == 18095 for p in ports)
-    lab.guest("nonet", "pkill -f 'http.server 18095'")
+    lab.guest("nonet", "pkill -f 'http[.]server 18095'")
     wait_for(lambda: lab.curl(host, url) == "", timeout=30, what="auto-forward goes away")
     # --forward-ports off: the guest's 8081 is not forwarded automatically.
     assert lab.curl(host, "http://127.0.0.1:8081/index.html") == ""
