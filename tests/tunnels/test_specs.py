@@ -82,3 +82,10 @@ def test_cli_ssh_files_live_in_the_users_home(tmp_path: Path, monkeypatch: pytes
     ssh_files.update_known_hosts([{"hosts": ["a.vm", "a"], "host_keys": []}])  # a's keys replaced (gone)
     assert hosts.read_text() == f"b.vm,b {KEY}\n"
     assert hosts.stat().st_mode & 0o777 == 0o600
+
+
+def test_guest_without_sshd_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from banger.guest import sshsetup
+
+    monkeypatch.setattr(sshsetup, "SSHD_CANDIDATES", ("/nonexistent/sshd",))
+    assert sshsetup.setup("root", [KEY]) == {"sshd": False, "host_keys": []}
