@@ -24,6 +24,7 @@ CONFIG_KEYS: dict[str, type] = {
     "agent_timeout": float,
     "log_level": str,
     "console_log_max_mib": int,
+    "forward_ports": str,
 }
 
 ENV_OVERRIDES: dict[str, str] = {
@@ -47,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "agent_timeout": 120.0,
     "log_level": "info",
     "console_log_max_mib": 10,
+    "forward_ports": "auto",
 }
 
 
@@ -183,6 +185,8 @@ def _check_value(key: str, value: Any) -> str | None:
         return "must be auto, qemu or firecracker"
     if key == "agent_timeout" and not 0 < value < 86400:
         return "must be a number of seconds above 0"
+    if key == "forward_ports" and value not in ("auto", "off"):
+        return "must be auto or off"
     if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         return "must be debug, info, warning or error"
     if key == "subnet":

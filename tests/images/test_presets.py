@@ -17,7 +17,7 @@ from banger.images.presets import (
 )
 
 TARGET = Path("/stage/out")
-DEB_PKGS = "ca-certificates,git,iproute2,procps,python3,util-linux"
+DEB_PKGS = "ca-certificates,git,iproute2,openssh-server,procps,python3,rsync,util-linux"
 EXCLUDES = [
     "--dpkgopt=path-exclude=/usr/share/doc/*",
     "--dpkgopt=path-exclude=/usr/share/man/*",
@@ -53,7 +53,7 @@ def test_debian_argv_unshare_mode_and_defaults() -> None:
     assert cmd.argv[2] == "--mode=unshare"
     assert "--architectures=arm64" in cmd.argv
     assert cmd.argv[-3:] == ["bookworm", "/stage/out", "http://deb.example/debian"]
-    assert "--include=ca-certificates,git,iproute2,procps,python3,util-linux" in cmd.argv
+    assert "--include=ca-certificates,git,iproute2,openssh-server,procps,python3,rsync,util-linux" in cmd.argv
 
 
 def test_alpine_argv_default_and_mirror_override(tmp_path: Path) -> None:
@@ -139,7 +139,17 @@ def test_bad_suite_mirror_and_arch_refused() -> None:
 
 def test_packages_merged_sorted_deduplicated() -> None:
     plan = make_plan(Preset.DEBIAN, packages=("vim", "python3", "git"), mirror="http://x/debian")
-    assert plan.packages == ("ca-certificates", "git", "iproute2", "procps", "python3", "util-linux", "vim")
+    assert plan.packages == (
+        "ca-certificates",
+        "git",
+        "iproute2",
+        "openssh-server",
+        "procps",
+        "python3",
+        "rsync",
+        "util-linux",
+        "vim",
+    )
 
 
 def test_debian_mirror_read_from_apt_sources(tmp_path: Path) -> None:

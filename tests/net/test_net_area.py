@@ -1,4 +1,4 @@
-"""network.* / vm.forward RPC methods and the `banger network` CLI over a real NetworkService in a namespace.
+"""network.* RPC methods and the `banger network` CLI over a real NetworkService in a namespace.
 
 The daemon's App and the RPC socket are stood in for: the methods get an object holding the real service and a
 minimal VM lookup, and the CLI's `rpc()` is routed straight to the registry. Everything under them is real.
@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from banger.cli import net_cmds
 from banger.daemon.methods import net_area
-from banger.errors import InUseError, NotFoundError
+from banger.errors import NotFoundError
 from banger.net.service import NetworkService
 from banger.rpc.registry import MethodRegistry
 from banger.store.db import Store
@@ -67,16 +67,9 @@ def test_methods_and_cli(netns: Namespaces, tmp_path: Path, store: Store, monkey
         svc.allocate("343434343434", "db")
         await svc.plug(vm)
 
-        got = await reg.call("vm.forward", None, {"name": "web", "host_port": 8080, "guest_port": 80})
-        assert [(f["host_port"], f["guest_port"], f["active"]) for f in got] == [(8080, 80, True)]
-        await reg.call("vm.forward", None, {"name": "web", "host_port": 2222})
-        assert f"dnat to {ip}:2222" in (nft_table(netns, ns) or ""), "guest port defaults to the host port"
-        with pytest.raises(InUseError):
-            await reg.call("vm.forward", None, {"name": "db", "host_port": 8080, "guest_port": 80})
-        got = await reg.call("vm.forward", None, {"name": "web", "host_port": 2222, "remove": True})
-        assert [f["host_port"] for f in got] == [8080]
-        with pytest.raises(NotFoundError):
-            await reg.call("vm.forward", None, {"name": "web", "host_port": 2222, "remove": True})
+        # vm.forward moved to tunnel_area (tests/tunnels); rows published on every address are DNAT'ed here.
+        svc.set_forwards(vm, [(8080, 80)])
+        assert f"dnat to {ip}:80" in (nft_table(netns, ns) or "")
 
         status = await reg.call("network.status", None, {})
         assert [lease["vm"] for lease in status["leases"]] == ["web", "db"]

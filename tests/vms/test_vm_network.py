@@ -73,7 +73,7 @@ def net_home(debian_kernel: Path, debian_image: Path) -> Iterator[tuple[BangerEn
     topo.up()
     try:
         with installed_home(debian_kernel, wrap=("ip", "netns", "exec", topo.host)) as benv:
-            for name, extra in (("web", ["--publish", "8082:8000"]), ("client", [])):
+            for name, extra in (("web", ["--publish", "0.0.0.0:8082:8000"]), ("client", [])):
                 r = benv.cli("vm", "create", "--name", name, *extra, "--vcpus", "1", "--memory", "512", timeout=600)
                 assert r.returncode == 0, r.stderr
             yield benv, topo
@@ -153,7 +153,8 @@ def test_host_resolves_vm_names_through_the_daemon(net_home: tuple[BangerEnv, To
 
 def test_port_forward(net_home: tuple[BangerEnv, Topology]) -> None:
     benv, topo = net_home
-    benv.cli("vm", "forward", "web", "8081:8000", check=True)
+    # Published on every address (0.0.0.0): DNAT carries outside traffic (loopback is tests/vms/test_vm_tunnels.py).
+    benv.cli("vm", "forward", "web", "0.0.0.0:8081:8000", check=True)
     for port in (8081, 8082):  # `vm forward` and `vm create --publish`
         url = f"http://10.99.0.1:{port}/index.html"
         out = subprocess.run(

@@ -15,6 +15,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "image": ("banger.cli.image_cmds", "image"),
     "vm": ("banger.cli.vm_cmds", "vm"),
     "doctor": ("banger.cli.vm_cmds", "doctor"),
+    "ssh-config": ("banger.cli.tunnel_cmds", "ssh_config"),
     "network": ("banger.cli.net_cmds", "network"),
     "ui": ("banger.cli.ui_cmds", "ui"),
     "events": ("banger.cli.events_cmds", "events"),

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from banger.cli import ssh_files, tunnel_cmds
 from banger.cli.common import json_option, rpc
 from banger.cli.connect import connect
 from banger.cli.output import emit_json, kv, table
@@ -86,6 +87,9 @@ def _create_params(opts: dict[str, Any], *, start: bool) -> dict[str, Any]:
         "timeout": opts["timeout"],
         "net": opts["net"],
         "publish": list(opts["publish"]),
+        "reverse": list(opts["reverse"]),
+        "forward_ports": opts["forward_ports"],
+        "ssh_keys": ssh_files.public_keys(tuple(opts["ssh_key"])),
     }
 
 
@@ -107,7 +111,22 @@ def create_options(fn: Any) -> Any:
                 show_default=True,
                 help="bridge: a TAP on banger's bridge with NAT and DNS; none: no network.",
             ),
-            click.option("--publish", "-p", multiple=True, help="Publish a TCP port, HOST:GUEST (repeatable)."),
+            click.option(
+                "--publish",
+                "-p",
+                multiple=True,
+                help="Publish a TCP port, [ADDR:]HOST:GUEST (ADDR defaults to 127.0.0.1; repeatable).",
+            ),
+            click.option(
+                "--reverse", multiple=True, help="Guest 127.0.0.1:GUEST reaches host 127.0.0.1:HOST, GUEST:HOST."
+            ),
+            click.option(
+                "--forward-ports",
+                type=click.Choice(["auto", "off"]),
+                default=None,
+                help="Forward ports guest processes listen on to host 127.0.0.1 (default: config forward_ports).",
+            ),
+            click.option("--ssh-key", multiple=True, type=click.Path(), help="Also authorize this SSH public key."),
         ]
     ):
         fn = opt(fn)
@@ -195,17 +214,16 @@ def rename(name: str, new_name: str) -> None:
 @click.option("--remove", is_flag=True, help="Stop publishing these host ports.")
 @json_option
 def forward(name: str, ports: tuple[str, ...], remove: bool, as_json: bool) -> None:
-    """Publish host TCP ports to a VM: `vm forward NAME 8080:80` (removed on stop and rm)."""
-    from banger.vms.model import parse_publish
-
-    rows: list[dict[str, Any]] = []
-    for spec in ports:
-        host_port, guest_port = parse_publish(spec)
-        rows = rpc("vm.forward", {"name": name, "host_port": host_port, "guest_port": guest_port, "remove": remove})
+    """Publish ports of a VM: `vm forward NAME [ADDR:]HOST:GUEST...` (served while it runs; kept until rm)."""
+    rows = rpc("vm.forward", {"name": name, "specs": list(ports), "remove": remove})
     if as_json:
         emit_json(rows)
     else:
-        table(rows, [("host_port", "HOST"), ("guest_port", "GUEST"), ("proto", "PROTO")], empty="no published ports")
+        table(
+            rows,
+            [("address", "ADDRESS"), ("host_port", "HOST"), ("guest_port", "GUEST"), ("proto", "PROTO")],
+            empty="no published ports",
+        )
 
 
 @vm.command("ls")
@@ -411,7 +429,14 @@ def ports(name: str, as_json: bool) -> None:
     else:
         table(
             rows,
-            [("proto", "PROTO"), ("address", "ADDRESS"), ("port", "PORT"), ("pid", "PID"), ("comm", "PROCESS")],
+            [
+                ("proto", "PROTO"),
+                ("address", "ADDRESS"),
+                ("port", "PORT"),
+                ("host_port", "HOST"),
+                ("pid", "PID"),
+                ("comm", "PROCESS"),
+            ],
             empty="no listening ports",
         )
 
@@ -490,3 +515,5 @@ def _add_workspace_groups() -> None:
 
 
 _add_workspace_groups()
+
+tunnel_cmds.register(vm)

@@ -13,6 +13,7 @@ from banger.images.service import ImageService
 from banger.kernels.service import KernelService
 from banger.net.service import NetworkService
 from banger.store.db import Store
+from banger.tunnels.service import TunnelService
 from banger.vms.service import VmService
 from banger.workspace.service import WorkspaceService
 
@@ -28,6 +29,7 @@ class App:
     vms: VmService
     network: NetworkService
     workspaces: WorkspaceService
+    tunnels: TunnelService
     started_at: float = field(default_factory=time.time)
     # The code this daemon loaded (buildinfo.code_id at startup): the handshake compares the CLI's with it.
     build: str = field(default_factory=code_id)
@@ -49,6 +51,7 @@ class App:
             vms=vms,
             network=network,
             workspaces=WorkspaceService(store, vms),
+            tunnels=TunnelService(settings, store, vms, network),
         )
         app.vms.on_change = lambda what, vm: app.events.publish(
             f"vm.{what}", vm=vm.name, vm_id=vm.id, state=vm.state.value, reason=vm.reason

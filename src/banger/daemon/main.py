@@ -98,6 +98,7 @@ class Daemon:
         if self.app is not None:
             try:
                 async with asyncio.timeout(SERVICES_GRACE):
+                    await self.app.tunnels.close()
                     await self.app.vms.close()
             except TimeoutError:
                 log.error("VM watchers and agent connections did not close within %ss", SERVICES_GRACE)

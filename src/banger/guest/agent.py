@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING or __package__:
-    from banger.guest import execs, ports
+    from banger.guest import execs, guesttunnel, ports, sshsetup
     from banger.guest.protocol import VERSION, Fd, Frame, Kind, Mux, Stream, read_frame, stream_writer
     from banger.guest.transfer import InboundPipe, OutboundPipe, TransferError, extract_tar, transfer_target, write_tar
 else:  # run from the seed drive, where the guest modules are plain siblings
     import execs
+    import guesttunnel
     import ports
+    import sshsetup
     from protocol import VERSION, Fd, Frame, Kind, Mux, Stream, read_frame, stream_writer
     from transfer import InboundPipe, OutboundPipe, TransferError, extract_tar, transfer_target, write_tar
 
@@ -38,6 +40,7 @@ _ERROR_CODES: list[tuple[type[BaseException], str]] = [
     (PermissionError, "permission"),
     (TransferError, "unsafe"),
     (execs.ExecError, "exec_failed"),
+    (ConnectionError, "refused"),
     (ValueError, "invalid"),
     (KeyError, "invalid"),
 ]
@@ -297,6 +300,10 @@ HANDLERS: dict[Kind, Handler] = {
     Kind.EXEC: handle_exec,
     Kind.PUT: handle_put,
     Kind.GET: handle_get,
+    Kind.TUNNEL: guesttunnel.handle_tunnel,
+    Kind.LISTEN: guesttunnel.handle_listen,
+    Kind.WATCH: guesttunnel.handle_watch,
+    Kind.SSH: sshsetup.handle_ssh,
 }
 
 

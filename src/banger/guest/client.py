@@ -305,6 +305,18 @@ class AgentClient:
         await self.mux.send(kind, stream.id, **fields)
         return stream
 
+    async def open_stream(self, kind: Kind, **fields: Any) -> Stream:
+        """Open a stream of any kind, for modules that speak one request themselves (guest/tunnelclient.py)."""
+        return await self._request(kind, **fields)
+
+    async def call(self, kind: Kind, timeout: float | None, **fields: Any) -> dict[str, Any]:
+        """One request and its END result."""
+        return await self._call(kind, timeout, **fields)
+
+    async def cancel_stream(self, stream: Stream) -> None:
+        """Ask the agent to end a stream (fire and forget)."""
+        await self._cancel(stream)
+
     def forget(self, stream: Stream) -> None:
         """Stop routing frames to a finished stream."""
         stream.credit.close()

@@ -23,6 +23,7 @@ Streams. Every request is a stream: the host picks a fresh id and sends the requ
 PORTS, POWEROFF). Either side may then send DATA {fd} frames (fd 0 = stdin / upload, 1 = stdout / download,
 2 = stderr) and EOF {fd}. The agent ends the stream with exactly one END frame: {"ok": true, ...result} or
 {"ok": false, "error": {"code", "message"}}. Exec results are {"exit_code": int|null, "signal": int|null}.
+EVENT {...} frames carry news of a long-lived stream (agent to host).
 Host-only control frames on a running exec: RESIZE {rows, cols}, SIGNAL {signal}. CANCEL stops any stream.
 The agent ends streams of a session that is over (HELLO with a new nonce, EOF) without END.
 
@@ -34,6 +35,16 @@ Requests (header fields -> END result):
     GET      {path}                                      -> {path}; agent sends a tar as DATA fd 1
     PORTS    {}                                          -> {ports: [{proto, address, port, inode, pid, comm}]}
     POWEROFF {}                                          -> {} then the agent signals banger-init
+    TUNNEL   {port} | {accept}                           -> {}; a TCP stream (guesttunnel.py): the agent connects
+                                                            to 127.0.0.1:port (or takes connection `accept` of a
+                                                            LISTEN), sends EVENT {connected}, then bytes flow as
+                                                            DATA fd 0 (host -> guest) / fd 1 (guest -> host) + EOF
+    LISTEN   {port}                                      -> never ends by itself; binds guest 127.0.0.1:port, sends
+                                                            EVENT {listening}, then EVENT {accepted: conn} per
+                                                            connection, which the host claims with TUNNEL {accept}
+    WATCH    {interval}                                  -> never ends by itself; EVENT {ports: [...]} with the
+                                                            listening TCP ports whenever the set changes
+    SSH      {keys, user}                                -> {sshd, host_keys}; authorizes keys, reports host keys
 Error codes: not_found, permission, unsafe, exec_failed, invalid, unsupported, cancelled, failed.
 
 Flow control. Each side may have at most WINDOW unacknowledged DATA payload bytes in flight per stream; the
@@ -84,6 +95,11 @@ class Kind(enum.StrEnum):
     GET = "get"
     PORTS = "ports"
     POWEROFF = "poweroff"
+    TUNNEL = "tunnel"
+    LISTEN = "listen"
+    WATCH = "watch"
+    SSH = "ssh"
+    EVENT = "event"
     DATA = "data"
     EOF = "eof"
     ACK = "ack"

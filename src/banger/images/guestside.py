@@ -154,6 +154,12 @@ def add_guest_side(root: Path, info: ImageInfo) -> None:
     # The guest init writes resolv.conf and the hostname at boot; ship neutral placeholders, never the host's.
     _write_guest_file(root, "/" + RESOLV_CONF, b"", 0o644)
     _write_guest_file(root, "/" + HOSTNAME, b"banger\n", 0o644)
+    # Host keys made while the image was built would be shared by every VM: each VM makes its own at first boot.
+    ssh_etc = root / "etc" / "ssh"
+    if ssh_etc.is_dir() and not ssh_etc.is_symlink():
+        for key in ssh_etc.glob("ssh_host_*key*"):
+            if key.is_file() or key.is_symlink():
+                key.unlink()
     dev = root / "dev"
     if dev.is_symlink():
         raise InvalidInputError("rootfs has /dev as a symlink; refusing to write device nodes")

@@ -40,7 +40,9 @@ class BootstrapOutput(StrEnum):
 
 # The guest side needs a full python3 (json, asyncio, pty), `ip`, CA roots, `ps`/`kill` and `mount`.
 BASE_PACKAGES: dict[Preset, tuple[str, ...]] = {
-    Preset.DEBIAN: ("python3", "iproute2", "ca-certificates", "procps", "util-linux", "git"),
+    # openssh-server: `banger vm ssh` and `ssh NAME.vm` (host keys are removed from the image, made per VM);
+    # git: workspaces; rsync: `rsync -e ssh` needs it on both ends.
+    Preset.DEBIAN: ("python3", "iproute2", "ca-certificates", "procps", "util-linux", "git", "openssh-server", "rsync"),
     Preset.ALPINE: ("alpine-base", "python3", "iproute2", "ca-certificates", "procps", "util-linux"),
     Preset.VOID: ("base-minimal", "python3", "iproute2", "ca-certificates", "procps-ng", "util-linux"),
 }

@@ -61,6 +61,8 @@ class PortForward:
     guest_ip: IPv4Address
     guest_port: int
     proto: Proto = Proto.TCP
+    # Only traffic to this host address is DNAT'ed; None means every local address (`--publish 0.0.0.0:...`).
+    address: IPv4Address | None = None
 
     def __post_init__(self) -> None:
         for port in (self.host_port, self.guest_port):
@@ -97,10 +99,16 @@ def _nft(netns: str | None, args: Sequence[str], *, input: bytes | None = None, 
     return proc.run(argv, input=input, step=step, timeout=TOOL_TIMEOUT).stdout.decode()
 
 
+def _match(address: IPv4Address | None, *, loopback: bool) -> str:
+    if address is not None:
+        return f"ip daddr {address}"
+    return "fib daddr type local" if loopback else "ip daddr != 127.0.0.0/8 fib daddr type local"
+
+
 def render_ruleset(state: NatState) -> str:
     """The nft script that replaces banger's table with one expressing `state`, as one transaction."""
     bridge = json.dumps(state.bridge)  # nft string quoting; interface names carry no quotes or backslashes
-    dnat = [f"{f.proto} dport {f.host_port} dnat to {f.guest_ip}:{f.guest_port}" for f in state.forwards]
+    dnat = [(f.address, f"{f.proto} dport {f.host_port} dnat to {f.guest_ip}:{f.guest_port}") for f in state.forwards]
     # Declaring the table first makes the delete valid whether or not it existed; nft applies the whole
     # file atomically, so readers see either the old table or the new one, never a half state.
     lines = [
@@ -116,12 +124,12 @@ def render_ruleset(state: NatState) -> str:
         "    }",
         "    chain prerouting {",
         "        type nat hook prerouting priority dstnat; policy accept;",
-        *(f"        fib daddr type local {rule}" for rule in dnat),
+        *(f"        {_match(addr, loopback=True)} {rule}" for addr, rule in dnat),
         "    }",
         "    chain output {",
         "        type nat hook output priority -100; policy accept;",
         # Loopback is left alone: a DNAT'ed packet from 127.0.0.1 would be dropped as martian (module docstring).
-        *(f"        ip daddr != 127.0.0.0/8 fib daddr type local {rule}" for rule in dnat),
+        *(f"        {_match(addr, loopback=False)} {rule}" for addr, rule in dnat),
         "    }",
         "    chain forward {",
         "        type filter hook forward priority filter; policy accept;",

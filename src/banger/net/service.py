@@ -378,6 +378,7 @@ class NetworkService:
                 "proto": r["proto"],
                 "host_port": r["host_port"],
                 "guest_port": r["guest_port"],
+                "address": r["address"],
                 "active": r["vm_id"] in self._plugged,
             }
             for r in rows
@@ -418,14 +419,24 @@ class NetworkService:
     # -- nft -------------------------------------------------------------------------------------------------
 
     def _nat_state(self) -> NatState:
+        # Loopback publishing is the daemon's own listener (tunnels/publish.py); DNAT carries only the ports
+        # published on a host address, `0.0.0.0` meaning all of them.
         rows = self.store.query(
-            "SELECT f.proto, f.host_port, f.guest_port, f.vm_id, l.ip FROM forwards f "
+            "SELECT f.proto, f.host_port, f.guest_port, f.vm_id, f.address, l.ip FROM forwards f "
             "JOIN ip_leases l ON l.vm_id = f.vm_id ORDER BY f.host_port"
         )
         forwards = tuple(
-            PortForward(r["host_port"], IPv4Address(r["ip"]), r["guest_port"], Proto(r["proto"]))
+            PortForward(
+                r["host_port"],
+                IPv4Address(r["ip"]),
+                r["guest_port"],
+                Proto(r["proto"]),
+                None if r["address"] == "0.0.0.0" else IPv4Address(r["address"]),
+            )
             for r in rows
-            if r["vm_id"] in self._plugged and IPv4Address(r["ip"]) in self.subnet
+            if r["vm_id"] in self._plugged
+            and IPv4Address(r["ip"]) in self.subnet
+            and not IPv4Address(r["address"]).is_loopback
         )
         return NatState(subnet=self.subnet, bridge=self.config.name, forwards=forwards)
 
@@ -434,6 +445,12 @@ class NetworkService:
         if force or state != self._applied:
             nft.apply_ruleset(state, netns=self.netns)
             self._applied = state
+
+    def refresh_forwards(self) -> None:
+        """Bring the nft table in line with the `forwards` table (after published ports changed)."""
+        with self._lock:
+            if self.available:
+                self._apply()
 
     # -- host integration and status -------------------------------------------------------------------------
 

@@ -95,8 +95,20 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL
     );
     """,
-    # 7: tunnels, publishing, SSH (issue 11)
-    "SELECT 1;",
+    # 7: tunnels, publishing, SSH (issue 11). Published ports get the host address they listen on: rows from
+    # before were DNAT'ed on every non-loopback address, so they become 0.0.0.0 (which now serves loopback too).
+    # vm_tunnels: per-VM tunnel settings, the public keys to authorize and the pinned SSH host keys.
+    """
+    ALTER TABLE forwards ADD COLUMN address TEXT NOT NULL DEFAULT '0.0.0.0';
+    CREATE TABLE vm_tunnels (
+        vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        forward_ports TEXT NOT NULL,
+        reverse TEXT NOT NULL DEFAULT '[]',
+        ssh_keys TEXT NOT NULL DEFAULT '[]',
+        host_keys TEXT NOT NULL DEFAULT '[]',
+        sshd INTEGER
+    );
+    """,
     # 8: guest sessions and agent VMs (issue 12)
     "SELECT 1;",
     # 9: snapshots and clones (issue 14)

@@ -45,7 +45,8 @@ from banger.vms import exitreason, limits, records, sweep
 from banger.vms.agents import AgentEndpoint, AgentPool
 from banger.vms.cmdline import guest_cmdline
 from banger.vms.disk import clone_root_disk
-from banger.vms.model import LIVE_STATES, NetMode, VmRecord, VmState, parse_publish
+from banger.vms.hooks import VmHooks
+from banger.vms.model import LIVE_STATES, NetMode, VmRecord, VmState
 from banger.vms.stopping import stop_vmm
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class VmService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._caps: host.HostCaps | None = None
         self.on_change: Callable[[str, VmRecord], None] = lambda _what, _vm: None  # the daemon's event bus
+        self.hooks: list[VmHooks] = []
 
     # -- records ---------------------------------------------------------------------------------------------
 
@@ -149,7 +151,6 @@ class VmService:
         disk_size: str | None,
         vmm: str | None,
         net: str = NetMode.BRIDGE,
-        publish: list[str] | None = None,
         progress: Progress = no_progress,
     ) -> VmRecord:
         """Record a VM and clone its root disk; refuses up front what this host cannot run."""
@@ -157,9 +158,6 @@ class VmService:
             net_mode = NetMode(net)
         except ValueError:
             raise InvalidInputError(f"unknown network mode {net!r} (choose bridge or none)") from None
-        forwards = [parse_publish(p) for p in publish or []]
-        if forwards and net_mode is NetMode.NONE:
-            raise InvalidInputError("--publish needs a network (not --net none)")
         if net_mode is NetMode.BRIDGE:
             await self.network.setup()  # no-op once done; on a host without networking, the next line says why
             self.network.require()
@@ -203,8 +201,6 @@ class VmService:
             if net_mode is NetMode.BRIDGE:
                 vm.spec["ip"] = str(self.network.allocate(vm.id, vm.name))
                 self.store.execute("UPDATE vms SET spec=? WHERE id=?", (json.dumps(vm.spec), vm.id))
-                if forwards:
-                    await in_thread(self.network.set_forwards, vm.id, forwards)
         except BaseException as exc:
             # All or nothing: whatever failed (an integrity error included), the row, its lease and ports, and
             # its directory go. Only a row this call inserted is deleted (a clashing id belongs to another VM).
@@ -335,7 +331,15 @@ class VmService:
                 ) from exc
             raise
         self._set_state(vm, VmState.RUNNING)
+        await self._notify(vm.id, running=True)
         return self.get(vm.id)
+
+    async def _notify(self, vm_id: str, *, running: bool) -> None:
+        for hook in self.hooks:
+            try:
+                await (hook.vm_running(self.get(vm_id)) if running else hook.vm_stopped(vm_id))
+            except Exception as exc:
+                log.warning("vm %s: %s hook failed: %s", vm_id, "running" if running else "stopped", exc)
 
     def console_tail(self, vm_id: str, lines: int = 15, since: int = 0) -> str:
         """The last lines the guest printed on its console (from byte offset `since` on)."""
@@ -373,6 +377,7 @@ class VmService:
             except NotFoundError:
                 return
             if vm.state in LIVE_STATES:
+                await self._notify(vm_id, running=False)
                 await self.agents.drop(vm_id)
                 await driver.kill(handle)  # removes its sockets
                 await self._unplug(vm)
@@ -396,6 +401,7 @@ class VmService:
                 return vm
             self._set_state(vm, VmState.STOPPING)
             self._unwatch(vm.id)
+            await self._notify(vm.id, running=False)
             driver = self.driver(VmmKind(vm.vmm))
             endpoint = AgentEndpoint.from_runtime(vm.runtime or {})
             try:
@@ -423,6 +429,7 @@ class VmService:
     async def _kill_locked(self, vm: VmRecord) -> None:
         handle = self._handle(vm)
         self._unwatch(vm.id)
+        await self._notify(vm.id, running=False)
         await self.agents.drop(vm.id)
         try:
             if handle is not None:
@@ -499,6 +506,8 @@ class VmService:
             self._watch(vm.id, driver, adopted)
         if self.network.available:
             await self.network.reconcile(running)
+        for vm_id in sorted(running):
+            await self._notify(vm_id, running=True)
 
     async def _kill_unrecorded(self, vm: VmRecord) -> bool:
         """Kill a VMM of `vm` that runs without a record (the daemon died between spawning it and saving its pid).

@@ -1,4 +1,4 @@
-"""network.* methods (status, host DNS setup) and vm.forward (published ports)."""
+"""network.* methods (status, host DNS setup, teardown); vm.forward lives in tunnel_area."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from typing import Any
 
 from banger.aio import in_thread
 from banger.daemon.app import App
-from banger.errors import NotFoundError
 from banger.rpc.registry import MethodRegistry
 from banger.rpc.server import CallContext
 
@@ -26,26 +25,3 @@ def register(reg: MethodRegistry, app: App) -> None:
     async def teardown(ctx: CallContext, force: bool = False) -> dict[str, Any]:
         """Remove banger's bridge, TAPs and nft table and restore ip_forward (refused while VMs use them)."""
         return await app.network.teardown(force=force)
-
-    @reg.method("vm.forward")
-    async def forward(
-        ctx: CallContext, name: str, host_port: int, guest_port: int | None = None, remove: bool = False
-    ) -> list[dict[str, Any]]:
-        """Publish host TCP port -> guest port (or stop publishing it); returns the VM's published ports."""
-        vm = app.vms.get(name)
-        async with app.vms.lock(vm.id):  # read-modify-write of the VM's ports: one caller at a time
-            return await _update_forwards(vm.id, vm.name, host_port, guest_port, remove)
-
-    async def _update_forwards(
-        vm_id: str, vm_name: str, host_port: int, guest_port: int | None, remove: bool
-    ) -> list[dict[str, Any]]:
-        net = app.network
-        current = {f["host_port"]: f["guest_port"] for f in net.forwards(vm_id)}
-        if remove:
-            if host_port not in current:
-                raise NotFoundError(f"VM {vm_name} does not publish host port {host_port}")
-            del current[host_port]
-        else:
-            current[host_port] = host_port if guest_port is None else guest_port
-        await in_thread(net.set_forwards, vm_id, sorted(current.items()))
-        return net.forwards(vm_id)

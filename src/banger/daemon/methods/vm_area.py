@@ -20,7 +20,7 @@ def register(reg: MethodRegistry, app: App) -> None:
     def describe(vm: VmRecord) -> dict[str, Any]:
         """A VM's public record, with its published ports as HOST:GUEST."""
         data = vm.to_json()
-        data["publish"] = [f"{f['host_port']}:{f['guest_port']}" for f in app.network.forwards(vm.id)]
+        data["publish"] = app.tunnels.published(vm.id)
         return data
 
     @reg.method("host.doctor")
@@ -73,8 +73,13 @@ def register(reg: MethodRegistry, app: App) -> None:
         net: str = "bridge",
         publish: list[str] | None = None,
         rm_on_failure: bool = False,
+        reverse: list[str] | None = None,
+        forward_ports: str | None = None,
+        ssh_keys: list[str] | None = None,
     ) -> dict[str, Any]:
         """Create a VM (and start it unless start=false; rm_on_failure removes it if that start fails)."""
+        pubs = app.tunnels.check_publish(publish or [])  # a taken host port fails before anything is made
+        app.tunnels.validate(reverse or [], forward_ports, ssh_keys or [])
         vm = await vms.create(
             name=name,
             image=image,
@@ -84,9 +89,15 @@ def register(reg: MethodRegistry, app: App) -> None:
             disk_size=disk_size,
             vmm=vmm,
             net=net,
-            publish=publish,
             progress=ctx.progress,
         )
+        try:
+            app.tunnels.configure(
+                vm, publish=pubs, reverse=reverse or [], forward_ports=forward_ports, ssh_keys=ssh_keys or []
+            )
+        except BaseException:
+            await asyncio.shield(vms.remove(vm.id, force=True))
+            raise
         if start:
             try:
                 vm = await vms.start(vm.id, progress=ctx.progress, timeout=timeout)
@@ -222,5 +233,11 @@ def register(reg: MethodRegistry, app: App) -> None:
     @reg.method("vm.ports")
     async def ports(ctx: CallContext, name: str) -> list[dict[str, Any]]:
         """Listening TCP and UDP ports in the guest, with their processes."""
+        vm = vms.get(name)
         client = await guestops.agent_for(vms, name)
-        return [p.to_json() for p in await client.ports()]
+        auto = app.tunnels.auto_ports(vm.id)
+        published = {p["guest_port"]: p["host_port"] for p in app.tunnels.published(vm.id)}
+        return [
+            {**p.to_json(), "host_port": auto.get(p.port, published.get(p.port)) if p.proto.startswith("tcp") else None}
+            for p in await client.ports()
+        ]

@@ -1,0 +1,1 @@
+"""Host side of tunnels through the guest agent: relays, published ports, automatic forwards, reverse tunnels, SSH."""
