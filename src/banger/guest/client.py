@@ -44,6 +44,7 @@ _ERRORS: dict[str, type[errors.BangerError]] = {
     "invalid": errors.InvalidInputError,
     "unsupported": errors.UnsupportedError,
     "cancelled": errors.CancelledError,
+    "exists": errors.AlreadyExistsError,
 }
 
 
@@ -51,6 +52,9 @@ def _raise_for(header: dict[str, Any]) -> NoReturn:
     err = header.get("error") or {}
     code, message = str(err.get("code", "failed")), str(err.get("message", "agent request failed"))
     raise _ERRORS.get(code, AgentError)(f"guest agent: {message}", data={"agent_code": code})
+
+
+raise_for = _raise_for  # for request modules outside this file (sessions/guestapi.py)
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,18 @@ class AgentClient:
     async def _cancel(self, stream: Stream) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             await self.mux.send(Kind.CANCEL, stream.id)
+
+    async def request(self, kind: Kind, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """One request whose only answer is its END frame (e.g. the session requests); returns the END header."""
+        return await self._call(kind, timeout, **fields)
+
+    async def open_stream(self, kind: Kind, **fields: Any) -> Stream:
+        """Send a request and return its stream, for callers that read DATA frames themselves (forget() it after)."""
+        return await self._request(kind, **fields)
+
+    async def cancel_stream(self, stream: Stream) -> None:
+        """Ask the agent to stop a stream opened with open_stream."""
+        await self._cancel(stream)
 
     async def health(self, timeout: float | None = 10.0) -> Health:
         """Agent version, guest uptime and load."""

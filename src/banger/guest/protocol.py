@@ -34,6 +34,8 @@ Requests (header fields -> END result):
     GET      {path}                                      -> {path}; agent sends a tar as DATA fd 1
     PORTS    {}                                          -> {ports: [{proto, address, port, inode, pid, comm}]}
     POWEROFF {}                                          -> {} then the agent signals banger-init
+    SESSION_* (start, list, read, ctl, rm): long-running sessions owned by a guest-side supervisor, not by this
+             connection; see session_agent.py
 Error codes: not_found, permission, unsafe, exec_failed, invalid, unsupported, cancelled, failed.
 
 Flow control. Each side may have at most WINDOW unacknowledged DATA payload bytes in flight per stream; the
@@ -79,6 +81,11 @@ class Kind(enum.StrEnum):
     GET = "get"
     PORTS = "ports"
     POWEROFF = "poweroff"
+    SESSION_START = "session_start"
+    SESSION_LIST = "session_list"
+    SESSION_READ = "session_read"
+    SESSION_CTL = "session_ctl"
+    SESSION_RM = "session_rm"
     DATA = "data"
     EOF = "eof"
     ACK = "ack"

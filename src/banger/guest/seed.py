@@ -28,7 +28,16 @@ SEED_SIZE = "16M"
 META_FILE = "meta.json"
 META_VERSION = 1
 GUEST_DIR = Path(__file__).resolve().parent
-GUEST_FILES = ("init.py", "agent.py", "protocol.py", "transfer.py", "execs.py", "ports.py")
+GUEST_FILES = (
+    "init.py",
+    "agent.py",
+    "protocol.py",
+    "transfer.py",
+    "execs.py",
+    "ports.py",
+    "sessions.py",
+    "session_agent.py",
+)
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$"
 )
