@@ -23,6 +23,7 @@ CONFIG_KEYS: dict[str, type] = {
     "dns_domain": str,
     "agent_timeout": float,
     "log_level": str,
+    "session_log_max_mib": int,
 }
 
 ENV_OVERRIDES: dict[str, str] = {
@@ -45,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "dns_domain": "vm",
     "agent_timeout": 120.0,
     "log_level": "info",
+    "session_log_max_mib": 64,
 }
 
 
@@ -181,6 +183,8 @@ def _check_value(key: str, value: Any) -> str | None:
         return "must be auto, qemu or firecracker"
     if key == "agent_timeout" and not 0 < value < 86400:
         return "must be a number of seconds above 0"
+    if key == "session_log_max_mib" and not 1 <= value <= 65536:
+        return "must be a number of MiB from 1 to 65536"
     if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         return "must be debug, info, warning or error"
     if key == "subnet":

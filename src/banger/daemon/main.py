@@ -58,6 +58,7 @@ class Daemon:
         self.store.migrate()
         self.app = App.create(self.settings, self.store)
         await self.app.vms.reconcile()
+        await self.app.sessions.reconcile()
         self.server = RpcServer(build_registry(self.app))
         await self.server.start(self.paths.socket)
         loop = asyncio.get_running_loop()
@@ -92,6 +93,7 @@ class Daemon:
         if self.server is not None:
             await self.server.stop(self.paths.socket)
         if self.app is not None:
+            await self.app.sessions.close()
             await self.app.vms.close()
         if self.store is not None:
             self.store.close()

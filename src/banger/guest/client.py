@@ -307,9 +307,15 @@ class AgentClient:
         with contextlib.suppress(OSError, ConnectionError):
             await self.mux.send(Kind.CANCEL, stream.id)
 
-    async def request(self, kind: Kind, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
-        """One request whose only answer is its END frame (e.g. the session requests); returns the END header."""
-        return await self._call(kind, timeout, **fields)
+    async def request(self, kind: Kind, wait: float | None = None, /, **fields: Any) -> dict[str, Any]:
+        """One request whose only answer is its END frame (e.g. the session requests), within `wait` seconds."""
+        stream = await self._request(kind, **fields)
+        try:
+            async with _deadline(wait, f"guest agent did not answer {kind}"):
+                return await self._end(stream)
+        except errors.TimeoutError_:
+            await self._cancel(stream)
+            raise
 
     async def open_stream(self, kind: Kind, **fields: Any) -> Stream:
         """Send a request and return its stream, for callers that read DATA frames themselves (forget() it after)."""

@@ -126,9 +126,9 @@ async def read(client: AgentClient, name: str, offset: int, *, follow: bool, sin
         client.forget(stream)
 
 
-async def control(client: AgentClient, name: str, op: str, timeout: float = 30.0, **fields: Any) -> GuestSession:
-    """One control operation (input, resize, signal, stop) on a running session."""
-    reply = await client.request(Kind.SESSION_CTL, timeout, name=name, op=op, **fields)
+async def control(client: AgentClient, name: str, op: str, wait: float = 30.0, **fields: Any) -> GuestSession:
+    """One control operation (input, resize, signal, stop) on a running session, answered within `wait` s."""
+    reply = await client.request(Kind.SESSION_CTL, wait, name=name, op=op, **fields)
     return GuestSession.from_json(reply["session"])
 
 

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,8 @@ class VmService:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._caps: host.HostCaps | None = None
+        # Called after every state change (sessions follow their VM); must not block.
+        self.state_listeners: list[Callable[[VmRecord], None]] = []
 
     # -- records ---------------------------------------------------------------------------------------------
 
@@ -98,6 +101,8 @@ class VmService:
         vm.state, vm.reason = state, reason
         self.store.execute("UPDATE vms SET state=?, reason=? WHERE id=?", (state.value, reason, vm.id))
         log.info("vm %s: %s%s", vm.name, state.value, f" ({reason})" if reason else "")
+        for listener in self.state_listeners:
+            listener(vm)
 
     def _set_runtime(self, vm: VmRecord, runtime: dict[str, Any] | None) -> None:
         vm.runtime = runtime
