@@ -58,8 +58,10 @@ def session() -> None:
     show_default=True,
     help="Restart the process when it exits (never beyond a VM stop).",
 )
+@click.option("--agent", type=click.Choice(["opencode"]), default=None, help="A conversation with the VM's agent.")
+@click.option("--title", default=None, help="Title of the agent session.")
 @json_option
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def start(
     vm: str,
     name: str | None,
@@ -68,11 +70,19 @@ def start(
     env: tuple[str, ...],
     user: str | None,
     restart: str,
+    agent: str | None,
+    title: str | None,
     as_json: bool,
     command: tuple[str, ...],
 ) -> None:
-    """Start COMMAND in VM as a session: `banger session start VM -- CMD...`; prints the session's name."""
+    """Start COMMAND in VM as a session: `banger session start VM -- CMD...`; prints the session's name.
+
+    With --agent opencode (an agent VM): open a conversation with the agent instead (no COMMAND).
+    """
     from banger.cli.stream import terminal_size
+
+    if agent is None and not command:
+        raise InvalidInputError("no command given", hint="banger session start VM -- CMD...")
 
     rows, cols = terminal_size(sys.stdout.fileno()) if tty else (24, 80)
     params = {
@@ -86,6 +96,8 @@ def start(
         "rows": rows,
         "cols": cols,
         "restart": restart,
+        "agent": agent,
+        "title": title,
     }
     info = rpc("session.start", params)
     if as_json:
@@ -111,9 +123,11 @@ def ls(vm: str | None, as_json: bool) -> None:
 @click.argument("vm")
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the session ends.")
-def logs(vm: str, name: str, follow: bool) -> None:
-    """Print everything a session wrote (kept after the VM stops)."""
-    _stream("session.logs", {"vm": vm, "session": name, "follow": follow}, stdin=False, tty=False)
+@click.option("--json", "as_json", is_flag=True, help="An agent session's transcript as JSON Lines.")
+def logs(vm: str, name: str, follow: bool, as_json: bool) -> None:
+    """Print everything a session wrote (kept after the VM stops); an agent session's transcript."""
+    params = {"vm": vm, "session": name, "follow": follow, "json_events": as_json}
+    _stream("session.logs", params, stdin=False, tty=False)
 
 
 @session.command()
@@ -143,11 +157,26 @@ def attach(vm: str, name: str) -> None:
 @click.argument("text", required=False)
 @click.option("--no-newline", is_flag=True, help="Do not add a newline after TEXT.")
 @click.option("--eof", is_flag=True, help="Close the session's stdin afterwards.")
-def send(vm: str, name: str, text: str | None, no_newline: bool, eof: bool) -> None:
-    """Write TEXT and a newline to a session's stdin (RPC guest.session.send)."""
+@click.option("--wait", is_flag=True, help="Agent sessions: return once the agent is idle (exit 1 on an agent error).")
+def send(vm: str, name: str, text: str | None, no_newline: bool, eof: bool, wait: bool) -> None:
+    """Write TEXT and a newline to a session's stdin (RPC guest.session.send); to an agent session, a prompt."""
     if text is None and not eof:
         raise InvalidInputError("nothing to send: give TEXT or --eof")
-    rpc("guest.session.send", {"vm": vm, "session": name, "text": text, "newline": not no_newline, "eof": eof})
+    params = {"vm": vm, "session": name, "text": text, "newline": not no_newline, "eof": eof, "wait": wait}
+    if not wait:
+        rpc("guest.session.send", params)
+        return
+    sys.exit(prompt_and_wait(params))
+
+
+def prompt_and_wait(params: dict[str, Any]) -> int:
+    """Send a prompt and stream the turn's transcript until the agent is idle: 0, or 1 on an agent error.
+    Ctrl-C cancels the call, which aborts the turn."""
+    result = _stream("guest.session.send", params, stdin=False, tty=False)
+    if result.get("error"):
+        click.echo(f"error: the agent failed: {result['error']}", err=True)
+        return 1
+    return 0
 
 
 @session.command()

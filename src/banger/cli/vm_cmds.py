@@ -17,6 +17,10 @@ from banger.errors import BangerError, InvalidInputError
 # A login shell: bash where the image has it, else sh.
 LOGIN_SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi"]
 
+# Agent VM defaults: what opencode needs to start in reasonable time under TCG (each overridable).
+AGENT_VCPUS = 2
+AGENT_MEMORY_MIB = 2048
+
 VM_COLUMNS = [
     ("name", "NAME"),
     ("state", "STATE"),
@@ -78,15 +82,24 @@ def _create_params(opts: dict[str, Any], *, start: bool) -> dict[str, Any]:
         "name": opts["name"],
         "image": opts["image"],
         "kernel": opts["kernel"],
-        "vcpus": opts["vcpus"],
-        "memory_mib": opts["memory"],
+        "vcpus": opts["vcpus"] or (AGENT_VCPUS if opts["agent"] else 2),
+        "memory_mib": opts["memory"] or (AGENT_MEMORY_MIB if opts["agent"] else 1024),
         "disk_size": opts["disk_size"],
         "vmm": opts["vmm"],
         "start": start,
         "timeout": opts["timeout"],
         "net": opts["net"],
         "publish": list(opts["publish"]),
+        "cpu": opts["cpu"] or ("max" if opts["agent"] else None),
+        "agent": opts["agent"],
+        "provider": _provider() if opts["agent"] else None,
     }
+
+
+def _provider() -> dict[str, Any] | None:
+    from banger.cli.agent_env import provider_params
+
+    return provider_params()
 
 
 def create_options(fn: Any) -> Any:
@@ -95,8 +108,10 @@ def create_options(fn: Any) -> Any:
         [
             click.option("--image", default=None, help="Image name (default: config default_image)."),
             click.option("--kernel", default=None, help="Kernel name (default: config default_kernel)."),
-            click.option("--vcpus", default=2, show_default=True, type=int),
-            click.option("--memory", default=1024, show_default=True, type=int, help="MiB of guest RAM."),
+            click.option("--vcpus", default=None, type=int, help="Virtual CPUs [default: 2]."),
+            click.option(
+                "--memory", default=None, type=int, help="MiB of guest RAM [default: 1024; 2048 with --agent]."
+            ),
             click.option("--disk-size", default=None, help="Root disk size, e.g. 8G (default: the image's)."),
             click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]), default=None),
             click.option("--timeout", type=float, default=None, help="Seconds to wait for the guest agent."),
@@ -108,6 +123,15 @@ def create_options(fn: Any) -> Any:
                 help="bridge: a TAP on banger's bridge with NAT and DNS; none: no network.",
             ),
             click.option("--publish", "-p", multiple=True, help="Publish a TCP port, HOST:GUEST (repeatable)."),
+            click.option(
+                "--cpu", default=None, metavar="MODEL", help="CPU model under QEMU TCG (default: config tcg_cpu)."
+            ),
+            click.option(
+                "--agent",
+                type=click.Choice(["opencode"]),
+                default=None,
+                help="An agent VM running this coding agent's server (2 vCPUs, 2048 MiB and cpu max by default).",
+            ),
         ]
     ):
         fn = opt(fn)
@@ -408,8 +432,9 @@ def ports(name: str, as_json: bool) -> None:
 @click.option("--name", default=None, help="VM name (default: random).")
 @create_options
 @click.option("--rm", "remove", is_flag=True, help="Remove the VM when the command or shell ends.")
+@click.option("--prompt", default=None, help="With --agent: send this prompt, print the transcript, exit when idle.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
+def run(remove: bool, prompt: str | None, command: tuple[str, ...], **opts: Any) -> None:
     """Create and start a VM, then run COMMAND in it (or open a shell). Builds kernel and image if missing."""
     from banger.cli.kernel_cmds import catalog_env
 
@@ -420,7 +445,15 @@ def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
     click.echo(f"started {vm_name}", err=True)
     code = 0
     try:
-        if command:
+        if prompt is not None:
+            if not opts["agent"]:
+                raise InvalidInputError("--prompt needs --agent")
+            from banger.cli.session_cmds import prompt_and_wait
+
+            session = rpc("session.start", {"vm": vm_name, "agent": opts["agent"]})["name"]
+            params = {"vm": vm_name, "session": session, "text": prompt, "wait": True}
+            code = prompt_and_wait(params)
+        elif command:
             code = run_exec(
                 vm_name,
                 list(command),

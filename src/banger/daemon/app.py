@@ -6,6 +6,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from banger.agents.conversations import Conversations
+from banger.agents.service import AgentVmService
 from banger.config import Settings
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
@@ -26,6 +28,8 @@ class App:
     vms: VmService
     network: NetworkService
     sessions: SessionService
+    agent_vms: AgentVmService
+    conversations: Conversations
     started_at: float = field(default_factory=time.time)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -36,6 +40,8 @@ class App:
         images = ImageService(settings, store)
         network = NetworkService(settings, store)
         vms = VmService(settings, store, kernels, images, network)
+        sessions = SessionService(settings, store, vms)
+        agent_vms = AgentVmService(sessions)
         app = cls(
             settings=settings,
             store=store,
@@ -43,7 +49,9 @@ class App:
             images=images,
             vms=vms,
             network=network,
-            sessions=SessionService(settings, store, vms),
+            sessions=sessions,
+            agent_vms=agent_vms,
+            conversations=Conversations(agent_vms),
         )
         app.kernels.reconcile()
         app.images.reconcile()

@@ -93,6 +93,7 @@ class Daemon:
         if self.server is not None:
             await self.server.stop(self.paths.socket)
         if self.app is not None:
+            await self.app.agent_vms.close()
             await self.app.sessions.close()
             await self.app.vms.close()
         if self.store is not None:

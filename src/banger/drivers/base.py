@@ -92,6 +92,8 @@ class VmSpec:
     disks: tuple[Disk, ...] = ()
     net: NetSpec | None = None
     agent: AgentChannel | None = None
+    # CPU model for software emulation (QEMU TCG: `-cpu MODEL`); hardware virtualisation always uses the host's.
+    cpu_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.vcpus < 1:

@@ -58,6 +58,7 @@ class SessionRecord:
     started_at: str
     ended_at: str | None
     restarts: int
+    meta: dict[str, Any]
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> SessionRecord:
@@ -74,6 +75,7 @@ class SessionRecord:
             started_at=row["started_at"],
             ended_at=row["ended_at"],
             restarts=row["restarts"],
+            meta=json.loads(row["meta"] or "{}"),
         )
 
 
@@ -174,6 +176,27 @@ class SessionService:
             ),
         )
 
+    def add_agent_session(self, vm: VmRecord, name: str | None, command: list[str], meta: dict[str, Any]) -> str:
+        """Record a session of kind `agent` (a conversation in the VM's agent server); returns its name."""
+        taken = {r.name for r in self._rows(vm.id)}
+        name = name or generate_name(taken)
+        validate_name(name, "session name")
+        if name in taken:
+            raise AlreadyExistsError(f"VM {vm.name} has a session named {name!r} already")
+        pending = GuestSession(name, "agent", command, False, "no", RUNNING, None, None, None, None, 0, 0)
+        self._insert(vm.id, pending)
+        self.store.execute("UPDATE sessions SET meta=? WHERE vm_id=? AND name=?", (json.dumps(meta), vm.id, name))
+        return name
+
+    def set_state(self, vm: VmRecord, name: str, state: str, *, exit_code: int | None = None) -> None:
+        """Record a state reported by something other than the guest's supervisor (agent sessions)."""
+        ended = _now() if state != RUNNING else None
+        self.store.execute(
+            "UPDATE sessions SET state=?, exit_code=?, ended_at=COALESCE(?, ended_at) WHERE vm_id=? AND name=?",
+            (state, exit_code, ended, vm.id, name),
+        )
+        self._notify(vm.id, name)
+
     def _notify(self, vm_id: str, name: str) -> None:
         event = self._changed.pop((vm_id, name), None)
         if event is not None:
@@ -208,6 +231,7 @@ class SessionService:
         rows: int,
         cols: int,
         restart: str,
+        kind: str = "process",
     ) -> dict[str, Any]:
         """Start a supervised process in the guest and begin mirroring its output."""
         if not argv:
@@ -221,7 +245,7 @@ class SessionService:
         if name in taken:
             raise AlreadyExistsError(f"VM {vm.name} has a session named {name!r} already")
         client = await self.agent(vm)
-        pending = GuestSession(name, "process", argv, tty, restart, RUNNING, None, None, None, None, 0, 0)
+        pending = GuestSession(name, kind, argv, tty, restart, RUNNING, None, None, None, None, 0, 0)
         try:
             self._insert(vm.id, pending)  # first: a daemon killed mid-start still knows the session
         except sqlite3.IntegrityError as exc:
@@ -239,6 +263,7 @@ class SessionService:
                 cols=cols,
                 restart=restart,
                 log_max_bytes=self._max_bytes(),
+                kind=kind,
             )
         except BaseException:
             self.store.execute("DELETE FROM sessions WHERE vm_id=? AND name=?", (vm.id, name))
@@ -490,7 +515,8 @@ class SessionService:
             return
         known = {r.name: r for r in self._rows(vm_id)}
         for name, rec in known.items():
-            if name not in guest and rec.state == RUNNING:
+            # Agent sessions live in the agent's server, not under a supervisor; the guest does not list them.
+            if name not in guest and rec.state == RUNNING and rec.kind != "agent":
                 self.store.execute("UPDATE sessions SET state=? WHERE vm_id=? AND name=?", (LOST, vm_id, name))
                 self._notify(vm_id, name)
         for name, gs in guest.items():

@@ -102,6 +102,7 @@ MIGRATIONS: list[str] = [
         started_at TEXT NOT NULL,
         ended_at TEXT,
         restarts INTEGER NOT NULL DEFAULT 0,
+        meta TEXT NOT NULL DEFAULT '{}',
         PRIMARY KEY (vm_id, name)
     );
     """,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.aio import in_thread
-from banger.config import Settings
+from banger.config import Settings, is_cpu_model
 from banger.drivers import host
 from banger.drivers.base import (
     AgentChannel,
@@ -143,6 +143,7 @@ class VmService:
         vmm: str | None,
         net: str = NetMode.BRIDGE,
         publish: list[str] | None = None,
+        cpu: str | None = None,
         progress: Progress = no_progress,
     ) -> VmRecord:
         """Record a VM and clone its root disk; refuses up front what this host cannot run."""
@@ -151,6 +152,8 @@ class VmService:
         except ValueError:
             raise InvalidInputError(f"unknown network mode {net!r} (choose bridge or none)") from None
         forwards = [parse_publish(p) for p in publish or []]
+        if cpu is not None and not is_cpu_model(cpu):
+            raise InvalidInputError(f"bad --cpu {cpu!r}: give a QEMU CPU model such as max or Haswell-v4")
         if forwards and net_mode is NetMode.NONE:
             raise InvalidInputError("--publish needs a network (not --net none)")
         if net_mode is NetMode.BRIDGE:
@@ -186,7 +189,7 @@ class VmService:
             memory_mib=memory_mib,
             disk_bytes=disk_bytes,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            spec={"net": net_mode.value},
+            spec={"net": net_mode.value, **({"cpu": cpu} if cpu else {})},
         )
         vdir = self.vm_dir(vm.id)
         vdir.mkdir(parents=True)
@@ -266,6 +269,7 @@ class VmService:
             run_dir=rdir,
             disks=(Disk(vdir / ROOT_DISK), Disk(vdir / SEED_DISK, read_only=True)),
             agent=agent,
+            cpu_model=str(vm.spec.get("cpu") or self.settings.get("tcg_cpu")),
         )
 
     def _seed_meta(self, vm: VmRecord, gnet: GuestNet | None) -> SeedMeta:
