@@ -5,9 +5,11 @@ It records every request (path, headers, JSON body) so tests can check what reac
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -29,6 +31,8 @@ class StandinModel:
             self.server.close()
             await self.server.wait_closed()
 
+    record: Path | None = None
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
@@ -37,6 +41,8 @@ class StandinModel:
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             payload = json.loads(body) if body else {}
             self.requests.append({"method": method, "path": path, "headers": headers, "body": payload})
+            if self.record is not None:
+                self.record.write_text(json.dumps(self.requests))
             if not path.endswith("/chat/completions"):
                 writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 return
@@ -63,7 +69,8 @@ class StandinModel:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        if self.tool_call is not None and not had_tool:
+        offered = {(t.get("function") or {}).get("name") for t in payload.get("tools") or []}
+        if self.tool_call is not None and not had_tool and self.tool_call[0] in offered:
             name, args = self.tool_call
             call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": ""}}
             text = json.dumps(args)
@@ -75,3 +82,28 @@ class StandinModel:
         out = [chunk({"role": "assistant", "content": ""})]
         out += [chunk({"content": w + (" " if i < len(words) - 1 else "")}) for i, w in enumerate(words)]
         return [*out, chunk({}, "stop")]
+
+
+def main() -> None:
+    """Run the stand-in in the foreground (tests start it inside a network namespace)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--text", default="done.")
+    parser.add_argument("--tool", default=None, help="tool name to call first")
+    parser.add_argument("--args", default="{}", help="that tool's arguments, as JSON")
+    parser.add_argument("--record", type=Path, default=None, help="write the requests seen to this file")
+    opts = parser.parse_args()
+
+    async def serve() -> None:
+        model = StandinModel(text=opts.text, record=opts.record)
+        if opts.tool:
+            model.tool_call = (opts.tool, json.loads(opts.args))
+        server = await asyncio.start_server(model._serve, "127.0.0.1", opts.port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
