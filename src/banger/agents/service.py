@@ -15,13 +15,14 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from banger.agents import opencode
 from banger.agents.provider import CredentialProxy, Provider
 from banger.aio import in_thread_cancellable
-from banger.errors import InvalidInputError, NotFoundError, TimeoutError_
+from banger.errors import BangerError, InvalidInputError, NotFoundError, TimeoutError_
 from banger.guest.client import AgentClient
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.sessions.service import SessionService
@@ -34,6 +35,7 @@ SESSION_NAME = "opencode"
 PORT = 4096
 HEALTH_TIMEOUT = 900.0  # opencode needs ~30 s on an idle host under TCG; a loaded one is many times slower
 SECRETS_FILE = "agent.json"
+MAX_REPLY = 32 << 20
 PROVIDER_ID = "banger"
 # Run in the guest through the agent: GET a path of the opencode server with its password, print status and body.
 _HTTP_SCRIPT = """
@@ -222,12 +224,23 @@ class AgentVmService:
         data = json.dumps(body).encode() if body is not None else None
         argv = ["python3", "-c", _HTTP_SCRIPT, method, str(PORT), path]
         env = {"OPENCODE_SERVER_PASSWORD": password}  # not in argv, where every guest process could read it
-        done = await client.run(argv, input=data, env=env, timeout=120)
+        out, err = bytearray(), bytearray()
+
+        def take(buf: bytearray) -> Callable[[bytes], None]:
+            def sink(chunk: bytes) -> None:
+                if len(buf) + len(chunk) > MAX_REPLY:  # the guest is untrusted: bound what we hold
+                    raise BangerError(f"opencode's answer to {method} {path} exceeds {MAX_REPLY} bytes")
+                buf.extend(chunk)
+
+            return sink
+
+        await client.exec(argv, stdin=data, env=env, stdout=take(out), stderr=take(err), timeout=120)
+        done_stdout, done_stderr = bytes(out), bytes(err)
         try:
-            reply = json.loads(done.stdout)
+            reply = json.loads(done_stdout)
             status, text = int(reply["status"]), str(reply["body"])
         except (ValueError, KeyError):
-            return 0, done.stderr.decode(errors="replace")
+            return 0, done_stderr.decode(errors="replace")
         try:
             return status, json.loads(text)
         except ValueError:

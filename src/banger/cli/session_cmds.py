@@ -173,6 +173,9 @@ def prompt_and_wait(params: dict[str, Any]) -> int:
     """Send a prompt and stream the turn's transcript until the agent is idle: 0, or 1 on an agent error.
     Ctrl-C cancels the call, which aborts the turn."""
     result = _stream("guest.session.send", params, stdin=False, tty=False)
+    if result.get("aborted"):
+        click.echo("aborted", err=True)
+        return 130
     if result.get("error"):
         click.echo(f"error: the agent failed: {result['error']}", err=True)
         return 1

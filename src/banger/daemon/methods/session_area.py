@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -92,7 +93,22 @@ def register(reg: MethodRegistry, app: App) -> None:
             async def show(msg: dict[str, Any]) -> None:
                 await ctx.send_event({"text": render(msg["event"]) + "\n"})
 
-            return await conversations.prompt(vm, session, text, wait=wait, emit=show)
+            turn = asyncio.create_task(conversations.prompt(vm, session, text, wait=wait, emit=show))
+
+            async def interrupted() -> None:  # the CLI's first Ctrl-C arrives as a signal: abort the turn
+                while "signal" not in await ctx.inbox.get():
+                    pass
+                turn.cancel()
+
+            watcher = asyncio.create_task(interrupted())
+            try:
+                return await turn
+            except asyncio.CancelledError:
+                if not watcher.done() or watcher.cancelled():
+                    raise  # the call itself was cancelled
+                return {"idle": True, "aborted": True, "error": "the turn was aborted (Ctrl-C)"}
+            finally:
+                watcher.cancel()
         if text is None and not eof:
             raise InvalidInputError("nothing to send: give TEXT or --eof")
         data = b"" if text is None else (text + ("\n" if newline else "")).encode()
