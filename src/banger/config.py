@@ -25,6 +25,9 @@ CONFIG_KEYS: dict[str, type] = {
     "log_level": str,
     "console_log_max_mib": int,
     "forward_ports": str,
+    "session_log_max_mib": int,
+    "tcg_cpu": str,
+    "agent": dict,
 }
 
 ENV_OVERRIDES: dict[str, str] = {
@@ -49,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "info",
     "console_log_max_mib": 10,
     "forward_ports": "auto",
+    "session_log_max_mib": 64,
+    "tcg_cpu": "max",
+    "agent": {},
 }
 
 
@@ -179,6 +185,29 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return out
 
 
+# The [agent] table: the model provider of agent VMs (the key itself stays in the environment).
+AGENT_KEYS = ("base_url", "model", "api_key_env")
+
+
+def _check_agent_table(table: dict[str, Any]) -> str | None:
+    for k, v in table.items():
+        if k not in AGENT_KEYS:
+            return f"unknown key {k!r} (known: {', '.join(AGENT_KEYS)})"
+        if not isinstance(v, str):
+            return f"{k} must be a string"
+    url = table.get("base_url")
+    if url and not url.startswith(("http://", "https://")):
+        return "base_url must be an http(s) URL"
+    return None
+
+
+def is_cpu_model(value: str) -> bool:
+    """A QEMU `-cpu` value: a model name with optional ,flag=value features (no spaces, nothing shell-like)."""
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=,-]{0,127}", value))
+
+
 def _check_value(key: str, value: Any) -> str | None:
     """Why a config value is unusable, or None: checked at load so a bad value fails at daemon start."""
     if key == "vmm" and value not in ("auto", "qemu", "firecracker"):
@@ -187,6 +216,12 @@ def _check_value(key: str, value: Any) -> str | None:
         return "must be a number of seconds above 0"
     if key == "forward_ports" and value not in ("auto", "off"):
         return "must be auto or off"
+    if key == "session_log_max_mib" and not 1 <= value <= 65536:
+        return "must be a number of MiB from 1 to 65536"
+    if key == "agent":
+        return _check_agent_table(value)
+    if key == "tcg_cpu" and not is_cpu_model(value):
+        return "must be a QEMU CPU model name such as max, qemu64 or Haswell-v4"
     if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         return "must be debug, info, warning or error"
     if key == "subnet":

@@ -19,6 +19,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "network": ("banger.cli.net_cmds", "network"),
     "ui": ("banger.cli.ui_cmds", "ui"),
     "events": ("banger.cli.events_cmds", "events"),
+    "session": ("banger.cli.session_cmds", "session"),
 }
 
 

@@ -18,6 +18,10 @@ from banger.errors import BangerError, InvalidInputError
 # A login shell: bash where the image has it, else sh.
 LOGIN_SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi"]
 
+# Agent VM defaults: what opencode needs to start in reasonable time under TCG (each overridable).
+AGENT_VCPUS = 2
+AGENT_MEMORY_MIB = 2048
+
 VM_COLUMNS = [
     ("name", "NAME"),
     ("state", "STATE"),
@@ -79,8 +83,8 @@ def _create_params(opts: dict[str, Any], *, start: bool) -> dict[str, Any]:
         "name": opts["name"],
         "image": opts["image"],
         "kernel": opts["kernel"],
-        "vcpus": opts["vcpus"],
-        "memory_mib": opts["memory"],
+        "vcpus": opts["vcpus"] or (AGENT_VCPUS if opts["agent"] else 2),
+        "memory_mib": opts["memory"] or (AGENT_MEMORY_MIB if opts["agent"] else 1024),
         "disk_size": opts["disk_size"],
         "vmm": opts["vmm"],
         "start": start,
@@ -90,7 +94,16 @@ def _create_params(opts: dict[str, Any], *, start: bool) -> dict[str, Any]:
         "reverse": list(opts["reverse"]),
         "forward_ports": opts["forward_ports"],
         "ssh_keys": ssh_files.public_keys(tuple(opts["ssh_key"])),
+        "cpu": opts["cpu"] or ("max" if opts["agent"] else None),
+        "agent": opts["agent"],
+        "provider": _provider() if opts["agent"] else None,
     }
+
+
+def _provider() -> dict[str, Any] | None:
+    from banger.cli.agent_env import provider_params
+
+    return provider_params()
 
 
 def create_options(fn: Any) -> Any:
@@ -99,8 +112,10 @@ def create_options(fn: Any) -> Any:
         [
             click.option("--image", default=None, help="Image name (default: config default_image)."),
             click.option("--kernel", default=None, help="Kernel name (default: config default_kernel)."),
-            click.option("--vcpus", default=2, show_default=True, type=int),
-            click.option("--memory", default=1024, show_default=True, type=int, help="MiB of guest RAM."),
+            click.option("--vcpus", default=None, type=int, help="Virtual CPUs [default: 2]."),
+            click.option(
+                "--memory", default=None, type=int, help="MiB of guest RAM [default: 1024; 2048 with --agent]."
+            ),
             click.option("--disk-size", default=None, help="Root disk size, e.g. 8G (default: the image's)."),
             click.option("--vmm", type=click.Choice(["auto", "qemu", "firecracker"]), default=None),
             click.option("--timeout", type=float, default=None, help="Seconds to wait for the guest agent."),
@@ -127,6 +142,15 @@ def create_options(fn: Any) -> Any:
                 help="Forward ports guest processes listen on to host 127.0.0.1 (default: config forward_ports).",
             ),
             click.option("--ssh-key", multiple=True, type=click.Path(), help="Also authorize this SSH public key."),
+            click.option(
+                "--cpu", default=None, metavar="MODEL", help="CPU model under QEMU TCG (default: config tcg_cpu)."
+            ),
+            click.option(
+                "--agent",
+                type=click.Choice(["opencode"]),
+                default=None,
+                help="An agent VM running this coding agent's server (2 vCPUs, 2048 MiB and cpu max by default).",
+            ),
         ]
     ):
         fn = opt(fn)
@@ -448,9 +472,11 @@ def ports(name: str, as_json: bool) -> None:
 @click.option("--workspace", "workspace_path", default=None, help="Git checkout to copy in (default: the one here).")
 @click.option("--no-workspace", is_flag=True, help="No workspace, even inside a git checkout.")
 @click.option("--no-tooling", is_flag=True, help="Do not install the checkout's tooling plan.")
+@click.option("--prompt", default=None, help="With --agent: send this prompt, print the transcript, exit when idle.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
     remove: bool,
+    prompt: str | None,
     command: tuple[str, ...],
     workspace_path: str | None,
     no_workspace: bool,
@@ -464,6 +490,8 @@ def run(
     from banger.cli import workspace_cmds as wsc
     from banger.cli.kernel_cmds import catalog_env
 
+    if prompt is not None and not opts["agent"]:
+        raise InvalidInputError("--prompt needs --agent")
     if no_workspace and workspace_path:
         raise InvalidInputError("--workspace and --no-workspace exclude each other")
     top = None if no_workspace else wsc.find_checkout(workspace_path)
@@ -483,7 +511,12 @@ def run(
             uploaded = True
             if tooling_plan is not None and tooling_plan.setup:
                 wsc.run_setup(vm_name, tooling_plan.setup)
-        if command:
+        if prompt is not None:
+            from banger.cli.session_cmds import prompt_and_wait
+
+            session = rpc("session.start", {"vm": vm_name, "agent": opts["agent"]})["name"]
+            code = prompt_and_wait({"vm": vm_name, "session": session, "text": prompt, "wait": True})
+        elif command:
             code = run_exec(
                 vm_name,
                 list(command),

@@ -7,11 +7,14 @@ import time
 from dataclasses import dataclass, field
 
 from banger.buildinfo import code_id
+from banger.agents.conversations import Conversations
+from banger.agents.service import AgentVmService
 from banger.config import Settings
 from banger.daemon.events import EventBus
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
 from banger.net.service import NetworkService
+from banger.sessions.service import SessionService
 from banger.store.db import Store
 from banger.tunnels.service import TunnelService
 from banger.vms.service import VmService
@@ -30,6 +33,9 @@ class App:
     network: NetworkService
     workspaces: WorkspaceService
     tunnels: TunnelService
+    sessions: SessionService
+    agent_vms: AgentVmService
+    conversations: Conversations
     started_at: float = field(default_factory=time.time)
     # The code this daemon loaded (buildinfo.code_id at startup): the handshake compares the CLI's with it.
     build: str = field(default_factory=code_id)
@@ -43,6 +49,8 @@ class App:
         images = ImageService(settings, store)
         network = NetworkService(settings, store)
         vms = VmService(settings, store, kernels, images, network)
+        sessions = SessionService(settings, store, vms)
+        agent_vms = AgentVmService(sessions)
         app = cls(
             settings=settings,
             store=store,
@@ -50,6 +58,9 @@ class App:
             images=images,
             vms=vms,
             network=network,
+            sessions=sessions,
+            agent_vms=agent_vms,
+            conversations=Conversations(agent_vms),
             workspaces=WorkspaceService(store, vms),
             tunnels=TunnelService(settings, store, vms, network),
         )

@@ -62,6 +62,7 @@ class Daemon:
         self.store.migrate()
         self.app = App.create(self.settings, self.store)
         await self.app.vms.reconcile()
+        await self.app.sessions.reconcile()
         self.server = RpcServer(build_registry(self.app), build=self.app.build)
         await self.server.start(self.paths.socket)
         loop = asyncio.get_running_loop()
@@ -99,6 +100,8 @@ class Daemon:
             try:
                 async with asyncio.timeout(SERVICES_GRACE):
                     await self.app.tunnels.close()
+                    await self.app.agent_vms.close()
+                    await self.app.sessions.close()
                     await self.app.vms.close()
             except TimeoutError:
                 log.error("VM watchers and agent connections did not close within %ss", SERVICES_GRACE)

@@ -94,6 +94,8 @@ class VmSpec:
     agent: AgentChannel | None = None
     # console.log plus its rotated copy stay within this (see consolelog.py).
     console_log_max_bytes: int = 10 * 1024 * 1024
+    # CPU model for software emulation (QEMU TCG: `-cpu MODEL`); hardware virtualisation always uses the host's.
+    cpu_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.vcpus < 1:

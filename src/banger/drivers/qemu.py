@@ -97,7 +97,10 @@ class QemuDriver:
         # it is most of the host memory a TCG guest costs beyond its own RAM.
         accel = f"tcg,tb-size={TCG_TB_SIZE_MIB}" if self.accel == "tcg" else self.accel
         args = [self.binary, "-M", "microvm", "-accel", accel, "-name", _opt(spec.name)]
-        args += ["-cpu", "host"] if self.accel == "kvm" else []
+        if self.accel == "kvm":
+            args += ["-cpu", "host"]
+        elif spec.cpu_model:
+            args += ["-cpu", spec.cpu_model]
         args += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
         # -no-reboot: a guest reboot ends the VMM, as under Firecracker; the daemon decides what happens next.
         args += ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]

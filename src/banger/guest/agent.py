@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING or __package__:
-    from banger.guest import execs, guesttunnel, ports, sshsetup
+    from banger.guest import execs, guesttunnel, ports, session_agent, sshsetup
     from banger.guest.protocol import VERSION, Fd, Frame, Kind, Mux, Stream, read_frame, stream_writer
     from banger.guest.transfer import InboundPipe, OutboundPipe, TransferError, extract_tar, transfer_target, write_tar
 else:  # run from the seed drive, where the guest modules are plain siblings
     import execs
     import guesttunnel
     import ports
+    import session_agent
     import sshsetup
     from protocol import VERSION, Fd, Frame, Kind, Mux, Stream, read_frame, stream_writer
     from transfer import InboundPipe, OutboundPipe, TransferError, extract_tar, transfer_target, write_tar
@@ -43,6 +44,7 @@ _ERROR_CODES: list[tuple[type[BaseException], str]] = [
     (ConnectionError, "refused"),
     (ValueError, "invalid"),
     (KeyError, "invalid"),
+    *session_agent.ERROR_CODES,
 ]
 
 
@@ -304,6 +306,7 @@ HANDLERS: dict[Kind, Handler] = {
     Kind.LISTEN: guesttunnel.handle_listen,
     Kind.WATCH: guesttunnel.handle_watch,
     Kind.SSH: sshsetup.handle_ssh,
+    **session_agent.HANDLERS,
 }
 
 
@@ -429,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vsock", metavar="PORT", type=int, help="listen on this AF_VSOCK port")
     parser.add_argument("--connect", metavar="PATH", help="connect to this Unix socket instead (tests)")
     parser.add_argument("--init-pid", type=int, help="pid to SIGTERM when the host asks for poweroff")
+    parser.add_argument("--sessions-dir", help="where guest sessions keep their state and output")
     args = parser.parse_args(argv)
+    if args.sessions_dir:
+        session_agent.set_root(args.sessions_dir)
     # banger-init blocks signals to collect them with sigwaitinfo; that mask must not reach user processes.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     servers = []

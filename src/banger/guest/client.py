@@ -48,6 +48,7 @@ _ERRORS: dict[str, type[errors.BangerError]] = {
     "invalid": errors.InvalidInputError,
     "unsupported": errors.UnsupportedError,
     "cancelled": errors.CancelledError,
+    "exists": errors.AlreadyExistsError,
 }
 
 
@@ -57,6 +58,9 @@ def _raise_for(header: dict[str, Any]) -> NoReturn:
     if code == "unsupported":  # an agent older than this request kind
         message = f"{message}: {UNSUPPORTED_BY_AGENT}"
     raise _ERRORS.get(code, AgentError)(f"guest agent: {message}", data={"agent_code": code})
+
+
+raise_for = _raise_for  # for request modules outside this file (sessions/guestapi.py)
 
 
 @dataclass(frozen=True)
@@ -344,6 +348,24 @@ class AgentClient:
     async def _cancel(self, stream: Stream) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             await self.mux.send(Kind.CANCEL, stream.id)
+
+    async def request(self, kind: Kind, wait: float | None = None, /, **fields: Any) -> dict[str, Any]:
+        """One request whose only answer is its END frame (e.g. the session requests), within `wait` seconds."""
+        stream = await self._request(kind, **fields)
+        try:
+            async with _deadline(wait, f"guest agent did not answer {kind}"):
+                return await self._end(stream)
+        except errors.TimeoutError_:
+            await self._cancel(stream)
+            raise
+
+    async def open_stream(self, kind: Kind, **fields: Any) -> Stream:
+        """Send a request and return its stream, for callers that read DATA frames themselves (forget() it after)."""
+        return await self._request(kind, **fields)
+
+    async def cancel_stream(self, stream: Stream) -> None:
+        """Ask the agent to stop a stream opened with open_stream."""
+        await self._cancel(stream)
 
     async def health(self, timeout: float | None = 10.0) -> Health:
         """Agent version, guest uptime and load."""

@@ -114,6 +114,20 @@ class Child:
         for fd in {stdin, *(fd for _, fd in outputs)}:
             os.set_blocking(fd, False)
 
+    @property
+    def stdin_fd(self) -> int | None:
+        """The parent's end of the process's stdin (the pty master for a tty), None once closed."""
+        return self._stdin
+
+    def close_fds(self) -> None:
+        """Close the parent's ends of the process's stdio (after it exited)."""
+        fds = {fd for _, fd in self._outputs}
+        if self._stdin is not None:
+            fds.add(self._stdin)
+        for fd in fds:
+            os.close(fd)
+        self._outputs, self._stdin = [], None
+
     def outputs(self) -> list[tuple[Fd, int]]:
         """(stream, fd) pairs to read the process's output from."""
         return list(self._outputs)
@@ -175,12 +189,7 @@ class Child:
         if self.proc.returncode is None:
             self.signal(signal.SIGKILL)
             await self.wait()
-        fds = {fd for _, fd in self._outputs}
-        if self._stdin is not None:
-            fds.add(self._stdin)
-        for fd in fds:
-            os.close(fd)
-        self._outputs, self._stdin = [], None
+        self.close_fds()
 
 
 def _environment(spec: ExecSpec, pw: pwd.struct_passwd | None) -> dict[str, str]:

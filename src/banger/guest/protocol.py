@@ -45,6 +45,8 @@ Requests (header fields -> END result):
     WATCH    {interval}                                  -> never ends by itself; EVENT {ports: [...]} with the
                                                             listening TCP ports whenever the set changes
     SSH      {keys, user}                                -> {sshd, host_keys}; authorizes keys, reports host keys
+    SESSION_* (start, list, read, ctl, rm): long-running sessions owned by a guest-side supervisor, not by this
+             connection; see session_agent.py
 Error codes: not_found, permission, unsafe, exec_failed, invalid, unsupported, cancelled, failed.
 
 Flow control. Each side may have at most WINDOW unacknowledged DATA payload bytes in flight per stream; the
@@ -100,6 +102,11 @@ class Kind(enum.StrEnum):
     WATCH = "watch"
     SSH = "ssh"
     EVENT = "event"
+    SESSION_START = "session_start"
+    SESSION_LIST = "session_list"
+    SESSION_READ = "session_read"
+    SESSION_CTL = "session_ctl"
+    SESSION_RM = "session_rm"
     DATA = "data"
     EOF = "eof"
     ACK = "ack"

@@ -37,6 +37,8 @@ GUEST_FILES = (
     "ports.py",
     "guesttunnel.py",
     "sshsetup.py",
+    "sessions.py",
+    "session_agent.py",
 )
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$"

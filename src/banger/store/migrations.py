@@ -109,8 +109,27 @@ MIGRATIONS: list[str] = [
         sshd INTEGER
     );
     """,
-    # 8: guest sessions and agent VMs (issue 12)
-    "SELECT 1;",
+    # 8: guest sessions and agent VMs (issue 12): replaces migration 3's unused sessions table. The output itself
+    # lives in a bounded file per session under the VM's directory; the row is the daemon's record of the state.
+    """
+    DROP TABLE sessions;
+    CREATE TABLE sessions (
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        command TEXT NOT NULL,
+        tty INTEGER NOT NULL,
+        restart TEXT NOT NULL,
+        state TEXT NOT NULL,
+        exit_code INTEGER,
+        signal INTEGER,
+        started_at TEXT NOT NULL,
+        ended_at TEXT,
+        restarts INTEGER NOT NULL DEFAULT 0,
+        meta TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (vm_id, name)
+    );
+    """,
     # 9: snapshots and clones (issue 14)
     "SELECT 1;",
     # 10: security (issue 15)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from banger.aio import in_thread
-from banger.config import Settings
+from banger.config import Settings, is_cpu_model
 from banger.drivers import host
 from banger.drivers.base import (
     AgentChannel,
@@ -78,6 +78,8 @@ class VmService:
         self._caps: host.HostCaps | None = None
         self.on_change: Callable[[str, VmRecord], None] = lambda _what, _vm: None  # the daemon's event bus
         self.hooks: list[VmHooks] = []
+        # Called after every state change (sessions follow their VM); must not block.
+        self.state_listeners: list[Callable[[VmRecord], None]] = []
 
     # -- records ---------------------------------------------------------------------------------------------
 
@@ -103,6 +105,8 @@ class VmService:
         self.store.execute("UPDATE vms SET state=?, reason=? WHERE id=?", (state.value, reason, vm.id))
         log.info("vm %s: %s%s", vm.name, state.value, f" ({reason})" if reason else "")
         self.on_change("state", vm)
+        for listener in self.state_listeners:
+            listener(vm)
 
     def _set_runtime(self, vm: VmRecord, runtime: dict[str, Any] | None) -> None:
         vm.runtime = runtime
@@ -151,6 +155,7 @@ class VmService:
         disk_size: str | None,
         vmm: str | None,
         net: str = NetMode.BRIDGE,
+        cpu: str | None = None,
         progress: Progress = no_progress,
     ) -> VmRecord:
         """Record a VM and clone its root disk; refuses up front what this host cannot run."""
@@ -158,6 +163,8 @@ class VmService:
             net_mode = NetMode(net)
         except ValueError:
             raise InvalidInputError(f"unknown network mode {net!r} (choose bridge or none)") from None
+        if cpu is not None and not is_cpu_model(cpu):
+            raise InvalidInputError(f"bad --cpu {cpu!r}: give a QEMU CPU model such as max or Haswell-v4")
         if net_mode is NetMode.BRIDGE:
             await self.network.setup()  # no-op once done; on a host without networking, the next line says why
             self.network.require()
@@ -188,7 +195,7 @@ class VmService:
             memory_mib=memory_mib,
             disk_bytes=disk_bytes,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            spec={"net": net_mode.value},
+            spec={"net": net_mode.value, **({"cpu": cpu} if cpu else {})},
         )
         vdir = self.vm_dir(vm.id)
         vdir.mkdir(parents=True)
@@ -251,6 +258,7 @@ class VmService:
             run_dir=rdir,
             disks=(Disk(vdir / ROOT_DISK), Disk(vdir / SEED_DISK, read_only=True)),
             agent=agent,
+            cpu_model=str(vm.spec.get("cpu") or self.settings.get("tcg_cpu")),
         )
 
     def _seed_meta(self, vm: VmRecord, gnet: GuestNet | None) -> SeedMeta:

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from banger.agents.provider import Provider
 from banger.daemon.app import App
 from banger.errors import InvalidInputError
 from banger.rpc.registry import MethodRegistry
@@ -76,8 +77,16 @@ def register(reg: MethodRegistry, app: App) -> None:
         reverse: list[str] | None = None,
         forward_ports: str | None = None,
         ssh_keys: list[str] | None = None,
+            cpu: str | None = None,
+        agent: str | None = None,
+        provider: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Create a VM (and start it unless start=false; rm_on_failure removes it if that start fails)."""
+        """Create a VM (and start it unless start=false; rm_on_failure removes it if that start fails).
+
+        agent="opencode": an agent VM, ready once the agent's server in it is healthy.
+        """
+        if agent is not None and not start:
+            raise InvalidInputError("--agent needs the VM started (drop --no-start)")
         pubs = app.tunnels.check_publish(publish or [])  # a taken host port fails before anything is made
         app.tunnels.validate(reverse or [], forward_ports, ssh_keys or [])
         vm = await vms.create(
@@ -89,6 +98,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             disk_size=disk_size,
             vmm=vmm,
             net=net,
+            cpu=cpu,
             progress=ctx.progress,
         )
         try:
@@ -101,6 +111,10 @@ def register(reg: MethodRegistry, app: App) -> None:
         if start:
             try:
                 vm = await vms.start(vm.id, progress=ctx.progress, timeout=timeout)
+                if agent is not None:
+                    model = Provider.from_params(provider)
+                    setup = await app.agent_vms.setup(vm.id, agent, provider=model, progress=ctx.progress)
+                    return {**describe(vm), "agent": setup}
             except BaseException:
                 if rm_on_failure:  # `vm run --rm`: a VM that never ran leaves nothing behind either
                     await asyncio.shield(vms.remove(vm.id, force=True))
@@ -108,9 +122,13 @@ def register(reg: MethodRegistry, app: App) -> None:
         return describe(vm)
 
     @reg.method("vm.start")
-    async def start(ctx: CallContext, name: str, timeout: float | None = None) -> dict[str, Any]:
-        """Boot a VM; returns when its agent answers."""
-        return describe(await vms.start(name, progress=ctx.progress, timeout=timeout))
+    async def start(
+        ctx: CallContext, name: str, timeout: float | None = None, provider: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Boot a VM; returns when its agent answers (and, in an agent VM, its coding agent is healthy)."""
+        vm = await vms.start(name, progress=ctx.progress, timeout=timeout)
+        model = Provider.from_params(provider)
+        return {**describe(vm), **await app.agent_vms.resume(vm.id, provider=model, progress=ctx.progress)}
 
     @reg.method("vm.stop")
     async def stop(ctx: CallContext, name: str, timeout: float = 20.0) -> dict[str, Any]:
@@ -118,10 +136,14 @@ def register(reg: MethodRegistry, app: App) -> None:
         return describe(await vms.stop(name, timeout=timeout))
 
     @reg.method("vm.restart")
-    async def restart(ctx: CallContext, name: str, timeout: float | None = None) -> dict[str, Any]:
+    async def restart(
+        ctx: CallContext, name: str, timeout: float | None = None, provider: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Stop then start a VM."""
         await vms.stop(name)
-        return describe(await vms.start(name, progress=ctx.progress, timeout=timeout))
+        vm = await vms.start(name, progress=ctx.progress, timeout=timeout)
+        model = Provider.from_params(provider)
+        return {**describe(vm), **await app.agent_vms.resume(vm.id, provider=model, progress=ctx.progress)}
 
     @reg.method("vm.kill")
     async def kill(ctx: CallContext, name: str) -> dict[str, Any]:

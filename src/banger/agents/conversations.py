@@ -1,0 +1,203 @@
+"""Agent sessions: conversations with the opencode server of an agent VM, recorded as sessions of kind `agent`.
+
+Every call to opencode is made inside the guest through the agent (AgentVmService.http), so opencode listens on
+the guest's loopback only. Completion is decided by opencode's session status (`GET /session/status`: the
+session is idle once it is absent or `idle`) and confirmed by its messages (the last assistant message is
+completed, or carries an error), never by its event stream alone. The transcript is derived from the messages
+as JSON events ({type, time, ...}) and kept by the daemon in the session's host log, so `session logs` works
+after the VM stops and after the daemon restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from banger.agents.service import AgentVmService
+from banger.errors import BangerError, InvalidInputError
+from banger.guest.client import AgentClient
+from banger.guest.sessions import BoundedLog, LogReader
+from banger.sessions.service import RUNNING, SessionRecord
+from banger.vms.model import VmRecord
+
+POLL = 1.0
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def transcript(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """opencode's messages as transcript events: text, tool calls with their status, errors."""
+    events: list[dict[str, Any]] = []
+    for message in messages:
+        info = message.get("info") or {}
+        role = info.get("role")
+        created = (info.get("time") or {}).get("created")
+        for part in message.get("parts") or []:
+            kind = part.get("type")
+            stamp = ((part.get("time") or {}).get("start")) or created
+            if kind == "text" and part.get("text"):
+                events.append({"type": "text", "time": stamp, "role": role, "text": part["text"]})
+            elif kind == "tool":
+                state = part.get("state") or {}
+                event = {"type": "tool", "time": stamp, "tool": part.get("tool"), "status": state.get("status")}
+                if state.get("title"):
+                    event["title"] = state["title"]
+                if state.get("error"):
+                    event["error"] = state["error"]
+                events.append(event)
+        error = info.get("error")
+        if error:
+            detail = (error.get("data") or {}).get("message") or error.get("name") or "agent error"
+            events.append({"type": "error", "time": created, "message": str(detail)})
+    return events
+
+
+def render(event: dict[str, Any]) -> str:
+    """One transcript event as a readable line."""
+    kind = event.get("type")
+    if kind == "text":
+        return f"{event.get('role') or 'assistant'}: {event.get('text')}"
+    if kind == "tool":
+        extra = f" {event['title']}" if event.get("title") else ""
+        failed = f" ({event['error']})" if event.get("error") else ""
+        return f"[tool {event.get('tool')}: {event.get('status')}]{extra}{failed}"
+    if kind == "error":
+        return f"[error] {event.get('message')}"
+    if kind == "idle":
+        return "[idle]"
+    return json.dumps(event)
+
+
+class Conversations:
+    """Opens, prompts, aborts and records agent sessions."""
+
+    def __init__(self, agents: AgentVmService) -> None:
+        self.agents = agents
+        self.sessions = agents.sessions
+
+    async def _server(self, vm_name: str) -> tuple[VmRecord, AgentClient, str]:
+        vm = self.sessions.running_vm(vm_name)
+        password = self.agents.password(vm)
+        return vm, await self.sessions.agent(vm), password
+
+    async def _call(self, client: AgentClient, password: str, method: str, path: str, body: Any = None) -> Any:
+        status, reply = await self.agents.http(client, password, method, path, body)
+        if status not in (200, 204):
+            raise BangerError(f"opencode answered {method} {path} with {status}: {str(reply)[:300]}")
+        return reply
+
+    async def open(self, vm_name: str, *, name: str | None, title: str | None) -> dict[str, Any]:
+        """A new opencode session in the VM's server; returns the banger session."""
+        vm, client, password = await self._server(vm_name)
+        created = await self._call(client, password, "POST", "/session", {"title": title} if title else {})
+        oc_id = str(created["id"])
+        name = self.sessions.add_agent_session(vm, name, ["opencode", "session", oc_id], {"opencode_session": oc_id})
+        self._save(vm, name, [])
+        return self.sessions.to_json(self.sessions.get(vm, name), vm.name)
+
+    def _record(self, vm: VmRecord, name: str) -> tuple[SessionRecord, str]:
+        rec = self.sessions.get(vm, name)
+        oc_id = rec.meta.get("opencode_session")
+        if rec.kind != "agent" or not oc_id:
+            raise InvalidInputError(f"session {name} is not an agent session")
+        return rec, str(oc_id)
+
+    async def prompt(self, vm_name: str, name: str, text: str, *, wait: bool, emit: Emit | None) -> dict[str, Any]:
+        """Send a prompt; with wait, return once the agent is idle (`error` set when the turn failed)."""
+        vm, client, password = await self._server(vm_name)
+        rec, oc_id = self._record(vm, name)
+        if rec.state != RUNNING:
+            raise InvalidInputError(f"session {name} is {rec.state}")
+        before = await self._messages(client, password, oc_id)
+        body = {"parts": [{"type": "text", "text": text}]}
+        await self._call(client, password, "POST", f"/session/{oc_id}/prompt_async", body)
+        if not wait:
+            return {"sent": True}
+        try:
+            return await self._until_idle(vm, name, client, password, oc_id, len(before), emit)
+        except asyncio.CancelledError:
+            # Ctrl-C on a waiting CLI aborts the turn (shielded: the abort must go out even though we are cancelled).
+            await asyncio.shield(self._call(client, password, "POST", f"/session/{oc_id}/abort", {}))
+            raise
+
+    async def _messages(self, client: AgentClient, password: str, oc_id: str) -> list[dict[str, Any]]:
+        reply = await self._call(client, password, "GET", f"/session/{oc_id}/message")
+        return reply if isinstance(reply, list) else []
+
+    async def _until_idle(
+        self,
+        vm: VmRecord,
+        name: str,
+        client: AgentClient,
+        password: str,
+        oc_id: str,
+        known: int,
+        emit: Emit | None,
+    ) -> dict[str, Any]:
+        base = len(transcript((await self._messages(client, password, oc_id))[:known]))
+        tool_status: dict[int, Any] = {}
+        while True:
+            await asyncio.sleep(POLL)
+            status = await self._call(client, password, "GET", "/session/status")
+            busy = isinstance(status, dict) and (status.get(oc_id) or {}).get("type") not in (None, "idle")
+            messages = await self._messages(client, password, oc_id)
+            events = transcript(messages)
+            for i, event in enumerate(events[base:], base):  # tool calls as their status changes
+                if event["type"] == "tool" and tool_status.get(i) != event.get("status"):
+                    tool_status[i] = event.get("status")
+                    if emit is not None:
+                        await emit({"event": event})
+            last = next((m for m in reversed(messages) if (m.get("info") or {}).get("role") == "assistant"), None)
+            info = (last or {}).get("info") or {}
+            finished = bool((info.get("time") or {}).get("completed") or info.get("error"))
+            # Idle by the status, confirmed by the messages: a new assistant message that completed or failed.
+            if busy or len(messages) <= known or not finished:
+                continue
+            events.append({"type": "idle", "time": int(time.time() * 1000)})
+            self._save(vm, name, events)
+            if emit is not None:
+                for event in events[base:]:
+                    if event["type"] != "tool":
+                        await emit({"event": event})
+            error = info.get("error")
+            message = transcript([{"info": {"error": error}}])[0]["message"] if error else None
+            return {"idle": True, "error": message}
+
+    async def abort(self, vm_name: str, name: str) -> dict[str, Any]:
+        """Abort the running turn of an agent session."""
+        vm, client, password = await self._server(vm_name)
+        _, oc_id = self._record(vm, name)
+        await self._call(client, password, "POST", f"/session/{oc_id}/abort", {})
+        return self.sessions.to_json(self.sessions.get(vm, name), vm.name)
+
+    def _save(self, vm: VmRecord, name: str, events: list[dict[str, Any]]) -> None:
+        """Replace the session's host log with the transcript as JSON Lines."""
+        path = self.sessions.log_path(vm.id, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".new")
+        tmp.unlink(missing_ok=True)
+        log = BoundedLog(tmp, self.sessions._max_bytes())
+        try:
+            log.append(b"".join(json.dumps(e).encode() + b"\n" for e in events))
+        finally:
+            log.close()
+        tmp.replace(path)
+
+    def events(self, vm_name: str, name: str) -> list[dict[str, Any]]:
+        """The transcript the daemon kept (readable with the VM stopped)."""
+        vm = self.sessions.vms.get(vm_name)
+        self._record(vm, name)
+        reader = LogReader(self.sessions.log_path(vm.id, name))
+        data, offset = bytearray(), 0
+        try:
+            while True:
+                start, chunk = reader.read(offset, 1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+                offset = start + len(chunk)
+        finally:
+            reader.close()
+        return [json.loads(line) for line in bytes(data).splitlines() if line.strip()]

@@ -1,0 +1,80 @@
+"""End to end: the real opencode in a real guest, its model a STAND-IN (standin_model.py: the model is the one
+component that cannot run here) on the host's loopback, reached through banger's credential proxy.
+
+Inside a network namespace the test creates (the daemon, its bridge and the stand-in all live there; the root
+namespace is never touched). Interim route: the guest reaches the proxy on the bridge's gateway (the reverse
+tunnel of the tunnels stream replaces it; see agents/provider.py).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.vms.conftest import installed_home
+
+pytestmark = [pytest.mark.vm, pytest.mark.net]
+
+KEY = "sk-standin-" + secrets.token_hex(8)
+PORT = 18555
+OPENCODE_CACHE = Path("/var/cache/banger-tests/opencode-cache/agents")
+
+
+def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: Path, tmp_path: Path) -> None:
+    ns = f"banger-test-a{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    record = tmp_path / "requests.json"
+    standin = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        args = json.dumps({"filePath": "/root/hello.txt", "content": "hello from the agent\n"})
+        standin = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.agents.standin_model", "--port", str(PORT)]
+            + ["--tool", "write", "--args", args, "--text", "I wrote hello.txt.", "--record", str(record)],
+            cwd=REPO,
+        )
+        with installed_home(debian_kernel, wrap=("ip", "netns", "exec", ns)) as benv:
+            OPENCODE_CACHE.mkdir(parents=True, exist_ok=True)
+            (benv.home / "cache" / "agents").symlink_to(OPENCODE_CACHE)
+            benv.env.update(
+                BANGER_AGENT_BASE_URL=f"http://127.0.0.1:{PORT}/v1",
+                BANGER_AGENT_MODEL="standin",
+                BANGER_AGENT_API_KEY=KEY,
+            )
+            r = benv.cli("vm", "create", "--name", "coder", "--agent", "opencode", "--json", timeout=1800)
+            assert r.returncode == 0, r.stderr
+            name = benv.cli("session", "start", "coder", "--agent", "opencode", "--title", "demo", check=True)
+            session = name.stdout.strip()
+            turn = benv.cli("session", "send", "coder", session, "Create /root/hello.txt", "--wait", timeout=1800)
+            assert turn.returncode == 0, turn.stdout + turn.stderr
+            assert "[tool write: completed]" in turn.stdout and "I wrote hello.txt." in turn.stdout
+            content = benv.cli("vm", "exec", "coder", "--", "cat", "/root/hello.txt", check=True).stdout
+            assert content == "hello from the agent\n"
+            logs = benv.cli("session", "logs", "coder", session, check=True).stdout
+            assert "[tool write: completed]" in logs and "I wrote hello.txt." in logs and "[idle]" in logs
+            events = [
+                json.loads(x) for x in benv.cli("session", "logs", "coder", session, "--json").stdout.split("\n") if x
+            ]
+            assert all("type" in e and "time" in e for e in events) and events[-1]["type"] == "idle"
+            # The key reached the provider, added by the host; it is nowhere in the guest.
+            seen = json.loads(record.read_text())
+            assert any(req["headers"].get("authorization") == f"Bearer {KEY}" for req in seen)
+            leak = benv.cli(
+                "vm", "exec", "coder", "--", "sh", "-c",
+                f"grep -rls {KEY} /var/lib/banger /root /run/banger /proc/[0-9]*/environ /proc/[0-9]*/cmdline; true",
+            )  # fmt: skip
+            assert leak.returncode == 0 and leak.stdout == ""
+            assert KEY not in benv.cli("vm", "show", "coder", "--json", check=True).stdout
+            for db in benv.home.glob("banger.db*"):
+                assert KEY.encode() not in db.read_bytes()
+    finally:
+        if standin is not None:
+            standin.kill()
+            standin.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
