@@ -16,6 +16,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "vm": ("banger.cli.vm_cmds", "vm"),
     "doctor": ("banger.cli.vm_cmds", "doctor"),
     "network": ("banger.cli.net_cmds", "network"),
+    "snapshot": ("banger.cli.snapshot_cmds", "snapshot"),
 }
 
 

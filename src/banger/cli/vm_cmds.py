@@ -118,9 +118,15 @@ def create_options(fn: Any) -> Any:
 @click.option("--name", default=None, help="VM name (default: a random adjective-noun).")
 @create_options
 @click.option("--no-start", is_flag=True, help="Only create it.")
+@click.option("--from-snapshot", default=None, metavar="SNAP", help="Resume a snapshot instead of booting an image.")
 @json_option
-def create(no_start: bool, as_json: bool, **opts: Any) -> None:
+def create(no_start: bool, from_snapshot: str | None, as_json: bool, **opts: Any) -> None:
     """Create a VM (and start it, unless --no-start)."""
+    if from_snapshot is not None:
+        from banger.cli.snapshot_cmds import create_from_snapshot
+
+        create_from_snapshot(click.get_current_context(), from_snapshot, opts, start=not no_start, as_json=as_json)
+        return
     params = _create_params(opts, start=not no_start)
     _print_vm(rpc("vm.create", params, progress=not as_json), as_json, "created")
 
@@ -440,3 +446,13 @@ def run(remove: bool, command: tuple[str, ...], **opts: Any) -> None:
 
 
 vm.add_command(ls, name="list")  # the name people type first; `ls` stays the documented one
+
+
+def _snapshot_commands() -> None:
+    from banger.cli.snapshot_cmds import vm_clone, vm_snapshot
+
+    vm.add_command(vm_snapshot)
+    vm.add_command(vm_clone)
+
+
+_snapshot_commands()

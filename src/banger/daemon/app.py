@@ -10,6 +10,7 @@ from banger.config import Settings
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
 from banger.net.service import NetworkService
+from banger.snapshots.service import SnapshotService
 from banger.store.db import Store
 from banger.vms.service import VmService
 
@@ -24,6 +25,7 @@ class App:
     images: ImageService
     vms: VmService
     network: NetworkService
+    snapshots: SnapshotService
     started_at: float = field(default_factory=time.time)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -33,13 +35,15 @@ class App:
         kernels = KernelService(settings, store)
         images = ImageService(settings, store)
         network = NetworkService(settings, store)
+        vms = VmService(settings, store, kernels, images, network)
         app = cls(
             settings=settings,
             store=store,
             kernels=kernels,
             images=images,
-            vms=VmService(settings, store, kernels, images, network),
+            vms=vms,
             network=network,
+            snapshots=SnapshotService(settings, store, vms),
         )
         app.kernels.reconcile()
         app.images.reconcile()

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,8 @@ class VmService:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._caps: host.HostCaps | None = None
+        # Called after a VM is removed (the snapshot service drops a clone's implicit snapshot with its last clone).
+        self.removed_hooks: list[Callable[[VmRecord], Awaitable[None]]] = []
 
     # -- records ---------------------------------------------------------------------------------------------
 
@@ -236,6 +239,10 @@ class VmService:
                 if vm.state is VmState.RUNNING:
                     return vm
                 raise InvalidInputError(f"VM {vm.name} is {vm.state.value}")
+            if vm.spec.get("restore"):  # made from a snapshot and never started: resume it
+                from banger.vms.restore import restore_boot
+
+                return await restore_boot(self, vm, progress, timeout or float(self.settings.get("agent_timeout")))
             return await self._boot(vm, progress, timeout or float(self.settings.get("agent_timeout")))
 
     def _spec(self, vm: VmRecord) -> VmSpec:
@@ -259,9 +266,14 @@ class VmService:
             cmdline=" ".join([*base, GUEST_CMDLINE]),
             console_log=vdir / CONSOLE_LOG,
             run_dir=rdir,
-            disks=(Disk(vdir / ROOT_DISK), Disk(vdir / SEED_DISK, read_only=True)),
+            disks=(self._root_disk(vm), Disk(vdir / SEED_DISK, read_only=True)),
             agent=agent,
         )
+
+    def _root_disk(self, vm: VmRecord) -> Disk:
+        if vm.spec.get("root_format") == "qcow2":  # a clone's overlay on its snapshot's disk
+            return Disk(self.vm_dir(vm.id) / "root.qcow2", format="qcow2")
+        return Disk(self.vm_dir(vm.id) / ROOT_DISK)
 
     def _seed_meta(self, vm: VmRecord, gnet: GuestNet | None) -> SeedMeta:
         from banger.guest.seed import HaltAction, NetInterface, Network, SeedMeta
@@ -464,6 +476,8 @@ class VmService:
             self.store.execute("DELETE FROM vms WHERE id=?", (vm.id,))
         self._locks.pop(vm.id, None)
         log.info("vm %s removed", vm.name)
+        for hook in self.removed_hooks:
+            await hook(vm)
 
     async def rename(self, name: str, new_name: str) -> VmRecord:
         """Give a VM a new name; its DNS name follows at once."""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from banger.daemon.app import App
-from banger.daemon.methods import daemon_area, image_area, kernel_area, net_area, vm_area
+from banger.daemon.methods import daemon_area, image_area, kernel_area, net_area, snapshot_area, vm_area
 from banger.rpc.registry import MethodRegistry
 
 
 def build_registry(app: App) -> MethodRegistry:
     """All methods, bound to the daemon's App."""
     reg = MethodRegistry()
-    for area in (daemon_area, kernel_area, image_area, vm_area, net_area):
+    for area in (daemon_area, kernel_area, image_area, vm_area, net_area, snapshot_area):
         area.register(reg, app)
     return reg
