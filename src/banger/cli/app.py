@@ -20,6 +20,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "ui": ("banger.cli.ui_cmds", "ui"),
     "events": ("banger.cli.events_cmds", "events"),
     "session": ("banger.cli.session_cmds", "session"),
+    "snapshot": ("banger.cli.snapshot_cmds", "snapshot"),
 }
 
 

@@ -162,9 +162,18 @@ def create_options(fn: Any) -> Any:
 @create_options
 @click.option("--no-start", is_flag=True, help="Only create it.")
 @click.option("--workspace", "workspace_path", default=None, help="Copy this git checkout to /workspace/<name>.")
+@click.option("--from-snapshot", default=None, metavar="SNAP", help="Resume a snapshot instead of booting an image.")
 @json_option
-def create(no_start: bool, as_json: bool, workspace_path: str | None, **opts: Any) -> None:
+def create(no_start: bool, from_snapshot: str | None, as_json: bool, workspace_path: str | None, **opts: Any) -> None:
     """Create a VM (and start it, unless --no-start)."""
+    if from_snapshot is not None:
+        from banger.cli.snapshot_cmds import create_from_snapshot
+
+        if workspace_path is not None:
+            raise InvalidInputError("--workspace cannot be given with --from-snapshot (the snapshot's workspace comes along)")
+
+        create_from_snapshot(click.get_current_context(), from_snapshot, opts, start=not no_start, as_json=as_json)
+        return
     params = _create_params(opts, start=not no_start)
     if workspace_path is None:
         _print_vm(rpc("vm.create", params, progress=not as_json), as_json, "created")
@@ -550,3 +559,13 @@ def _add_workspace_groups() -> None:
 _add_workspace_groups()
 
 tunnel_cmds.register(vm)
+
+
+def _snapshot_commands() -> None:
+    from banger.cli.snapshot_cmds import vm_clone, vm_snapshot
+
+    vm.add_command(vm_snapshot)
+    vm.add_command(vm_clone)
+
+
+_snapshot_commands()

@@ -15,6 +15,7 @@ from banger.images.service import ImageService
 from banger.kernels.service import KernelService
 from banger.net.service import NetworkService
 from banger.sessions.service import SessionService
+from banger.snapshots.service import SnapshotService
 from banger.store.db import Store
 from banger.tunnels.service import TunnelService
 from banger.vms.service import VmService
@@ -36,6 +37,7 @@ class App:
     sessions: SessionService
     agent_vms: AgentVmService
     conversations: Conversations
+    snapshots: SnapshotService
     started_at: float = field(default_factory=time.time)
     # The code this daemon loaded (buildinfo.code_id at startup): the handshake compares the CLI's with it.
     build: str = field(default_factory=code_id)
@@ -58,6 +60,7 @@ class App:
             images=images,
             vms=vms,
             network=network,
+            snapshots=SnapshotService(settings, store, vms),
             sessions=sessions,
             agent_vms=agent_vms,
             conversations=Conversations(agent_vms),

@@ -46,6 +46,7 @@ class Disk:
 
     path: Path
     read_only: bool = False
+    format: str = "raw"  # "qcow2" for copy-on-write overlays (clones of a snapshot, under QEMU)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,18 @@ class AgentChannel:
 
 
 @dataclass(frozen=True)
+class RestoreFrom:
+    """A saved machine to resume instead of booting: its device state and the image of its guest RAM.
+
+    A launch with one leaves the guest paused once the state is loaded, so the caller can set its devices up
+    (a new identity, the link) before it runs; `resume()` starts it.
+    """
+
+    state: Path
+    memory: Path
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """Everything a driver needs to start one VM; paths are absolute and already exist (except sockets)."""
 
@@ -96,6 +109,7 @@ class VmSpec:
     console_log_max_bytes: int = 10 * 1024 * 1024
     # CPU model for software emulation (QEMU TCG: `-cpu MODEL`); hardware virtualisation always uses the host's.
     cpu_model: str | None = None
+    restore: RestoreFrom | None = None
 
     def __post_init__(self) -> None:
         if self.vcpus < 1:

@@ -51,6 +51,10 @@ class Resource:
         """PUT `body` here; a refusal becomes a FirecrackerApiError naming this path."""
         await self._send("PUT", body)
 
+    async def patch(self, body: dict[str, Any]) -> None:
+        """PATCH `body` here (a partial update, such as pausing the VM)."""
+        await self._send("PATCH", body)
+
     async def get(self) -> dict[str, Any]:
         """GET this path's JSON."""
         data = await self._send("GET", None)
@@ -89,6 +93,9 @@ class FirecrackerApi:
         self.vsock = Resource(self.client, "/vsock")
         self.actions = Resource(self.client, "/actions")
         self.vm_config = Resource(self.client, "/vm/config")
+        self.vm = Resource(self.client, "/vm")
+        self.snapshot_create = Resource(self.client, "/snapshot/create")
+        self.snapshot_load = Resource(self.client, "/snapshot/load")
 
     def drive(self, drive_id: str) -> Resource:
         """The /drives/<id> resource."""

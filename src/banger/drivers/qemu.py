@@ -12,7 +12,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from banger.drivers import consolelog, process
+from banger.drivers import consolelog, process, qemu_migrate
 from banger.drivers.base import AGENT_PORT_NAME, AgentTransport, SpawnHook, StopOutcome, VmmHandle, VmmKind, VmSpec
 from banger.drivers.host import DEV_VHOST_VSOCK, host_tsc_khz
 from banger.errors import InvalidInputError, ToolError, UnsupportedError
@@ -102,6 +102,7 @@ class QemuDriver:
         elif spec.cpu_model:
             args += ["-cpu", spec.cpu_model]
         args += ["-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
+        args += qemu_migrate.memory_args(spec)
         # -no-reboot: a guest reboot ends the VMM, as under Firecracker; the daemon decides what happens next.
         args += ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
         args += ["-kernel", os.fspath(spec.kernel), "-append", self.cmdline(spec)]
@@ -121,7 +122,7 @@ class QemuDriver:
         args += ["-device", "virtio-rng-device"]
         for i, disk in enumerate(spec.disks):
             ro = "on" if disk.read_only else "off"
-            args += ["-drive", f"id=disk{i},file={_opt(disk.path)},format=raw,if=none,readonly={ro}"]
+            args += ["-drive", f"id=disk{i},file={_opt(disk.path)},format={disk.format},if=none,readonly={ro}"]
             args += ["-device", f"virtio-blk-device,drive=disk{i}"]
         if spec.net is not None:
             args += ["-netdev", f"tap,id=net0,ifname={_opt(spec.net.tap)},script=no,downscript=no"]
@@ -177,8 +178,9 @@ class QemuDriver:
         try:
             if started is None:
                 raise ToolError(f"qemu exited at once: {_log_tail(spec.run_dir / VMM_LOG)}")
-            status = await self.qmp(handle, "query-status", timeout=QMP_CONNECT_TIMEOUT)
-            if not status.get("running"):
+            if spec.restore is not None:
+                await qemu_migrate.load_state(handle, spec.restore)  # the guest stays paused: see RestoreFrom
+            elif not (status := await self.qmp(handle, "query-status", timeout=QMP_CONNECT_TIMEOUT)).get("running"):
                 raise ToolError(f"qemu started but the guest is {status.get('status')!r}, not running")
         except BaseException:
             await self.kill(handle)

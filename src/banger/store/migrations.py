@@ -130,8 +130,22 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (vm_id, name)
     );
     """,
-    # 9: snapshots and clones (issue 14)
-    "SELECT 1;",
+    # 9: snapshots and clones (issue 14): a VM's saved machine (device state, RAM image, frozen disk) on disk
+    """
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        vm_id TEXT,
+        vm_name TEXT NOT NULL,
+        vmm TEXT NOT NULL,
+        vmm_version TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        implicit INTEGER NOT NULL DEFAULT 0,
+        machine TEXT NOT NULL,
+        info TEXT NOT NULL
+    );
+    """,
     # 10: security (issue 15)
     "SELECT 1;",
 ]

@@ -10,7 +10,7 @@ import os
 import secrets
 import shutil
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +80,8 @@ class VmService:
         self.hooks: list[VmHooks] = []
         # Called after every state change (sessions follow their VM); must not block.
         self.state_listeners: list[Callable[[VmRecord], None]] = []
+        # Called after a VM is removed (the snapshot service drops a clone's implicit snapshot with its last clone).
+        self.removed_hooks: list[Callable[[VmRecord], Awaitable[None]]] = []
 
     # -- records ---------------------------------------------------------------------------------------------
 
@@ -235,6 +237,10 @@ class VmService:
                 if vm.state is VmState.RUNNING:
                     return vm
                 raise InvalidInputError(f"VM {vm.name} is {vm.state.value}")
+            if vm.spec.get("restore"):  # made from a snapshot and never started: resume it
+                from banger.vms.restore import restore_boot
+
+                return await restore_boot(self, vm, progress, timeout or float(self.settings.get("agent_timeout")))
             return await self._boot(vm, progress, timeout or float(self.settings.get("agent_timeout")))
 
     def _spec(self, vm: VmRecord) -> VmSpec:
@@ -256,10 +262,15 @@ class VmService:
             console_log=vdir / CONSOLE_LOG,
             console_log_max_bytes=int(self.settings.get("console_log_max_mib")) << 20,
             run_dir=rdir,
-            disks=(Disk(vdir / ROOT_DISK), Disk(vdir / SEED_DISK, read_only=True)),
+            disks=(self._root_disk(vm), Disk(vdir / SEED_DISK, read_only=True)),
             agent=agent,
             cpu_model=str(vm.spec.get("cpu") or self.settings.get("tcg_cpu")),
         )
+
+    def _root_disk(self, vm: VmRecord) -> Disk:
+        if vm.spec.get("root_format") == "qcow2":  # a clone's overlay on its snapshot's disk
+            return Disk(self.vm_dir(vm.id) / "root.qcow2", format="qcow2")
+        return Disk(self.vm_dir(vm.id) / ROOT_DISK)
 
     def _seed_meta(self, vm: VmRecord, gnet: GuestNet | None) -> SeedMeta:
         from banger.guest.seed import HaltAction, NetInterface, Network, SeedMeta
@@ -466,6 +477,8 @@ class VmService:
         self._locks.pop(vm.id, None)
         log.info("vm %s removed", vm.name)
         self.on_change("removed", vm)
+        for hook in self.removed_hooks:
+            await hook(vm)
 
     async def rename(self, name: str, new_name: str) -> VmRecord:
         """Give a VM a new name; its DNS name follows at once."""

@@ -10,6 +10,7 @@ from banger.daemon.methods import (
     kernel_area,
     net_area,
     session_area,
+    snapshot_area,
     tunnel_area,
     vm_area,
     workspace_area,
@@ -20,6 +21,6 @@ from banger.rpc.registry import MethodRegistry
 def build_registry(app: App) -> MethodRegistry:
     """All methods, bound to the daemon's App."""
     reg = MethodRegistry()
-    for area in (daemon_area, kernel_area, image_area, vm_area, net_area, events_area, workspace_area, tunnel_area, session_area):
+    for area in (daemon_area, kernel_area, image_area, vm_area, net_area, events_area, workspace_area, tunnel_area, session_area, snapshot_area):
         area.register(reg, app)
     return reg

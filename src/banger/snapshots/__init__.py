@@ -1,0 +1,1 @@
+"""Snapshots of running VMs and the clones made from them."""

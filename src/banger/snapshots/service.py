@@ -1,0 +1,344 @@
+"""The snapshot service: owns the `snapshots` table and the snapshot directories, takes snapshots, makes clones.
+
+A snapshot of a running QEMU VM is taken in one pause: the guest stops, its disks are copied (sparse), its
+device state is migrated to a file and its RAM copied from the memfd it lives in; then it runs on, or is shut
+down cleanly with --stop. A snapshot's files are never written again: clones map its RAM copy-on-write and
+put qcow2 overlays on its disk, so it cannot be removed while a VM made from it exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from banger import proc
+from banger.aio import in_thread
+from banger.config import Settings
+from banger.drivers import qemu_migrate
+from banger.drivers.base import VmmHandle, VmmKind
+from banger.drivers.qemu import QemuDriver
+from banger.errors import AlreadyExistsError, InvalidInputError, NotFoundError, UnsupportedError
+from banger.names import validate_name
+from banger.progress import Progress, ProgressEvent, no_progress
+from banger.store.db import Store
+from banger.vms import restore
+from banger.vms.model import VmRecord, VmState
+from banger.vms.service import SEED_DISK, VmService
+
+log = logging.getLogger("banger.snapshots")
+
+STATE = "state.mig"
+MEMORY = "memory.ram"
+ROOT = "root.img"
+SEED = "seed.ext4"
+
+
+@dataclass
+class SnapshotRecord:
+    """One row of the snapshots table."""
+
+    id: str
+    name: str
+    vm_id: str | None
+    vm_name: str
+    vmm: str
+    vmm_version: str
+    created_at: str
+    size_bytes: int
+    path: Path
+    implicit: bool = False
+    machine: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, used_by: list[str] | None = None) -> dict[str, Any]:
+        """The public view (CLI --json)."""
+        data = {
+            "id": self.id,
+            "name": self.name,
+            "vm": self.vm_name,
+            "vmm": self.vmm,
+            "vmm_version": self.vmm_version,
+            "created_at": self.created_at,
+            "size_bytes": self.size_bytes,
+            "implicit": self.implicit,
+            "machine": self.machine,
+            "pause_seconds": self.info.get("pause_seconds"),
+            "path": str(self.path),
+        }
+        if used_by is not None:
+            data["used_by"] = used_by
+        return data
+
+    def source(self) -> restore.SnapshotSource:
+        return restore.SnapshotSource(
+            id=self.id,
+            name=self.name,
+            vmm_version=self.vmm_version,
+            machine=self.machine,
+            root_disk=self.path / ROOT,
+            seed_disk=self.path / SEED,
+            state=self.path / STATE,
+            memory=self.path / MEMORY,
+        )
+
+
+def _allocated(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in path.iterdir() if p.is_file())
+
+
+def _copy_disk(src: Path, dest: Path, fmt: str) -> None:
+    """A sparse raw copy of a disk; a clone's qcow2 overlay is flattened (-U: the paused QEMU holds its lock)."""
+    if fmt == "qcow2":
+        argv = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(src), str(dest)]
+    else:
+        argv = ["cp", "--sparse=always", str(src), str(dest)]
+    proc.run(argv, step="copy the disk", timeout=600)
+
+
+class SnapshotService:
+    """Owns snapshot rows and directories; restores go through the VM service."""
+
+    def __init__(self, settings: Settings, store: Store, vms: VmService) -> None:
+        self.settings = settings
+        self.store = store
+        self.vms = vms
+        self.root = settings.paths.home / "snapshots"
+        vms.removed_hooks.append(self._vm_removed)
+
+    # -- records ---------------------------------------------------------------------------------------------
+
+    def _from_row(self, row: sqlite3.Row) -> SnapshotRecord:
+        return SnapshotRecord(
+            id=row["id"],
+            name=row["name"],
+            vm_id=row["vm_id"],
+            vm_name=row["vm_name"],
+            vmm=row["vmm"],
+            vmm_version=row["vmm_version"],
+            created_at=row["created_at"],
+            size_bytes=row["size_bytes"],
+            path=self.root / row["id"],
+            implicit=bool(row["implicit"]),
+            machine=json.loads(row["machine"]),
+            info=json.loads(row["info"]),
+        )
+
+    def get(self, name: str) -> SnapshotRecord:
+        """A snapshot by name (or id), or NotFoundError."""
+        row = self.store.one("SELECT * FROM snapshots WHERE name=? OR id=?", (name, name))
+        if row is None:
+            raise NotFoundError(f"no snapshot named {name!r}", hint="see `banger snapshot ls`")
+        return self._from_row(row)
+
+    def all(self) -> list[SnapshotRecord]:
+        return [self._from_row(r) for r in self.store.query("SELECT * FROM snapshots ORDER BY created_at, name")]
+
+    def used_by(self, snap: SnapshotRecord) -> list[str]:
+        """Names of the VMs whose disks depend on this snapshot."""
+        return [vm.name for vm in self.vms.all() if restore.snapshot_of(vm) == snap.id]
+
+    def _free_name(self, base: str) -> str:
+        taken = {r["name"] for r in self.store.query("SELECT name FROM snapshots")}
+        if base not in taken:
+            return base
+        return next(f"{base}-{i}" for i in range(2, len(taken) + 3) if f"{base}-{i}" not in taken)
+
+    # -- take ------------------------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        vm_name: str,
+        *,
+        name: str | None = None,
+        stop: bool = False,
+        implicit: bool = False,
+        progress: Progress = no_progress,
+    ) -> SnapshotRecord:
+        """Snapshot a running VM (memory, devices, disks) in one pause; it runs on, or shuts down with `stop`."""
+        vm = self.vms.get(vm_name)
+        restore.require_qemu(vm)
+        name = name or self._free_name(f"{vm.name}-snap")
+        validate_name(name, "snapshot name")
+        if self.store.one("SELECT 1 FROM snapshots WHERE name=?", (name,)) is not None:
+            raise AlreadyExistsError(f"a snapshot named {name!r} already exists")
+        version = self.vms.caps().qemu.version
+        if version is None:
+            raise UnsupportedError(f"QEMU's version is unknown: {self.vms.caps().qemu.problem}")
+        snap_id = secrets.token_hex(6)
+        sdir = self.root / snap_id
+        sdir.mkdir(parents=True)
+        try:
+            async with self.vms.lock(vm.id):
+                vm = self.vms.get(vm.id)
+                if vm.state is not VmState.RUNNING or not (vm.runtime or {}).get("handle"):
+                    raise InvalidInputError(
+                        f"VM {vm.name} is {vm.state.value}: only a running VM can be snapshotted",
+                        hint=f"banger vm start {vm.name}",
+                    )
+                pause = await self._save(vm, VmmHandle.from_dict(vm.runtime["handle"]), sdir, progress)  # type: ignore[index]
+            if stop:
+                progress(ProgressEvent(step=f"stop {vm.name}"))
+                await self.vms.stop(vm.id)
+            spec = self.vms._spec(vm)
+            machine = {
+                "kernel": vm.kernel,
+                "image": vm.image,
+                "vcpus": vm.vcpus,
+                "memory_mib": vm.memory_mib,
+                "disk_bytes": vm.disk_bytes,
+                "net": vm.spec.get("net", "none"),
+                "machine": "microvm",
+                "accel": self.vms.driver(VmmKind.QEMU).accel,  # type: ignore[attr-defined]
+                "cmdline": spec.cmdline,
+            }
+            snap = SnapshotRecord(
+                id=snap_id,
+                name=name,
+                vm_id=vm.id,
+                vm_name=vm.name,
+                vmm=vm.vmm,
+                vmm_version=version,
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                size_bytes=await in_thread(_allocated, sdir),
+                path=sdir,
+                implicit=implicit,
+                machine=machine,
+                info={"pause_seconds": round(pause, 3)},
+            )
+            self.store.execute(
+                "INSERT INTO snapshots (id, name, vm_id, vm_name, vmm, vmm_version, created_at, size_bytes, implicit, "
+                "machine, info) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    snap.id,
+                    snap.name,
+                    snap.vm_id,
+                    snap.vm_name,
+                    snap.vmm,
+                    snap.vmm_version,
+                    snap.created_at,
+                    snap.size_bytes,
+                    int(snap.implicit),
+                    json.dumps(snap.machine),
+                    json.dumps(snap.info),
+                ),
+            )
+        except BaseException:
+            shutil.rmtree(sdir, ignore_errors=True)
+            raise
+        log.info("snapshot %s of vm %s taken (guest paused %.3fs)", name, vm.name, pause)
+        return snap
+
+    async def _save(self, vm: VmRecord, handle: VmmHandle, sdir: Path, progress: Progress) -> float:
+        """Pause the guest, save disks, device state and RAM, and let it run again; returns the pause length."""
+        driver = self.vms.driver(VmmKind.QEMU)
+        if not isinstance(driver, QemuDriver):
+            raise UnsupportedError("only QEMU VMs can be snapshotted")
+        root = self.vms._root_disk(vm)
+        progress(ProgressEvent(step="pause the guest and save its disks, devices and memory"))
+        started = time.monotonic()
+        await driver.qmp(handle, "stop")
+        try:
+            await in_thread(_copy_disk, root.path, sdir / ROOT, root.format)
+            await in_thread(_copy_disk, self.vms.vm_dir(vm.id) / SEED_DISK, sdir / SEED, "raw")
+            await qemu_migrate.save_state(handle, sdir / STATE)
+            await in_thread(qemu_migrate.copy_guest_memory, handle.pid, sdir / MEMORY, vm.memory_mib << 20)
+        finally:
+            # After a migration QEMU is in "postmigrate"; cont re-activates its disks and runs the guest on.
+            await driver.qmp(handle, "cont")
+        return time.monotonic() - started
+
+    # -- remove ----------------------------------------------------------------------------------------------
+
+    async def remove(self, name: str) -> None:
+        """Delete a snapshot and its files; refused while a VM made from it exists."""
+        snap = self.get(name)
+        if users := self.used_by(snap):
+            raise InvalidInputError(
+                f"snapshot {snap.name} is in use by {', '.join(sorted(users))}: their disks are overlays on it",
+                hint="remove those VMs first (banger vm rm -f NAME)",
+            )
+        self.store.execute("DELETE FROM snapshots WHERE id=?", (snap.id,))
+        await in_thread(shutil.rmtree, snap.path, ignore_errors=True)
+        log.info("snapshot %s removed", snap.name)
+
+    async def _vm_removed(self, vm: VmRecord) -> None:
+        """A clone's implicit snapshot (from `vm clone`) goes with its last clone."""
+        snap_id = restore.snapshot_of(vm)
+        if snap_id is None:
+            return
+        try:
+            snap = self.get(snap_id)
+        except NotFoundError:
+            return
+        if snap.implicit and not self.used_by(snap):
+            await self.remove(snap.id)
+
+    # -- restore and clone -----------------------------------------------------------------------------------
+
+    async def restore(
+        self,
+        snap_name: str,
+        *,
+        name: str | None,
+        net: str | None = None,
+        publish: list[str] | None = None,
+        start: bool = True,
+        timeout: float | None = None,
+        progress: Progress = no_progress,
+    ) -> VmRecord:
+        """A new VM from a snapshot, resumed at once unless `start` is false."""
+        snap = self.get(snap_name)
+        vm = await restore.create_from_snapshot(
+            self.vms, snap.source(), name=name, net=net, publish=publish, progress=progress
+        )
+        if not start:
+            return vm
+        try:
+            return await self.vms.start(vm.id, progress=progress, timeout=timeout)
+        except BaseException:
+            # A clone that never ran is not worth keeping (its disk is an empty overlay).
+            await self.vms.remove(vm.id, force=True)
+            raise
+
+    async def clone(
+        self,
+        source: str,
+        *,
+        name: str | None,
+        count: int = 1,
+        timeout: float | None = None,
+        progress: Progress = no_progress,
+    ) -> list[VmRecord]:
+        """Snapshot a running VM and resume `count` clones of it (named NAME, or NAME-1 … NAME-C)."""
+        if count < 1 or count > 64:
+            raise InvalidInputError(f"--count must be between 1 and 64 (got {count})")
+        vm = self.vms.get(source)
+        base = name or f"{vm.name}-clone"
+        names = [base] if count == 1 else [f"{base}-{i}" for i in range(1, count + 1)]
+        taken = {v.name for v in self.vms.all()}
+        for n in names:
+            validate_name(n, "VM name")
+            if n in taken:
+                raise AlreadyExistsError(f"a VM named {n!r} already exists")
+        snap = await self.create(
+            vm.id, name=self._free_name(f"{vm.name}-clone-{secrets.token_hex(2)}"), implicit=True, progress=progress
+        )
+        clones: list[VmRecord] = []
+        try:
+            for n in names:
+                progress(ProgressEvent(step=f"resume clone {n}"))
+                clones.append(await self.restore(snap.id, name=n, timeout=timeout, progress=progress))
+        finally:
+            if not clones:
+                with contextlib.suppress(NotFoundError):  # the failed clone's removal may have taken it already
+                    await self.remove(snap.id)
+        return clones
