@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from banger.cli.access import owns_daemon
 from banger.config import Paths
 from banger.daemon.lock import lock_holder
 from banger.errors import DaemonError
@@ -23,6 +24,11 @@ def connect(paths: Paths, *, autostart: bool = True) -> Client:
         client.connect()
         return client
     except DaemonUnavailable:
+        if not owns_daemon(str(paths.home)):  # a user never starts root's system daemon
+            raise DaemonUnavailable(
+                f"the system banger daemon is not running (socket {paths.socket})",
+                hint="ask an administrator to start it (`banger daemon start` as root)",
+            ) from None
         if not autostart or os.environ.get("BANGER_NO_AUTOSTART") == "1":
             raise DaemonUnavailable(
                 f"the banger daemon is not running (socket {paths.socket})",

@@ -204,7 +204,9 @@ def ls(as_json: bool) -> None:
     if as_json:
         emit_json(rows)
     else:
-        table(rows, VM_COLUMNS, empty="no VMs (create one with `banger vm create`)")
+        # root sees every user's VMs, so the listing says whose each is
+        columns = [*VM_COLUMNS, ("owner", "OWNER")] if os.geteuid() == 0 else VM_COLUMNS
+        table(rows, columns, empty="no VMs (create one with `banger vm create`)")
 
 
 @vm.command()

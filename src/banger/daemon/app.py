@@ -10,6 +10,7 @@ from banger.config import Settings
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
 from banger.net.service import NetworkService
+from banger.security.owners import OwnerService
 from banger.store.db import Store
 from banger.vms.service import VmService
 
@@ -24,6 +25,7 @@ class App:
     images: ImageService
     vms: VmService
     network: NetworkService
+    owners: OwnerService
     started_at: float = field(default_factory=time.time)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -40,6 +42,7 @@ class App:
             images=images,
             vms=VmService(settings, store, kernels, images, network),
             network=network,
+            owners=OwnerService(store),
         )
         app.kernels.reconcile()
         app.images.reconcile()

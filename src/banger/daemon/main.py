@@ -18,6 +18,8 @@ from banger.daemon.lock import DaemonLock
 from banger.daemon.methods import build_registry
 from banger.errors import BangerError
 from banger.rpc.server import RpcServer
+from banger.security.access import AccessPolicy
+from banger.security.stateroot import open_to_group
 from banger.store.db import Store
 
 log = logging.getLogger("banger.daemon")
@@ -58,8 +60,11 @@ class Daemon:
         self.store.migrate()
         self.app = App.create(self.settings, self.store)
         await self.app.vms.reconcile()
-        self.server = RpcServer(build_registry(self.app))
-        await self.server.start(self.paths.socket)
+        policy = AccessPolicy(self.settings, self.app.vms, self.app.owners)
+        gid = policy.gid if os.geteuid() == 0 else None
+        open_to_group(self.paths, gid)
+        self.server = RpcServer(build_registry(self.app), middleware=policy, admit=policy.admit)
+        await self.server.start(self.paths.socket, group=gid)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)

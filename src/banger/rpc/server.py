@@ -8,7 +8,6 @@ import functools
 import logging
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from banger.errors import BangerError, ErrorCode
 from banger.progress import ProgressEvent
 from banger.rpc import protocol
 from banger.rpc.registry import MethodRegistry, ParamsError
+from banger.security.caller import Caller
 
 log = logging.getLogger("banger.rpc")
 
@@ -31,7 +31,9 @@ class CallContext:
         self.method = method
         # `$/input` notifications the client sends for this call (stdin data, resize, signals).
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.peer_uid, self.peer_gid = conn.peer_ids()
+        # Who made the call (SO_PEERCRED when it connected): the daemon acts for these ids, never its own.
+        self.caller: Caller = conn.caller
+        self.peer_uid, self.peer_gid = conn.caller.uid, conn.caller.gid
 
     def progress(self, event: ProgressEvent) -> None:
         """Send a progress notification for this call (dropped if the client is gone)."""
@@ -49,6 +51,11 @@ class CallContext:
 
 
 Handler = Callable[..., Awaitable[Any]]
+Invoke = Callable[[dict[str, Any]], Awaitable[Any]]
+# Wraps every call after the handshake: checks the caller's right to it, may rewrite params and the result.
+Middleware = Callable[["CallContext", str, dict[str, Any], Invoke], Awaitable[Any]]
+# Decides at the handshake whether a caller may use the daemon at all (raises PermissionDeniedError).
+Admit = Callable[[Caller], None]
 
 
 class Connection:
@@ -63,16 +70,15 @@ class Connection:
         # Calls that got their reply; a call cancelled before its task ever ran is answered by _finished.
         self.replied: set[int | str] = set()
         self.hello_done = False
+        self.caller = self._peer()
 
-    def peer_ids(self) -> tuple[int, int]:
-        """uid and gid of the client process (SO_PEERCRED), so files it receives can be made its own."""
+    def _peer(self) -> Caller:
+        """The client process's ids (SO_PEERCRED, SO_PEERGROUPS)."""
         sock = self.writer.get_extra_info("socket")
         try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, gid = struct.unpack("3i", creds)
-            return uid, gid
+            return Caller.from_socket(sock)
         except (OSError, AttributeError):
-            return os.getuid(), os.getgid()
+            return Caller.of_daemon()
 
     def send(self, data: bytes) -> None:
         if not self.writer.is_closing():
@@ -148,7 +154,7 @@ class Connection:
             self.replied.add(req.id)
             return
         try:
-            value = await self.server.registry.call(req.method, ctx, req.params)
+            value = await self.server.dispatch(ctx, req.method, req.params)
         except asyncio.CancelledError:
             log.info("call %s (%s) cancelled; cleanup done", req.id, req.method)
             self.send(protocol.error(req.id, ErrorCode.CANCELLED, f"{req.method} was cancelled"))
@@ -181,6 +187,12 @@ class Connection:
                 f"banger CLI {client_version} (protocol {client_proto}) does not match daemon {__version__} "
                 f"(protocol {PROTOCOL_VERSION}); restart the daemon with `banger daemon stop`",
             )
+        if self.server.admit is not None:
+            try:
+                self.server.admit(self.caller)
+            except BangerError as exc:
+                log.info("refused uid %d (pid %d): %s", self.caller.uid, self.caller.pid, exc)
+                return protocol.error(req.id, exc.code, exc.message, {"hint": exc.hint} if exc.hint else None)
         self.hello_done = True
         return protocol.result(req.id, {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid()})
 
@@ -198,16 +210,23 @@ class Connection:
 
 
 class RpcServer:
-    """Listens on a Unix socket (mode 0660) and serves a MethodRegistry."""
+    """Listens on a Unix socket (0660 to a group, or 0600) and serves a MethodRegistry."""
 
-    def __init__(self, registry: MethodRegistry) -> None:
+    def __init__(
+        self, registry: MethodRegistry, *, middleware: Middleware | None = None, admit: Admit | None = None
+    ) -> None:
         self.registry = registry
+        self.middleware = middleware
+        self.admit = admit
         self.connections: set[Connection] = set()
         self.inflight: set[asyncio.Task[None]] = set()
         self._server: asyncio.base_events.Server | None = None
 
-    async def start(self, path: Path) -> None:
-        """Bind the socket with tight permissions from the start (no window where it is world-accessible)."""
+    async def start(self, path: Path, *, group: int | None = None) -> None:
+        """Bind the socket with tight permissions from the start (no window where it is world-accessible).
+
+        With `group`, members of that group may connect (mode 0660, group-owned); without, only the owner.
+        """
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # stale socket: the caller holds the daemon lock, so nobody else is serving it
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -216,8 +235,20 @@ class RpcServer:
             sock.bind(str(path))
         finally:
             os.umask(old)
-        os.chmod(path, 0o660)
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, 0o660 if group is not None else 0o600)
         self._server = await asyncio.start_unix_server(self._accept, sock=sock, limit=protocol.MAX_LINE)
+
+    async def dispatch(self, ctx: CallContext, method: str, params: dict[str, Any]) -> Any:
+        """Run one call's handler, through the middleware when there is one."""
+
+        async def invoke(p: dict[str, Any]) -> Any:
+            return await self.registry.call(method, ctx, p)
+
+        if self.middleware is None:
+            return await invoke(params)
+        return await self.middleware(ctx, method, params, invoke)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)

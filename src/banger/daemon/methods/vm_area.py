@@ -87,6 +87,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             publish=publish,
             progress=ctx.progress,
         )
+        app.owners.assign(vm.id, ctx.caller.uid)
         if start:
             try:
                 vm = await vms.start(vm.id, progress=ctx.progress, timeout=timeout)
