@@ -94,7 +94,10 @@ def version_cmd(as_json: bool) -> int:
     from banger.buildinfo import build_info
 
     info = build_info()
-    status = _daemon_status(state_home())
+    try:
+        status = _daemon_status(state_home())
+    except SystemExit:  # a daemon this user may not use: the CLI's own version still stands
+        status = None
     daemon = None
     if status:
         daemon = {"version": status["version"], "commit": status.get("commit"), "build_date": status.get("build_date")}
