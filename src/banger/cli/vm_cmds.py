@@ -10,6 +10,7 @@ import click
 
 from banger.cli.common import json_option, rpc
 from banger.cli.connect import connect
+from banger.cli.netpolicy_opts import network_policy_options, network_policy_params
 from banger.cli.output import emit_json, kv, table
 from banger.config import Paths
 from banger.errors import BangerError, InvalidInputError
@@ -86,6 +87,7 @@ def _create_params(opts: dict[str, Any], *, start: bool) -> dict[str, Any]:
         "timeout": opts["timeout"],
         "net": opts["net"],
         "publish": list(opts["publish"]),
+        "network_policy": network_policy_params(opts),
     }
 
 
@@ -111,7 +113,7 @@ def create_options(fn: Any) -> Any:
         ]
     ):
         fn = opt(fn)
-    return fn
+    return network_policy_options(fn)
 
 
 @vm.command()

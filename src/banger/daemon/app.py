@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from banger.config import Settings
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
+from banger.net.policy import NetPolicyService
 from banger.net.service import NetworkService
 from banger.security.owners import OwnerService
 from banger.store.db import Store
@@ -26,6 +27,7 @@ class App:
     vms: VmService
     network: NetworkService
     owners: OwnerService
+    netpolicies: NetPolicyService
     started_at: float = field(default_factory=time.time)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -43,7 +45,9 @@ class App:
             vms=VmService(settings, store, kernels, images, network),
             network=network,
             owners=OwnerService(store),
+            netpolicies=NetPolicyService(store),
         )
+        network.policy_of = app.netpolicies.get
         app.kernels.reconcile()
         app.images.reconcile()
         return app

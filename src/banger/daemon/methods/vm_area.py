@@ -8,6 +8,7 @@ from typing import Any
 
 from banger.daemon.app import App
 from banger.errors import InvalidInputError
+from banger.net.policy import NetPolicy
 from banger.rpc.registry import MethodRegistry
 from banger.rpc.server import CallContext
 from banger.vms import guestops
@@ -73,8 +74,10 @@ def register(reg: MethodRegistry, app: App) -> None:
         net: str = "bridge",
         publish: list[str] | None = None,
         rm_on_failure: bool = False,
+        network_policy: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Create a VM (and start it unless start=false; rm_on_failure removes it if that start fails)."""
+        policy = NetPolicy.parse(network_policy)
         vm = await vms.create(
             name=name,
             image=image,
@@ -88,6 +91,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             progress=ctx.progress,
         )
         app.owners.assign(vm.id, ctx.caller.uid)
+        app.netpolicies.assign(vm.id, policy)
         if start:
             try:
                 vm = await vms.start(vm.id, progress=ctx.progress, timeout=timeout)
@@ -142,6 +146,7 @@ def register(reg: MethodRegistry, app: App) -> None:
         data["dir"] = str(vms.vm_dir(vm.id))
         data["console_log"] = str(vms.vm_dir(vm.id) / "console.log")
         data["runtime"] = vm.runtime
+        data["network_policy"] = app.netpolicies.get(vm.id).to_json()
         return data
 
     @reg.method("vm.logs")
