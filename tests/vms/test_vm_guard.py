@@ -24,7 +24,7 @@ GATEWAY = "172.30.77.1"
 def connects(benv: BangerEnv, name: str, host: str, port: int, source: str | None = None) -> bool:
     """Whether a TCP connection from the guest (optionally from a given source address) succeeds."""
     bind = f"s.bind(('{source}', 0)); " if source else ""
-    code = f"import socket; s = socket.socket(); s.settimeout(4); {bind}s.connect(('{host}', {port})); print('ok')"
+    code = f"import socket; s = socket.socket(); s.settimeout(3); {bind}s.connect(('{host}', {port})); print('ok')"
     r = benv.cli("vm", "exec", name, "--", "python3", "-c", code, timeout=120)
     return r.returncode == 0 and r.stdout.strip() == "ok"
 
@@ -88,7 +88,7 @@ def test_egress_deny_and_isolate(lanes: tuple[BangerEnv, Topology]) -> None:
     benv, _ = lanes
     outside = fetch_cmd("http://10.99.0.2:8080/marker")
     assert "outside-world" in benv.cli("vm", "exec", "plain", "--", "sh", "-c", outside, check=True).stdout
-    assert benv.cli("vm", "exec", "strict", "--", "sh", "-c", outside, timeout=120).returncode != 0
+    assert not connects(benv, "strict", "10.99.0.2", 8080)
     # Names of VMs still resolve for a guest without egress.
     lookup = "import socket; print(socket.gethostbyname('plain.vm'))"
     assert benv.cli("vm", "exec", "strict", "--", "python3", "-c", lookup, check=True).stdout.strip() == vm_ip(
