@@ -12,6 +12,7 @@ from banger.kernels.service import KernelService
 from banger.net.policy import NetPolicyService
 from banger.net.service import NetworkService
 from banger.security.owners import OwnerService
+from banger.security.secrets import SecretVault
 from banger.store.db import Store
 from banger.vms.service import VmService
 
@@ -28,6 +29,7 @@ class App:
     network: NetworkService
     owners: OwnerService
     netpolicies: NetPolicyService
+    secrets: SecretVault
     started_at: float = field(default_factory=time.time)
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -46,6 +48,7 @@ class App:
             network=network,
             owners=OwnerService(store),
             netpolicies=NetPolicyService(store),
+            secrets=SecretVault(settings.paths.home / "secrets"),
         )
         network.policy_of = app.netpolicies.get
         app.kernels.reconcile()

@@ -19,6 +19,7 @@ from banger.daemon.methods import build_registry
 from banger.errors import BangerError
 from banger.rpc.server import RpcServer
 from banger.security.access import AccessPolicy
+from banger.security.secrets import install_redaction
 from banger.security.stateroot import open_to_group
 from banger.store.db import Store
 
@@ -36,6 +37,7 @@ def setup_logging(path: Path, level: str, to_stderr: bool) -> None:
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
+    install_redaction(root)  # no secret value reaches the log, whoever logs it
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
