@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from banger.cli.common import json_option, rpc
+from banger.cli.confine_view import confinement_lines
 from banger.cli.connect import connect
 from banger.cli.netpolicy_opts import network_policy_options, network_policy_params
 from banger.cli.output import emit_json, kv, table
@@ -57,6 +58,7 @@ def doctor(as_json: bool) -> None:
             ("vhost-vsock", "yes" if rep["vhost_vsock"] else "no (agent uses virtio-serial)"),
             ("qemu accel", rep["qemu_accel"]),
             ("vmm (auto)", rep["selected_vmm"] or rep.get("selected_vmm_problem")),
+            *confinement_lines(rep.get("confinement")),
         ]
     )
 

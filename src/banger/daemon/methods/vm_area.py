@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from banger.daemon.app import App
+from banger.drivers import confine
 from banger.errors import InvalidInputError
 from banger.net.policy import NetPolicy
 from banger.rpc.registry import MethodRegistry
@@ -37,6 +38,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             report["selected_vmm"] = None
             report["selected_vmm_problem"] = str(exc)
         report["qemu_accel"] = host.qemu_accel(caps)
+        report["confinement"] = confine.report()
         return report
 
     @reg.method("vm.prepare")
