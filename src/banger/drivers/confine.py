@@ -128,6 +128,10 @@ def confine_qemu(argv: Sequence[str], pass_fds: Sequence[int], spec: VmSpec) -> 
             flags = os.O_RDONLY if disk.read_only else os.O_RDWR
             swaps[_opt(disk.path)] = _hand_over(disk.path, flags, uid, owned, True)
         out = [_swap(a, swaps) for a in out]
+        # The disks' paths stay on the command line (as inert labels): a restarted daemon finds a VMM it never
+        # recorded by its root disk there (VmService._kill_unrecorded).
+        for i, disk in enumerate(spec.disks):
+            out += ["-object", f"secret,id=banger-disk{i},data={_opt(disk.path)}"]
         if spec.net is not None:
             tap_fd = open_tap(spec.net.tap)
             owned.append(tap_fd)
