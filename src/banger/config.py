@@ -28,6 +28,12 @@ CONFIG_KEYS: dict[str, type] = {
     "session_log_max_mib": int,
     "tcg_cpu": str,
     "agent": dict,
+    # Who may use the daemon, and how much each request may take (see security/access.py).
+    "socket_group": str,
+    "max_vcpus": int,
+    "max_memory_mib": int,
+    "max_disk_gib": int,
+    "max_vms_per_user": int,
 }
 
 ENV_OVERRIDES: dict[str, str] = {
@@ -55,6 +61,11 @@ DEFAULTS: dict[str, Any] = {
     "session_log_max_mib": 64,
     "tcg_cpu": "max",
     "agent": {},
+    "socket_group": None,  # None: the `banger` group when it exists, else root only; "" : root only
+    "max_vcpus": 16,
+    "max_memory_mib": 16384,
+    "max_disk_gib": 256,
+    "max_vms_per_user": 16,
 }
 
 
@@ -235,6 +246,10 @@ def _check_value(key: str, value: Any) -> str | None:
             return "needs at least a /29 (a gateway and some guests)"
     if key == "console_log_max_mib" and not 1 <= value <= 65536:
         return "must be a number of MiB from 1 to 65536"
+    if key in ("max_vcpus", "max_memory_mib", "max_disk_gib", "max_vms_per_user") and (
+        isinstance(value, bool) or value < 1
+    ):
+        return "must be a whole number of at least 1"
     if key in ("bridge", "dns_domain", "default_kernel", "default_image") and not value:
         return "must not be empty"
     return None

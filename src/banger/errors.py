@@ -29,6 +29,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED = 13
     TIMEOUT = 14
     BUSY = 15
+    PERMISSION_DENIED = 16
 
 
 class BangerError(Exception):
@@ -104,6 +105,12 @@ class BusyError(BangerError):
     code = ErrorCode.BUSY
 
 
+class PermissionDeniedError(BangerError):
+    """The caller may not do this (not in the daemon's group, someone else's VM, a root-only operation)."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
 class ConfigError(InvalidInputError):
     pass
 
@@ -133,6 +140,7 @@ _BY_CODE: dict[int, type[BangerError]] = {
         UnsupportedError,
         TimeoutError_,
         BusyError,
+        PermissionDeniedError,
     )
 }
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from banger.cli.access import owns_daemon
 from banger.config import ENV_OVERRIDES, Paths
 from banger.daemon.lock import lock_holder
 from banger.errors import DaemonError
@@ -34,6 +35,11 @@ def connect(paths: Paths, *, autostart: bool = True, across_versions: bool = Fal
             refuse_stale(client)  # it could not be started again: say so rather than stop it
         stop_stale(paths, client)
     except DaemonUnavailable:
+        if not owns_daemon(str(paths.home)):  # a user never starts root's system daemon
+            raise DaemonUnavailable(
+                f"the system banger daemon is not running (socket {paths.socket})",
+                hint="ask an administrator to start it (`banger daemon start` as root)",
+            ) from None
         if not autostart or os.environ.get("BANGER_NO_AUTOSTART") == "1":
             raise DaemonUnavailable(
                 f"the banger daemon is not running (socket {paths.socket})",

@@ -11,12 +11,13 @@ from typing import Any
 import click
 
 from banger.cli import fast
+from banger.cli.access import owns_daemon
 from banger.cli.common import json_option, rpc
 from banger.cli.connect import start_daemon
 from banger.cli.output import emit_json
 from banger.config import Paths
 from banger.daemon.lock import lock_holder
-from banger.errors import DaemonError
+from banger.errors import DaemonError, PermissionDeniedError
 from banger.rpc.client import Client, DaemonUnavailable
 
 
@@ -51,6 +52,10 @@ def start(as_json: bool) -> None:
     """Start bangerd in the background; returns once it answers."""
     paths = Paths.from_env()
     status = _daemon_status(paths)
+    if status is None and not owns_daemon(str(paths.home)):
+        raise PermissionDeniedError(
+            f"permission denied: only root starts the system daemon ({paths.home})", hint="run it as root"
+        )
     if status is None:
         start_daemon(paths, explicit=True)
         status = rpc("daemon.status", autostart=False, across_versions=True)

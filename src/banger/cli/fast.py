@@ -20,13 +20,31 @@ if TYPE_CHECKING:
 FAST_COMMANDS = {("version",), ("version", "--json"), ("daemon", "status"), ("daemon", "status", "--json")}
 
 
+def system_home() -> str:
+    """The system daemon's state root (BANGER_SYSTEM_HOME moves it, for tests)."""
+    return os.path.abspath(os.environ.get("BANGER_SYSTEM_HOME") or "/var/lib/banger")
+
+
+def system_socket_present() -> bool:
+    """Whether this host has a system daemon: its socket's directory is there (found, or hidden from this user:
+    EACCES means it exists). Then users talk to it (or are told why they may not), never to a daemon of their own."""
+    try:
+        os.stat(os.path.join(system_home(), "run"))
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def state_home() -> str:
-    """BANGER_HOME, else /var/lib/banger for root and the XDG data dir for others (see config.Paths)."""
+    """BANGER_HOME, else the system root for root and for users when a system daemon's socket is there, else the
+    user's XDG data dir (see config.Paths)."""
     env = os.environ.get("BANGER_HOME")
     if env:
         return os.path.abspath(env)
-    if os.geteuid() == 0:
-        return "/var/lib/banger"
+    if os.geteuid() == 0 or system_socket_present():
+        return system_home()
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(xdg, "banger")
 
@@ -45,15 +63,27 @@ def _daemon_status(home: str) -> dict[str, Any] | None:
         replies = [json.loads(f.readline()), json.loads(f.readline())]
     except (FileNotFoundError, ConnectionRefusedError):
         return None
+    except PermissionError:
+        raise SystemExit(_denied(home)) from None
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot talk to the daemon: {exc}") from exc
     finally:
         sock.close()
-    # The handshake may fail (a daemon of another protocol); daemon.status is served across versions regardless.
-    if "error" in replies[1]:
-        raise SystemExit(f"error: {replies[1]['error']['message']}")
+    # The handshake may fail (a daemon of another protocol); daemon.status is served across versions regardless,
+    # so only its reply decides (a caller the daemon refuses gets the refusal there too).
+    reply = replies[1]
+    if "error" in reply:
+        hint = (reply["error"].get("data") or {}).get("hint")
+        raise SystemExit(f"error: {reply['error']['message']}" + (f"\nhint: {hint}" if hint else ""))
     result: dict[str, Any] = replies[1]["result"]
     return result
+
+
+def _denied(home: str) -> str:
+    from banger.cli.access import denied_message
+
+    message, hint = denied_message(home)
+    return f"error: {message}\nhint: {hint}"
 
 
 def _kv(pairs: list[tuple[str, Any]]) -> None:
@@ -67,7 +97,10 @@ def version_cmd(as_json: bool) -> int:
 
     info = build_info()
     cli = {"version": info.version, "commit": info.commit, "build_date": info.date, "build": code_id()}
-    status = _daemon_status(state_home())
+    try:
+        status = _daemon_status(state_home())
+    except SystemExit:  # a daemon this user may not use: the CLI's own version still stands
+        status = None
     daemon = None
     if status:
         daemon = {

@@ -10,7 +10,9 @@ import click
 
 from banger.cli import ssh_files, tunnel_cmds
 from banger.cli.common import json_option, rpc
+from banger.cli.confine_view import confinement_lines
 from banger.cli.connect import connect
+from banger.cli.netpolicy_opts import network_policy_options, network_policy_params
 from banger.cli.output import emit_json, kv, table
 from banger.config import Paths
 from banger.errors import BangerError, InvalidInputError
@@ -61,6 +63,7 @@ def doctor(as_json: bool) -> None:
             ("vhost-vsock", "yes" if rep["vhost_vsock"] else "no (agent uses virtio-serial)"),
             ("qemu accel", rep["qemu_accel"]),
             ("vmm (auto)", rep["selected_vmm"] or rep.get("selected_vmm_problem")),
+            *confinement_lines(rep.get("confinement")),
         ]
     )
 
@@ -97,6 +100,7 @@ def _create_params(opts: dict[str, Any], *, start: bool) -> dict[str, Any]:
         "cpu": opts["cpu"] or ("max" if opts["agent"] else None),
         "agent": opts["agent"],
         "provider": _provider() if opts["agent"] else None,
+        "network_policy": network_policy_params(opts),
     }
 
 
@@ -154,7 +158,7 @@ def create_options(fn: Any) -> Any:
         ]
     ):
         fn = opt(fn)
-    return fn
+    return network_policy_options(fn)
 
 
 @vm.command()
@@ -267,7 +271,9 @@ def ls(as_json: bool) -> None:
     if as_json:
         emit_json(rows)
     else:
-        table(rows, VM_COLUMNS, empty="no VMs (create one with `banger vm create`)")
+        # root sees every user's VMs, so the listing says whose each is
+        columns = [*VM_COLUMNS, ("owner", "OWNER")] if os.geteuid() == 0 else VM_COLUMNS
+        table(rows, columns, empty="no VMs (create one with `banger vm create`)")
 
 
 @vm.command()

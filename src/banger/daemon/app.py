@@ -13,9 +13,12 @@ from banger.config import Settings
 from banger.daemon.events import EventBus
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
+from banger.net.policy import NetPolicyService
 from banger.net.service import NetworkService
 from banger.sessions.service import SessionService
 from banger.snapshots.service import SnapshotService
+from banger.security.owners import OwnerService
+from banger.security.secrets import SecretVault
 from banger.store.db import Store
 from banger.tunnels.service import TunnelService
 from banger.vms.service import VmService
@@ -38,6 +41,9 @@ class App:
     agent_vms: AgentVmService
     conversations: Conversations
     snapshots: SnapshotService
+    owners: OwnerService
+    netpolicies: NetPolicyService
+    secrets: SecretVault
     started_at: float = field(default_factory=time.time)
     # The code this daemon loaded (buildinfo.code_id at startup): the handshake compares the CLI's with it.
     build: str = field(default_factory=code_id)
@@ -66,10 +72,14 @@ class App:
             conversations=Conversations(agent_vms),
             workspaces=WorkspaceService(store, vms),
             tunnels=TunnelService(settings, store, vms, network),
+            owners=OwnerService(store),
+            netpolicies=NetPolicyService(store),
+            secrets=SecretVault(settings.paths.home / "secrets"),
         )
         app.vms.on_change = lambda what, vm: app.events.publish(
             f"vm.{what}", vm=vm.name, vm_id=vm.id, state=vm.state.value, reason=vm.reason
         )
+        network.policy_of = app.netpolicies.get
         app.kernels.reconcile()
         app.images.reconcile()
         return app

@@ -19,6 +19,9 @@ from banger.daemon.lock import DaemonLock
 from banger.daemon.methods import build_registry
 from banger.errors import BangerError
 from banger.rpc.server import RpcServer
+from banger.security.access import AccessPolicy
+from banger.security.secrets import install_redaction
+from banger.security.stateroot import open_to_group
 from banger.store.db import Store
 
 log = logging.getLogger("banger.daemon")
@@ -38,6 +41,7 @@ def setup_logging(path: Path, level: str, to_stderr: bool) -> None:
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
+    install_redaction(root)  # no secret value reaches the log, whoever logs it
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
@@ -63,8 +67,13 @@ class Daemon:
         self.app = App.create(self.settings, self.store)
         await self.app.vms.reconcile()
         await self.app.sessions.reconcile()
-        self.server = RpcServer(build_registry(self.app), build=self.app.build)
-        await self.server.start(self.paths.socket)
+        policy = AccessPolicy(self.settings, self.app.vms, self.app.owners)
+        gid = policy.gid if os.geteuid() == 0 else None
+        open_to_group(self.paths, gid)
+        self.server = RpcServer(
+            build_registry(self.app), build=self.app.build, middleware=policy, admit=policy.admit
+        )
+        await self.server.start(self.paths.socket, group=gid)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)

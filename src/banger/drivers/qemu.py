@@ -12,7 +12,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from banger.drivers import consolelog, process, qemu_migrate
+from banger.drivers import confine, consolelog, process, qemu_migrate
 from banger.drivers.base import AGENT_PORT_NAME, AgentTransport, SpawnHook, StopOutcome, VmmHandle, VmmKind, VmSpec
 from banger.drivers.host import DEV_VHOST_VSOCK, host_tsc_khz
 from banger.errors import InvalidInputError, ToolError, UnsupportedError
@@ -163,7 +163,7 @@ class QemuDriver:
                 fds.callback(os.close, writer.fd)
                 argv = self.argv(spec, qmp_sock.fileno(), agent_fd, console_fd, writer.fd)
                 pass_fds = [qmp_sock.fileno(), console_fd, writer.fd] + ([agent_fd] if agent_fd is not None else [])
-                pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, pass_fds=pass_fds)
+                pid = confine.spawn_qemu(argv, pass_fds, spec, log_file=spec.run_dir / VMM_LOG)
         except BaseException:
             for path in (qmp_path, *cleanup):
                 path.unlink(missing_ok=True)

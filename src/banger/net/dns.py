@@ -16,7 +16,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from dnslib import OPCODE, PTR, QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
@@ -97,6 +97,18 @@ def _address(value: IPv4Address | str) -> IPv4Address:
         raise InvalidInputError(f"not an IPv4 address for a DNS record: {value!r}") from exc
 
 
+class NameGuard(Protocol):
+    """What the DNS server asks about egress policy (implemented by net/guard.py's Guard)."""
+
+    def may_resolve(self, client: str | None, qname: str) -> bool:
+        """Whether to forward this name for this client."""
+        ...
+
+    def learn(self, client: str | None, addresses: Sequence[IPv4Address]) -> None:
+        """Record the addresses an allowed name resolved to, for this client."""
+        ...
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: DnsServer) -> None:
         self.server = server
@@ -114,7 +126,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             self.closed.set_result(None)
 
     async def _answer(self, data: bytes, addr: tuple[str | int, int]) -> None:
-        reply = await self.server.handle(data, tcp=False)
+        reply = await self.server.handle(data, tcp=False, client=str(addr[0]))
         if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
@@ -160,6 +172,8 @@ class DnsServer:
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.set_records(records or {})
+        # Egress policy (net/guard.py): which client may resolve which outside name; what it resolved to.
+        self.guard: NameGuard | None = None
 
     # -- records -------------------------------------------------------------------------------------------
 
@@ -247,7 +261,7 @@ class DnsServer:
 
     # -- answering -----------------------------------------------------------------------------------------
 
-    async def handle(self, data: bytes, *, tcp: bool) -> bytes | None:
+    async def handle(self, data: bytes, *, tcp: bool, client: str | None = None) -> bytes | None:
         """The reply to one wire-format query, or None to stay silent (unparseable input)."""
         try:
             query = DNSRecord.parse(data)
@@ -266,7 +280,28 @@ class DnsServer:
             reply = query.reply(aa=1, ra=1)
             reply.add_answer(RR(query.q.qname, QTYPE.PTR, rdata=PTR(f"{name}.{self.domain}."), ttl=self.ttl))
             return bytes(reply.pack())
-        return await self._forward(query, data, tcp=tcp)
+        if self.guard is None:
+            return await self._forward(query, data, tcp=tcp)
+        if not self.guard.may_resolve(client, qname):
+            reply = query.reply(ra=1)
+            reply.header.rcode = RCODE.REFUSED
+            return bytes(reply.pack())
+        answer = await self._forward(query, data, tcp=tcp)
+        await self._learn(client, answer)
+        return answer
+
+    async def _learn(self, client: str | None, answer: bytes) -> None:
+        """Hand the A records of an allowed answer to the guard before the client sees them."""
+        assert self.guard is not None
+        try:
+            addresses = [IPv4Address(str(rr.rdata)) for rr in DNSRecord.parse(answer).rr if rr.rtype == QTYPE.A]
+        except (DNSError, struct.error, IndexError, ValueError):
+            return
+        if addresses:
+            try:
+                await asyncio.to_thread(self.guard.learn, client, addresses)
+            except Exception as exc:  # the guest then just cannot connect: say why in the log
+                log.warning("dns: could not allow %s for %s: %s", addresses, client, exc)
 
     def _reverse(self, qname: str) -> str | None:
         """The VM name owning the address in a `d.c.b.a.in-addr.arpa` name, if any."""
@@ -333,12 +368,13 @@ class DnsServer:
         task = cast("asyncio.Task[None] | None", asyncio.current_task())
         if task is not None:
             self._tasks.add(task)
+        peer = str((writer.get_extra_info("peername") or ("",))[0]) or None
         try:
             while True:
                 async with asyncio.timeout(30):  # idle clients do not get to hold a connection forever
                     header = await reader.readexactly(2)
                     data = await reader.readexactly(struct.unpack("!H", header)[0])
-                reply = await self.handle(data, tcp=True)
+                reply = await self.handle(data, tcp=True, client=peer)
                 if reply is None:
                     break
                 writer.write(struct.pack("!H", len(reply)) + reply)

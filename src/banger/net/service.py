@@ -24,7 +24,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -43,13 +43,14 @@ from banger.errors import (
     UnsupportedError,
 )
 from banger.fsutil import atomic_write
-from banger.net import ipam, nft
+from banger.net import guard, ipam, nft
 from banger.net.dns import DnsServer, resolved_running, systemd_resolved_setup, upstream_resolvers
 from banger.net.dnsthread import DnsThread
 from banger.net.guestnet import GuestNet
 from banger.net.hostinfo import bridge_state, host_instructions, ip_forward, listening_tcp_ports, run_all
 from banger.net.links import BridgeConfig, Links, guest_mac, tap_mac, tap_name
 from banger.net.nft import NatState, PortForward, Proto
+from banger.net.policy import NetPolicy
 from banger.store.db import Store
 
 log = logging.getLogger("banger.net")
@@ -103,6 +104,9 @@ class NetworkService:
         self._applied: NatState | None = None
         # Kernel-side changes (TAPs, nft table) come from the loop and from worker threads: one at a time.
         self._lock = threading.RLock()
+        # Filters that keep guests in their lane (net/guard.py); the App points policy_of at the policy table.
+        self.guard = guard.Guard(netns)
+        self.policy_of: Callable[[str], NetPolicy] = lambda vm_id: NetPolicy()
 
     @property
     def subnet(self) -> IPv4Network:
@@ -151,6 +155,7 @@ class NetworkService:
             with Links(self.netns) as links:
                 links.ensure_bridge(self.config)
                 present = {t.name for t in links.list_taps()}
+            guard.disable_ipv6(self.config.name, netns=self.netns)
             previous = nft.enable_forwarding(netns=self.netns)
             marker = self._run_file(_PREV_FORWARD)
             if not marker.exists():
@@ -166,6 +171,7 @@ class NetworkService:
         server = DnsServer(
             str(self.gateway), self.dns_port, domain=self.domain, records=self.records(), upstreams=upstreams
         )
+        server.guard = self.guard
         dns = DnsThread(server, self.netns)
         try:
             await dns.start()
@@ -205,6 +211,7 @@ class NetworkService:
                 errors.append(str(exc))
             try:
                 nft.remove_table(netns=self.netns)
+                self.guard.remove()
             except BangerError as exc:
                 errors.append(str(exc))
             marker = self._run_file(_PREV_FORWARD)
@@ -445,6 +452,13 @@ class NetworkService:
         if force or state != self._applied:
             nft.apply_ruleset(state, netns=self.netns)
             self._applied = state
+        leases = self._leases()
+        lanes = tuple(
+            guard.Lane(v, tap_name(v), guest_mac(v), leases[v], self.policy_of(v))
+            for v in sorted(self._plugged)
+            if v in leases
+        )
+        self.guard.apply(guard.GuardState(self.config.name, self.gateway, self.subnet, lanes))
 
     def refresh_forwards(self) -> None:
         """Bring the nft table in line with the `forwards` table (after published ports changed)."""

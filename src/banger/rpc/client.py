@@ -55,6 +55,13 @@ class Client:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise DaemonUnavailable(f"no daemon is listening on {self.path}") from exc
+        except PermissionError as exc:
+            sock.close()
+            from banger.cli.access import denied_message
+            from banger.errors import PermissionDeniedError
+
+            message, hint = denied_message(str(self.path.parent.parent))
+            raise PermissionDeniedError(message, hint=hint) from exc
         except OSError as exc:
             sock.close()
             raise DaemonUnavailable(f"cannot connect to the daemon at {self.path}: {exc.strerror}") from exc

@@ -10,7 +10,6 @@ import functools
 import logging
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from banger.errors import BangerError, ErrorCode
 from banger.progress import ProgressEvent
 from banger.rpc import protocol
 from banger.rpc.registry import MethodRegistry, ParamsError
+from banger.security.caller import Caller
 
 log = logging.getLogger("banger.rpc")
 
@@ -34,7 +34,9 @@ class CallContext:
         self.method = method
         # `$/input` notifications the client sends for this call (stdin data, resize, signals).
         self.inbox = InputInbox(MAX_INPUT_BYTES)
-        self.peer_uid, self.peer_gid = conn.peer_ids()
+        # Who made the call (SO_PEERCRED when it connected): the daemon acts for these ids, never its own.
+        self.caller: Caller = conn.caller
+        self.peer_uid, self.peer_gid = conn.caller.uid, conn.caller.gid
 
     def progress(self, event: ProgressEvent) -> None:
         """Send a progress notification for this call (dropped if the client is gone)."""
@@ -52,6 +54,11 @@ class CallContext:
 
 
 Handler = Callable[..., Awaitable[Any]]
+Invoke = Callable[[dict[str, Any]], Awaitable[Any]]
+# Wraps every call after the handshake: checks the caller's right to it, may rewrite params and the result.
+Middleware = Callable[["CallContext", str, dict[str, Any], Invoke], Awaitable[Any]]
+# Decides at the handshake whether a caller may use the daemon at all (raises PermissionDeniedError).
+Admit = Callable[[Caller], None]
 
 # Bounds on what one client can make the daemon hold: calls running at once on a connection, and `$/input`
 # bytes queued for a call that has not consumed them yet.
@@ -105,16 +112,15 @@ class Connection:
         # Whether the client runs the same code as this daemon (its build matches): if not, only the methods of
         # ACROSS_VERSIONS are served, so an old daemon can still be seen and stopped after an upgrade.
         self.same_code = False
+        self.caller = self._peer()
 
-    def peer_ids(self) -> tuple[int, int]:
-        """uid and gid of the client process (SO_PEERCRED), so files it receives can be made its own."""
+    def _peer(self) -> Caller:
+        """The client process's ids (SO_PEERCRED, SO_PEERGROUPS)."""
         sock = self.writer.get_extra_info("socket")
         try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, gid = struct.unpack("3i", creds)
-            return uid, gid
+            return Caller.from_socket(sock)
         except (OSError, AttributeError):
-            return os.getuid(), os.getgid()
+            return Caller.of_daemon()
 
     def send(self, data: bytes) -> None:
         if not self.writer.is_closing():
@@ -199,13 +205,21 @@ class Connection:
             self.send(self._hello(req))
             self.replied.add(req.id)
             return
+        if not self.hello_done and self.server.admit is not None:
+            # The methods served across versions skip the handshake, never the check of who is calling.
+            try:
+                self.server.admit(self.caller)
+            except BangerError as exc:
+                self.send(protocol.error(req.id, exc.code, exc.message, {"hint": exc.hint} if exc.hint else None))
+                self.replied.add(req.id)
+                return
         refusal = self._refusal(req.method)
         if refusal is not None:
             self.send(protocol.error(req.id, ErrorCode.VERSION_MISMATCH, refusal))
             self.replied.add(req.id)
             return
         try:
-            value = await self.server.registry.call(req.method, ctx, req.params)
+            value = await self.server.dispatch(ctx, req.method, req.params)
         except asyncio.CancelledError:
             log.info("call %s (%s) cancelled; cleanup done", req.id, req.method)
             self.send(protocol.error(req.id, ErrorCode.CANCELLED, f"{req.method} was cancelled"))
@@ -248,6 +262,12 @@ class Connection:
                 f"banger CLI {client_version} speaks protocol {client_proto}, this daemon (pid {os.getpid()}) "
                 f"protocol {PROTOCOL_VERSION}; stop it with `banger daemon stop` and retry",
             )
+        if self.server.admit is not None:
+            try:
+                self.server.admit(self.caller)
+            except BangerError as exc:
+                log.info("refused uid %d (pid %d): %s", self.caller.uid, self.caller.pid, exc)
+                return protocol.error(req.id, exc.code, exc.message, {"hint": exc.hint} if exc.hint else None)
         self.hello_done = True
         # A client that states no build is an older CLI: it is the same code only if the version says so.
         self.same_code = client_version == __version__ and client_build in (None, self.server.build)
@@ -299,18 +319,30 @@ class Connection:
 
 
 class RpcServer:
-    """Listens on a Unix socket (mode 0660) and serves a MethodRegistry."""
+    """Listens on a Unix socket (0660 to a group, or 0600) and serves a MethodRegistry."""
 
-    def __init__(self, registry: MethodRegistry, build: str | None = None) -> None:
+    def __init__(
+        self,
+        registry: MethodRegistry,
+        build: str | None = None,
+        *,
+        middleware: Middleware | None = None,
+        admit: Admit | None = None,
+    ) -> None:
         self.registry = registry
         # The code this daemon loaded, fixed at startup (its files may change under it, as in a `git pull`).
         self.build = build or code_id()
+        self.middleware = middleware
+        self.admit = admit
         self.connections: set[Connection] = set()
         self.inflight: set[asyncio.Task[None]] = set()
         self._server: asyncio.base_events.Server | None = None
 
-    async def start(self, path: Path) -> None:
-        """Bind the socket with tight permissions from the start (no window where it is world-accessible)."""
+    async def start(self, path: Path, *, group: int | None = None) -> None:
+        """Bind the socket with tight permissions from the start (no window where it is world-accessible).
+
+        With `group`, members of that group may connect (mode 0660, group-owned); without, only the owner.
+        """
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # stale socket: the caller holds the daemon lock, so nobody else is serving it
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -319,8 +351,20 @@ class RpcServer:
             sock.bind(str(path))
         finally:
             os.umask(old)
-        os.chmod(path, 0o660)
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, 0o660 if group is not None else 0o600)
         self._server = await asyncio.start_unix_server(self._accept, sock=sock, limit=protocol.MAX_LINE)
+
+    async def dispatch(self, ctx: CallContext, method: str, params: dict[str, Any]) -> Any:
+        """Run one call's handler, through the middleware when there is one."""
+
+        async def invoke(p: dict[str, Any]) -> Any:
+            return await self.registry.call(method, ctx, p)
+
+        if self.middleware is None:
+            return await invoke(params)
+        return await self.middleware(ctx, method, params, invoke)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)

@@ -146,6 +146,16 @@ MIGRATIONS: list[str] = [
         info TEXT NOT NULL
     );
     """,
-    # 10: security (issue 15)
-    "SELECT 1;",
+    # 10: security (issue 15): who owns each VM, and each VM's network policy (owned by security/owners.py)
+    """
+    CREATE TABLE vm_owners (
+        vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        uid INTEGER NOT NULL
+    );
+    CREATE INDEX vm_owners_by_uid ON vm_owners(uid);
+    CREATE TABLE vm_network_policy (
+        vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        policy TEXT NOT NULL
+    );
+    """,
 ]

@@ -8,7 +8,9 @@ from typing import Any
 
 from banger.agents.provider import Provider
 from banger.daemon.app import App
+from banger.drivers import confine
 from banger.errors import InvalidInputError
+from banger.net.policy import NetPolicy
 from banger.rpc.registry import MethodRegistry
 from banger.rpc.server import CallContext
 from banger.vms import consolefollow, guestops
@@ -37,6 +39,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             report["selected_vmm"] = None
             report["selected_vmm_problem"] = str(exc)
         report["qemu_accel"] = host.qemu_accel(caps)
+        report["confinement"] = confine.report()
         return report
 
     @reg.method("vm.prepare")
@@ -77,9 +80,10 @@ def register(reg: MethodRegistry, app: App) -> None:
         reverse: list[str] | None = None,
         forward_ports: str | None = None,
         ssh_keys: list[str] | None = None,
-            cpu: str | None = None,
+        cpu: str | None = None,
         agent: str | None = None,
         provider: dict[str, Any] | None = None,
+        network_policy: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Create a VM (and start it unless start=false; rm_on_failure removes it if that start fails).
 
@@ -89,6 +93,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             raise InvalidInputError("--agent needs the VM started (drop --no-start)")
         pubs = app.tunnels.check_publish(publish or [])  # a taken host port fails before anything is made
         app.tunnels.validate(reverse or [], forward_ports, ssh_keys or [])
+        policy = NetPolicy.parse(network_policy)
         vm = await vms.create(
             name=name,
             image=image,
@@ -101,6 +106,8 @@ def register(reg: MethodRegistry, app: App) -> None:
             cpu=cpu,
             progress=ctx.progress,
         )
+        app.owners.assign(vm.id, ctx.caller.uid)
+        app.netpolicies.assign(vm.id, policy)
         try:
             app.tunnels.configure(
                 vm, publish=pubs, reverse=reverse or [], forward_ports=forward_ports, ssh_keys=ssh_keys or []
@@ -176,6 +183,7 @@ def register(reg: MethodRegistry, app: App) -> None:
         data["runtime"] = vm.runtime
         workspace = app.workspaces.get(vm.id)
         data["workspace"] = workspace.to_json() if workspace else None
+        data["network_policy"] = app.netpolicies.get(vm.id).to_json()
         return data
 
     @reg.method("vm.logs")
