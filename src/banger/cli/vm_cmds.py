@@ -174,7 +174,9 @@ def create(no_start: bool, from_snapshot: str | None, as_json: bool, workspace_p
         from banger.cli.snapshot_cmds import create_from_snapshot
 
         if workspace_path is not None:
-            raise InvalidInputError("--workspace cannot be given with --from-snapshot (the snapshot's workspace comes along)")
+            raise InvalidInputError(
+                "--workspace cannot be given with --from-snapshot (the snapshot's workspace comes along)"
+            )
 
         create_from_snapshot(click.get_current_context(), from_snapshot, opts, start=not no_start, as_json=as_json)
         return

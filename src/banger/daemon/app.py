@@ -6,19 +6,19 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from banger.buildinfo import code_id
 from banger.agents.conversations import Conversations
 from banger.agents.service import AgentVmService
+from banger.buildinfo import code_id
 from banger.config import Settings
 from banger.daemon.events import EventBus
 from banger.images.service import ImageService
 from banger.kernels.service import KernelService
 from banger.net.policy import NetPolicyService
 from banger.net.service import NetworkService
-from banger.sessions.service import SessionService
-from banger.snapshots.service import SnapshotService
 from banger.security.owners import OwnerService
 from banger.security.secrets import SecretVault
+from banger.sessions.service import SessionService
+from banger.snapshots.service import SnapshotService
 from banger.store.db import Store
 from banger.tunnels.service import TunnelService
 from banger.vms.service import VmService

@@ -70,9 +70,7 @@ class Daemon:
         policy = AccessPolicy(self.settings, self.app.vms, self.app.owners)
         gid = policy.gid if os.geteuid() == 0 else None
         open_to_group(self.paths, gid)
-        self.server = RpcServer(
-            build_registry(self.app), build=self.app.build, middleware=policy, admit=policy.admit
-        )
+        self.server = RpcServer(build_registry(self.app), build=self.app.build, middleware=policy, admit=policy.admit)
         await self.server.start(self.paths.socket, group=gid)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -351,21 +351,7 @@ class AgentClient:
 
     async def request(self, kind: Kind, wait: float | None = None, /, **fields: Any) -> dict[str, Any]:
         """One request whose only answer is its END frame (e.g. the session requests), within `wait` seconds."""
-        stream = await self._request(kind, **fields)
-        try:
-            async with _deadline(wait, f"guest agent did not answer {kind}"):
-                return await self._end(stream)
-        except errors.TimeoutError_:
-            await self._cancel(stream)
-            raise
-
-    async def open_stream(self, kind: Kind, **fields: Any) -> Stream:
-        """Send a request and return its stream, for callers that read DATA frames themselves (forget() it after)."""
-        return await self._request(kind, **fields)
-
-    async def cancel_stream(self, stream: Stream) -> None:
-        """Ask the agent to stop a stream opened with open_stream."""
-        await self._cancel(stream)
+        return await self._call(kind, wait, **fields)
 
     async def health(self, timeout: float | None = 10.0) -> Health:
         """Agent version, guest uptime and load."""

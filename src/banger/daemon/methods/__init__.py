@@ -21,6 +21,17 @@ from banger.rpc.registry import MethodRegistry
 def build_registry(app: App) -> MethodRegistry:
     """All methods, bound to the daemon's App."""
     reg = MethodRegistry()
-    for area in (daemon_area, kernel_area, image_area, vm_area, net_area, events_area, workspace_area, tunnel_area, session_area, snapshot_area):
+    for area in (
+        daemon_area,
+        kernel_area,
+        image_area,
+        vm_area,
+        net_area,
+        events_area,
+        workspace_area,
+        tunnel_area,
+        session_area,
+        snapshot_area,
+    ):
         area.register(reg, app)
     return reg
