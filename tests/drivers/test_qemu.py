@@ -129,9 +129,9 @@ async def test_missing_kernel_is_a_clear_error_and_leaves_nothing(
         console_log=tmp_path / "console.log",
         run_dir=tmp_path / "run",
     )
-    with pytest.raises(ToolError, match="missing-kernel") as info:
+    # Unconfined, QEMU itself reports the missing file (through QMP); confined, the daemon cannot open it for QEMU.
+    with pytest.raises(ToolError, match="missing-kernel"):
         await qemu_driver.launch(spec)
-    assert "QMP query-status failed" in str(info.value)
     assert not (tmp_path / "run" / "qmp.sock").exists()
 
 

@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import struct
 import sys
 import threading
@@ -104,10 +105,13 @@ def _opt(value: str | os.PathLike[str]) -> str:
 
 def _hand_over(path: Path, flags: int, uid: int, owned: list[int], private: bool) -> str:
     """Open `path` for the VMM and return the name it uses for it; private files become the uid's alone."""
-    if private:
+    if private and path.exists():
         os.chown(path, uid, uid)
         os.chmod(path, 0o600)
-    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ToolError(f"cannot open {path} for the VMM: {exc.strerror}") from exc
     owned.append(fd)
     return f"/dev/fd/{fd}"
 
@@ -137,6 +141,11 @@ def confine_qemu(argv: Sequence[str], pass_fds: Sequence[int], spec: VmSpec) -> 
             owned.append(tap_fd)
             old = f"tap,id=net0,ifname={_opt(spec.net.tap)},script=no,downscript=no"
             out = [f"tap,id=net0,fd={tap_fd}" if a == old else a for a in out]
+        for fd in pass_fds:
+            # A pipe the VMM reopens by name (`logfile=/dev/fd/N` of the console writer) is checked against the
+            # pipe's owner, which is root: give it to the VMM's uid, as its files are.
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.fchown(fd, uid, uid)
         out += ["-sandbox", SANDBOX]
         limits = cgroups.Limits.for_vm(spec.vcpus, spec.memory_mib)
         with contextlib.suppress(OSError):
