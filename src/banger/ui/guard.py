@@ -41,7 +41,8 @@ def own_names_and_addresses() -> set[str]:
 def allowed_hosts(bound: str) -> set[str]:
     """Host names a request may carry: the bound address and localhost, or all of ours for a wildcard bind."""
     if bound in WILDCARDS:
-        return own_names_and_addresses()
+        # The printed URL names the wildcard itself (http://0.0.0.0:PORT/), which reaches this machine too.
+        return own_names_and_addresses() | {bound.lower()} - {""}
     return {bound.lower(), "localhost"}
 
 
