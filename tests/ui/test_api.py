@@ -23,6 +23,8 @@ def test_everything_needs_a_login(ui: UiServer) -> None:
         resp = httpx.get(ui.base + path)
         assert resp.status_code == 401, path
         assert "banger ui url" in resp.json()["error"]
+    page = httpx.get(ui.base + "/", headers={"Accept": "text/html"})  # a browser gets a page saying what to do
+    assert page.status_code == 401 and "error: not logged in: open the URL `banger ui url` prints" in page.text
     bogus = httpx.get(ui.base + "/?token=abc.123.def")
     assert bogus.status_code == 401 and "not valid" in bogus.json()["error"]
 

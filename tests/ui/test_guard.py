@@ -28,6 +28,7 @@ def test_a_wildcard_bind_accepts_the_machines_own_names_and_addresses() -> None:
     guard = _guard("0.0.0.0")
     assert guard.host_ok(f"{socket.gethostname()}:7070")
     assert guard.host_ok("127.0.0.1:7070") and guard.host_ok("[::1]:7070")
+    assert guard.host_ok("0.0.0.0:7070")  # the URL `banger ui --host 0.0.0.0` prints
     assert not guard.host_ok("evil.example:7070")
 
 

@@ -17,8 +17,8 @@ from banger.errors import DaemonError, ErrorCode, UnsupportedError
 from banger.rpc import protocol
 from banger.rpc.client import Client, DaemonUnavailable
 
-# Notifications waiting for a slow stream reader; beyond this the stream is cut rather than grown.
-STREAM_BACKLOG = 4096
+# Notifications waiting for a slow stream reader; beyond this the connection stops reading (backpressure).
+STREAM_BACKLOG = 256
 
 
 class _Call:
@@ -81,8 +81,9 @@ class AsyncClient:
         for call in self._calls.values():
             if not call.reply.done():
                 call.reply.set_exception(exc)
-            with contextlib.suppress(asyncio.QueueFull):
-                call.notes.put_nowait({"closed": True})
+            if call.notes.full():  # the stream is over: its reader needs the marker more than the oldest item
+                call.notes.get_nowait()
+            call.notes.put_nowait({"closed": True})
         self._calls.clear()
 
     async def _read_loop(self) -> None:
@@ -97,27 +98,18 @@ class AsyncClient:
                     params = msg.get("params") or {}
                     call = self._calls.get(params.get("id"))  # type: ignore[arg-type]
                     if call is not None:
-                        try:
-                            call.notes.put_nowait(params)
-                        except asyncio.QueueFull:
-                            self._cut(params["id"], call)
+                        # A full queue stops this reader, so the daemon's writes back up (its own bound applies):
+                        # a slow browser slows the stream instead of growing a buffer here.
+                        await call.notes.put(params)
                     continue
                 # The entry stays until `reply` collects it: a stream reader asks for the result after its events.
                 call = self._calls.get(msg.get("id"))
                 if call is not None and not call.reply.done():
                     call.reply.set_result(msg)
-                    with contextlib.suppress(asyncio.QueueFull):
-                        call.notes.put_nowait({"done": True})
+                    await call.notes.put({"done": True})
         except (OSError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
             pass
         self._fail_all(DaemonError("the daemon closed the connection unexpectedly (see `banger daemon logs`)"))
-
-    def _cut(self, rid: int, call: _Call) -> None:
-        """A stream reader fell too far behind: cancel that call instead of buffering without bound."""
-        self._calls.pop(rid, None)
-        self.notify(protocol.CANCEL, {"id": rid})
-        if not call.reply.done():
-            call.reply.set_exception(DaemonError("the reader fell behind the stream; it was stopped"))
 
     def notify(self, method: str, params: dict[str, Any]) -> None:
         """Send a notification (no reply)."""

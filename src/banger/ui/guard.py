@@ -9,6 +9,7 @@ import json
 import secrets
 import socket
 from dataclasses import dataclass, field
+from html import escape
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -41,7 +42,8 @@ def own_names_and_addresses() -> set[str]:
 def allowed_hosts(bound: str) -> set[str]:
     """Host names a request may carry: the bound address and localhost, or all of ours for a wildcard bind."""
     if bound in WILDCARDS:
-        return own_names_and_addresses()
+        # The printed URL names the wildcard itself (http://0.0.0.0:PORT/), which reaches this machine too.
+        return own_names_and_addresses() | {bound.lower()} - {""}
     return {bound.lower(), "localhost"}
 
 
@@ -123,19 +125,21 @@ class GuardMiddleware:
             await _refuse(scope, receive, send, 403, "a websocket needs an Origin", is_ws)
             return
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        html = "text/html" in headers.get("accept", "")  # a person at a browser, not a script
         if not is_ws and "token" in query:
-            await self._login(scope, receive, send, query)
+            await self._login(scope, receive, send, query, html)
             return
         if _session_of(headers) not in self.guard.sessions:
-            await _refuse(scope, receive, send, 401, "not logged in: open the URL `banger ui url` prints", is_ws)
+            message = "not logged in: open the URL `banger ui url` prints"
+            await _refuse(scope, receive, send, 401, message, is_ws, html=html)
             return
         await self.app(scope, receive, send)
 
-    async def _login(self, scope: Scope, receive: Receive, send: Send, query: dict[str, str]) -> None:
+    async def _login(self, scope: Scope, receive: Receive, send: Send, query: dict[str, str], html: bool) -> None:
         try:
             sid = self.guard.login(query.pop("token"))
         except InvalidInputError as exc:
-            await _refuse(scope, receive, send, 401, f"{exc.message} ({exc.hint})", False)
+            await _refuse(scope, receive, send, 401, f"{exc.message} ({exc.hint})", False, html=html)
             return
         target = scope.get("path", "/") + (f"?{urlencode(query)}" if query else "")
         cookie = f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict"
@@ -166,17 +170,24 @@ def _session_of(headers: dict[str, str]) -> str | None:
     return morsel.value if morsel is not None else None
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, is_ws: bool) -> None:
+async def _refuse(
+    scope: Scope, receive: Receive, send: Send, status: int, message: str, is_ws: bool, *, html: bool = False
+) -> None:
     if is_ws:
         # Refusing before accept: the server answers the handshake with 403.
         await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
         return
-    body = json.dumps({"error": message}).encode()
+    if html:
+        body = f"<!doctype html><title>banger</title><p>error: {escape(message)}</p>".encode()
+        kind = b"text/html; charset=utf-8"
+    else:
+        body = json.dumps({"error": message}).encode()
+        kind = b"application/json"
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -290,11 +290,11 @@ async function pageVm(name) {
       act(startForm.querySelector("button"), async () => { await api("POST", `/api/vms/${name}/sessions`, body); renderSessions(); });
     });
     const prompt = h("form", { class: "row" }, h("input", { name: "text", placeholder: "prompt or input", size: 60 }), h("button", { type: "submit" }, "Send"),
-      h("button", { type: "button", class: "danger", onclick: (e) => selected && confirmed(`Abort session ${selected}?`) && act(e.target, () => api("POST", `/api/vms/${name}/sessions/${selected}/stop`, {})) }, "Abort"));
+      h("button", { type: "button", class: "danger", onclick: (e) => selected && confirmed(`Abort session ${selected}?`) && act(e.target, () => api("POST", `/api/vms/${name}/sessions/${encodeURIComponent(selected)}/stop`, {})) }, "Abort"));
     prompt.addEventListener("submit", (e) => {
       e.preventDefault();
       if (!selected) return;
-      act(prompt.querySelector("button"), () => api("POST", `/api/vms/${name}/sessions/${selected}/send`, { text: prompt.elements.text.value }));
+      act(prompt.querySelector("button"), () => api("POST", `/api/vms/${name}/sessions/${encodeURIComponent(selected)}/send`, { text: prompt.elements.text.value }));
       prompt.elements.text.value = "";
     });
     sessionsBox.replaceChildren(
@@ -310,7 +310,7 @@ async function pageVm(name) {
     if (logStream) logStream.close();
     selected = session;
     transcript.textContent = "";
-    logStream = new EventSource(`/api/vms/${name}/sessions/${session}/logs`);
+    logStream = new EventSource(`/api/vms/${name}/sessions/${encodeURIComponent(session)}/logs`);
     logStream.onmessage = (m) => {
       transcript.textContent += transcriptLine(JSON.parse(m.data));
       if (transcript.textContent.length > 400000) transcript.textContent = transcript.textContent.slice(-300000);
