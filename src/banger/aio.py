@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -21,16 +20,10 @@ T = TypeVar("T")
 
 
 async def in_thread_cancellable(fn: Callable[[threading.Event], T]) -> T:
-    """Like in_thread, for work that checks a cancel Event: on cancellation the Event is set, then awaited."""
+    """Like in_thread, for work that also checks a cancel Event between its steps (the Event is the one that
+    kills its external commands)."""
     cancel = threading.Event()
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, cancel))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        cancel.set()
-        with contextlib.suppress(BaseException):
-            await fut
-        raise
+    return await _run_in_thread(lambda: fn(cancel), cancel, fn)
 
 
 async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -42,10 +35,13 @@ async def in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     past that the cancellation goes on and the thread is left to finish alone, logged.
     """
     cancel = threading.Event()
+    return await _run_in_thread(lambda: fn(*args, **kwargs), cancel, fn)
 
+
+async def _run_in_thread(work: Callable[[], T], cancel: threading.Event, fn: Callable[..., object]) -> T:
     def call() -> T:
         with proc.cancel_on(cancel):
-            return fn(*args, **kwargs)
+            return work()
 
     fut = asyncio.ensure_future(asyncio.to_thread(call))
     try:

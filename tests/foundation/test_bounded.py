@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -57,3 +58,26 @@ def test_cancelled_thread_work_is_waited_for_only_so_long(monkeypatch: pytest.Mo
         return time.monotonic() - began
 
     assert asyncio.run(main()) < 3
+
+
+def test_cancelling_cancellable_thread_work_kills_its_command_too() -> None:
+    """Image builds run through in_thread_cancellable: their cp -a or mkfs dies with the call."""
+    seen: dict[str, bool] = {}
+
+    def work(cancel: threading.Event) -> None:
+        try:
+            proc.run(["sleep", "60"])
+        finally:
+            seen["cancel_set"] = cancel.is_set()
+
+    async def main() -> float:
+        task = asyncio.create_task(aio.in_thread_cancellable(work))
+        await asyncio.sleep(0.5)
+        began = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - began
+
+    assert asyncio.run(main()) < 5
+    assert seen == {"cancel_set": True}
