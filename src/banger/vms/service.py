@@ -478,6 +478,7 @@ class VmService:
         """At daemon start: re-adopt VMMs that kept running, and record the ones that died meanwhile."""
         vms = self.all()
         sweep.remove_orphans((self.settings.paths.vms, self.settings.paths.run_dir), {vm.id for vm in vms})
+        sweep.remove_stale_temps(self.vm_dir(vm.id) for vm in vms)
         if any(vm.spec.get("net") == NetMode.BRIDGE for vm in vms):
             # Networking is set up lazily (never on a host that has no networked VM), but once VMs use it, the
             # bridge, table and DNS must come back with the daemon.
