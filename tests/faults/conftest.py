@@ -150,6 +150,12 @@ class FaultEnv:
             if sock.is_socket():
                 assert sock.parent.name in running, f"socket of a VM that is not running: {sock}"
         assert self.temp_leftovers() == []
+        kernels = {k["name"] for k in json.loads(self.cli("kernel", "list", "--json", check=True).stdout)}
+        kernel_dirs = {p.name for p in (self.home / "kernels").iterdir() if not p.name.startswith(".")}
+        assert kernels == kernel_dirs, f"kernels {kernels} vs directories {kernel_dirs}"
+        images = {i["name"] for i in json.loads(self.cli("image", "list", "--json", check=True).stdout)}
+        image_files = {p.stem for p in (self.home / "images").iterdir() if not p.name.startswith(".")}
+        assert images == image_files, f"images {images} vs files {image_files}"
         writers = self.processes("banger.drivers.consolelog")
         assert len(writers) <= len(running), f"console writers {writers} outlive their VMMs"
         return vms

@@ -3,8 +3,8 @@
 A seeded schedule (printed; set BANGER_FAULT_SEED to replay one) picks an operation and a moment, starts the
 operation through the CLI, SIGKILLs the daemon at that moment, starts a new daemon and checks that `vm ls`
 matches the VMMs that run and that nothing leaked (TAPs, nft rules, leases, VMM and console-writer processes,
-VM directories, temp files, sockets). Mostly cheap operations (--no-start creates, rm, kernel import/rm, cp);
-a few real starts.
+VM directories, temp files, sockets, kernel and image files without rows). Mostly cheap operations (--no-start
+creates, rm, kernel and image import/rm, cp); a few real starts.
 """
 
 from __future__ import annotations
@@ -31,34 +31,40 @@ MAX_STARTS = 3
 
 
 class Chaos:
-    def __init__(self, fe: FaultEnv, rng: random.Random, kernel_dir: Path, scratch: Path) -> None:
-        self.fe, self.rng, self.kernel_dir, self.scratch = fe, rng, kernel_dir, scratch
+    def __init__(self, fe: FaultEnv, rng: random.Random, kernel_dir: Path, rootfs: Path, scratch: Path) -> None:
+        self.fe, self.rng, self.kernel_dir, self.rootfs, self.scratch = fe, rng, kernel_dir, rootfs, scratch
         self.starts = 0
         self.counter = 0
-
-    def names(self, *states: str) -> list[str]:
-        return sorted(vm["name"] for vm in self.fe.vms() if not states or vm["state"] in states)
 
     def kernels(self) -> list[str]:
         out = self.fe.cli("kernel", "list", timeout=60).stdout
         return sorted({w for w in out.split() if w.startswith("chaosk")})
 
-    def pick(self) -> tuple[str, list[str], float]:
-        """(label, CLI args, seconds until the kill) for the next operation."""
+    def images(self) -> list[str]:
+        out = self.fe.cli("image", "list", timeout=60).stdout
+        return sorted({w for w in out.split() if w.startswith("chaosi")})
+
+    def pick(self, vms: list[dict]) -> tuple[str, list[str], float]:  # type: ignore[type-arg]
+        """(label, CLI args, seconds until the kill) for the next operation, given the current `vm ls`."""
         self.counter += 1
         n, rng = self.counter, self.rng
-        running, existing = self.names("running"), self.names()
+        existing = sorted(vm["name"] for vm in vms)
+        running = sorted(vm["name"] for vm in vms if vm["state"] == "running")
+        stopped = sorted(vm["name"] for vm in vms if vm["state"] in ("stopped", "created", "error"))
+        kernels, images = self.kernels(), self.images()
         ops: list[tuple[int, Callable[[], tuple[str, list[str], float]]]] = [
             (5, lambda: ("create", ["vm", "create", "--name", f"chaos{n}", "--no-start"], rng.uniform(0, 2.0))),
             (2, lambda: ("kernel import", self.kernel_import(n), rng.uniform(0, 1.5))),
+            (1, lambda: ("image import", ["image", "import", f"chaosi{n}", str(self.rootfs)], rng.uniform(0, 3))),
         ]
         if existing:
             ops.append((3, lambda: ("rm", ["vm", "rm", "-f", rng.choice(existing)], rng.uniform(0, 1.0))))
-        if self.kernels():
-            ops.append((1, lambda: ("kernel rm", ["kernel", "rm", rng.choice(self.kernels())], rng.uniform(0, 0.5))))
-        stopped = self.names("stopped", "created", "error")
+        if kernels:
+            ops.append((1, lambda: ("kernel rm", ["kernel", "rm", rng.choice(kernels)], rng.uniform(0, 0.5))))
+        if images:
+            ops.append((1, lambda: ("image rm", ["image", "rm", rng.choice(images)], rng.uniform(0, 0.5))))
         if stopped and self.starts < MAX_STARTS and not running:
-            ops.append((2, lambda: self.start(rng.choice(stopped))))
+            ops.append((3, lambda: self.start(rng.choice(stopped))))
         if running:
             vm = rng.choice(running)
             ops.append((2, lambda: ("cp in", ["vm", "cp", str(self.payload()), f"{vm}:/tmp/"], rng.uniform(0, 1.0))))
@@ -100,21 +106,23 @@ class Chaos:
 def test_daemon_sigkill_at_random_points_leaks_nothing(
     fault_env: FaultEnv,
     debian_kernel: Path,
+    debian_rootfs_tar: Path,
     tmp_path: Path,
 ) -> None:
     seed = int(os.environ.get("BANGER_FAULT_SEED") or random.SystemRandom().randrange(2**32))
     print(f"chaos seed {seed} (replay with BANGER_FAULT_SEED={seed})")
     fe = fault_env
-    chaos = Chaos(fe, random.Random(seed), debian_kernel, tmp_path)
+    chaos = Chaos(fe, random.Random(seed), debian_kernel, debian_rootfs_tar, tmp_path)
     log: list[str] = []
+    vms = fe.vms()
     try:
         for i in range(ITERATIONS):
-            label, args, delay = chaos.pick()
+            label, args, delay = chaos.pick(vms)
             log.append(f"{i}: {label} ({' '.join(args[1:3])}) killed after {delay:.2f}s")
             chaos.kill_daemon_during(args, delay)
             fe.cli("daemon", "start", check=True, timeout=120)
             try:
-                fe.check_consistent()
+                vms = fe.check_consistent()
             except AssertionError as exc:
                 raise AssertionError(f"seed {seed}, after:\n" + "\n".join(log) + f"\n{exc}") from exc
             leftovers = [p for p in tmp_path.rglob("*") if TEMP_NAME.search(p.name)]
@@ -124,10 +132,12 @@ def test_daemon_sigkill_at_random_points_leaks_nothing(
         assert fe.cli("vm", "exec", "survivor", "--", "echo", "ok", check=True).stdout == "ok\n"
     finally:
         print("\n".join(log))
-        for name in chaos.names():
-            fe.cli("vm", "rm", "-f", name, timeout=120)
+        for vm in fe.vms():
+            fe.cli("vm", "rm", "-f", vm["name"], timeout=120)
         for kernel in chaos.kernels():
             fe.cli("kernel", "rm", kernel, timeout=60)
+        for image in chaos.images():
+            fe.cli("image", "rm", image, timeout=60)
     fe.check_consistent()
     assert fe.taps() == set() and fe.leases() == {} and fe.vmm_pids() == set()
     assert sorted(p.name for p in (fe.home / "kernels").iterdir() if not p.name.startswith(".")) == [KERNEL]

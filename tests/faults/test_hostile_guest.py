@@ -7,6 +7,9 @@ instead of buffering, keep its memory bounded and keep serving; console.log must
 
 from __future__ import annotations
 
+import os
+import select
+import subprocess
 import threading
 import time
 
@@ -44,6 +47,22 @@ def agent_pid(fe: FaultEnv, name: str) -> int | None:
     """The guest agent's pid; None while a request fails (the agent is down, or it just restarted)."""
     r = fe.cli("vm", "exec", name, "--", "pgrep", "-o", "-f", f"{SEED}/agent.py", timeout=120)
     return int(r.stdout.split()[0]) if r.returncode == 0 else None
+
+
+def select_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> bool:
+    """Whether `needle` appears on proc's stdout within `timeout` seconds (read raw: nothing sits in a buffer)."""
+    assert proc.stdout is not None
+    fd, seen = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while needle.encode() not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return False
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return False
+        seen = seen[-4096:] + chunk
+    return True
 
 
 class RssSampler(threading.Thread):
@@ -109,6 +128,17 @@ def test_hostile_agent_and_console_flood_are_bounded(fault_env: FaultEnv) -> Non
         assert sampler.peak - before < MAX_RSS_GROWTH_MIB
         for writer in fe.processes("banger.drivers.consolelog"):
             assert rss_mib(writer) < 64
+
+        # `vm logs -f` follows the capped, rotated log: a line printed after the flood reaches it.
+        follower = fe.env.popen("vm", "logs", "-f", "-n", "0", name)
+        try:
+            time.sleep(2)
+            fe.cli("vm", "exec", name, "--", "sh", "-c", "echo after-the-flood > /dev/ttyS0", check=True)
+            seen = select_line(follower, "after-the-flood", timeout=60)
+        finally:
+            follower.kill()
+            follower.communicate()
+        assert seen, "vm logs -f did not show the console line"
 
         # And the VM still serves small requests (within the window even for this agent).
         assert fe.cli("vm", "exec", name, "--", "echo", "alive", check=True).stdout == "alive\n"

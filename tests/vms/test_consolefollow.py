@@ -65,3 +65,12 @@ def test_follow_waits_for_a_log_that_does_not_exist_yet(tmp_path: Path) -> None:
         return "".join(got)
 
     assert asyncio.run(main()) == "first boot line\n"
+
+
+def test_tail_reaches_into_the_rotated_half(tmp_path: Path) -> None:
+    path = tmp_path / "console.log"
+    consolefollow.rotated(path).write_text("".join(f"old {i}\n" for i in range(10)))
+    path.write_text("new 0\nnew 1\n")
+    assert consolefollow.tail(path, 4) == "old 8\nold 9\nnew 0\nnew 1"
+    assert consolefollow.tail(path, 1) == "new 1"
+    assert consolefollow.tail(path, 5, since=6) == "new 1"  # this boot's lines only

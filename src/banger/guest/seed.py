@@ -172,7 +172,9 @@ def build_seed(out_path: Path, meta: SeedMeta) -> None:
     tmp_img = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     tmp_img.unlink(missing_ok=True)
     try:
-        with tempfile.TemporaryDirectory(prefix="banger-seed-") as stage:
+        # Staged next to the image, not in /tmp: what a killed daemon leaves is then swept with the VM's files.
+        stage_tmp = tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", suffix=".stage.tmp", dir=out_path.parent)
+        with stage_tmp as stage:
             stage_seed(Path(stage), meta)
             argv = [mkfs, "-q", "-F", "-L", SEED_LABEL, "-m", "0", "-E", "root_owner=0:0", "-d", stage]
             proc.run([*argv, tmp_img, SEED_SIZE], step="build seed drive", timeout=120)

@@ -17,6 +17,25 @@ CHUNK = 64 * 1024
 POLL_S = 0.25
 
 Emit = Callable[[str], Awaitable[None]]
+_TAIL_BYTES = 16384
+
+
+def _read_tail(path: Path, since: int) -> bytes:
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(since if since <= size else 0, size - _TAIL_BYTES))  # since > size: rotated meanwhile
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def tail(path: Path, lines: int = 15, since: int = 0) -> str:
+    """The last `lines` lines of a console log (from byte offset `since` on), reaching into the rotated half."""
+    data = _read_tail(path, since)
+    if data.count(b"\n") < lines and since == 0:
+        data = _read_tail(rotated(path), 0) + data
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
 def _open(path: Path) -> BinaryIO | None:

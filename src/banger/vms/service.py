@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import secrets
 import shutil
 import sqlite3
@@ -41,7 +40,7 @@ from banger.net.guestnet import GuestNet
 from banger.net.service import NetworkService
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
-from banger.vms import exitreason, limits, records, sweep
+from banger.vms import consolefollow, exitreason, limits, records, sweep
 from banger.vms.agents import AgentEndpoint, AgentPool
 from banger.vms.cmdline import guest_cmdline
 from banger.vms.disk import clone_root_disk
@@ -362,15 +361,7 @@ class VmService:
 
     def console_tail(self, vm_id: str, lines: int = 15, since: int = 0) -> str:
         """The last lines the guest printed on its console (from byte offset `since` on)."""
-        path = self.vm_dir(vm_id) / CONSOLE_LOG
-        try:
-            with path.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(since if since <= size else 0, size - 16384))  # since > size: rotated meanwhile
-                text = f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return consolefollow.tail(self.vm_dir(vm_id) / CONSOLE_LOG, lines, since)
 
     # -- watch -----------------------------------------------------------------------------------------------
 
@@ -501,6 +492,7 @@ class VmService:
         await self.load_caps()
         vms = self.all()
         sweep.remove_orphans((self.settings.paths.vms, self.settings.paths.run_dir), {vm.id for vm in vms})
+        sweep.remove_stale_temps(self.vm_dir(vm.id) for vm in vms)
         if any(vm.spec.get("net") == NetMode.BRIDGE for vm in vms):
             # Networking is set up lazily (never on a host that has no networked VM), but once VMs use it, the
             # bridge, table and DNS must come back with the daemon.

@@ -1,4 +1,9 @@
-"""At daemon start: remove what a killed `vm create` left behind (a VM directory with no row, its run directory)."""
+"""At daemon start: remove what a killed daemon left behind.
+
+A `vm create` killed before its row was written leaves a VM directory (and maybe a run directory) with no row; a
+create or start killed mid-way leaves temporary files (`*.tmp`: a half-cloned root disk, a half-built seed drive)
+inside a VM directory. The daemon holds its lock while this runs, so nothing of it is in progress.
+"""
 
 from __future__ import annotations
 
@@ -32,3 +37,18 @@ def remove_orphans(roots: Iterable[Path], known_ids: set[str]) -> None:
     for path in orphans(roots, known_ids):
         log.warning("vms: removing %s, left by a create that did not finish", path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temps(vm_dirs: Iterable[Path]) -> None:
+    """Delete the `*.tmp` files and directories inside VM directories (VM directories are banger's alone)."""
+    for vdir in vm_dirs:
+        if not vdir.is_dir():
+            continue
+        for entry in vdir.iterdir():
+            if not entry.name.endswith(".tmp"):
+                continue
+            log.warning("vms: removing %s, left by an operation that did not finish", entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
