@@ -30,6 +30,13 @@ chmod 600 "$f"
 printf '%s\n' "$f"
 """
 
+# As root: remove what a failed import left behind (the half-made workspace and any stored bundle of it).
+CLEANUP = r"""
+rm -rf -- "$1"
+[ -n "$2" ] && rm -f -- "$2"
+exit 0
+"""
+
 # As the workspace user: clone the bundle into DEST, HEAD as on the host, the work tree as the snapshot.
 CLONE = r"""
 set -eu
