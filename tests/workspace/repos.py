@@ -48,6 +48,7 @@ def make_repo(root: Path, name: str = "proj") -> Path:
     git(repo, "commit", "-q", "-m", "first")
     (repo / "ignored.log").write_text("ignored\n")
     (repo / "untracked.txt").write_text("untracked\n")
+    (repo / "we[ir]d *.txt").write_text("a name that is a glob pattern\n")
     (repo / "tracked.txt").write_text("one\ntwo\nthree (uncommitted)\n")
     git(repo, "rm", "-q", "gone.txt")
     return repo

@@ -59,7 +59,7 @@ def test_round_trip_through_a_real_guest(vm_home: BangerEnv, tmp_path: Path) -> 
         assert guest_fp == {k: v for k, v in fingerprint(repo).items() if k != "ignored.log"}
         assert _exec(vm_home, "wsa", "pwd").strip() == "/workspace/proj"
         status = set(_exec(vm_home, "wsa", "git", "status", "--porcelain").splitlines())
-        assert status == {" M tracked.txt", " D gone.txt", "?? untracked.txt"}
+        assert status == {" M tracked.txt", " D gone.txt", "?? untracked.txt", '?? "we[ir]d *.txt"'}
         assert _exec(vm_home, "wsa", "git", "log", "--format=%s").split() == ["first"]
         assert _exec(vm_home, "wsa", "git", "config", "user.email").strip() == "host@example.org"
 

@@ -30,6 +30,13 @@ chmod 600 "$f"
 printf '%s\n' "$f"
 """
 
+# As root: remove what a failed import left behind (the half-made workspace and any stored bundle of it).
+CLEANUP = r"""
+rm -rf -- "$1"
+[ -n "$2" ] && rm -f -- "$2"
+exit 0
+"""
+
 # As the workspace user: clone the bundle into DEST, HEAD as on the host, the work tree as the snapshot.
 CLONE = r"""
 set -eu
@@ -40,8 +47,13 @@ git fetch -q --no-tags "$bundle" "+$ref:refs/banger/base"
 rm -f "$bundle"
 if [ -n "$branch" ]; then git checkout -q -B "$branch" "$head"; else git checkout -q --detach "$head"; fi
 # The work tree becomes the snapshot; the index stays at HEAD, so the host's uncommitted and untracked files show
-# up as uncommitted changes here too.
-git restore --source=refs/banger/base --worktree -- :/
+# up as uncommitted changes here too. Only the paths that differ are restored (a big checkout is written once).
+git diff --no-renames --name-only -z "$head" refs/banger/base > .git/banger-restore
+if [ -s .git/banger-restore ]; then
+    git --literal-pathspecs restore --source=refs/banger/base --worktree \
+        --pathspec-from-file=.git/banger-restore --pathspec-file-nul
+fi
+rm -f .git/banger-restore
 [ -n "$name" ] && git config user.name "$name"
 [ -n "$email" ] && git config user.email "$email"
 git config banger.base "$(git rev-parse refs/banger/base)"

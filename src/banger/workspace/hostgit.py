@@ -167,6 +167,8 @@ def fetch_checked(scratch: Path, into: Path, src_ref: str, dest_ref: str) -> str
         "-c",
         "transfer.fsckObjects=true",
         "-c",
+        "fetch.fsckObjects=true",  # it overrides transfer.fsckObjects: a user's `false` must not switch the check off
+        "-c",
         "protocol.file.allow=always",
         "fetch",
         "-q",

@@ -41,6 +41,10 @@ class WorkspaceError(BangerError):
     """A workspace step failed in the guest."""
 
 
+class _NothingCreated(WorkspaceError):
+    """The guest refused before it created anything (no git, or the path exists): nothing to clean up."""
+
+
 @dataclass(frozen=True)
 class Workspace:
     """A VM's workspace: where it came from on the host, where it lives in the guest, and its base commit."""
@@ -181,10 +185,17 @@ class WorkspaceService:
         guest_user = user or DEFAULT_USER
         client = await guestops.agent_for(self.vms, name)
         progress(ProgressEvent(step="workspace", message=f"receiving {size} bytes for {dest}"))
-        bundle = await self._receive(client, guest_user, dest, size, inbox, ack)
-        progress(ProgressEvent(step="workspace", message=f"checking out {dest} in the guest"))
-        argv = gs.argv(gs.CLONE, dest, bundle, base_ref, head_commit, branch or "", git_name, git_email)
-        await self._script(client, "cloning the workspace", argv, guest_user)
+        bundle = ""
+        try:
+            bundle = await self._receive(client, guest_user, dest, size, inbox, ack)
+            progress(ProgressEvent(step="workspace", message=f"checking out {dest} in the guest"))
+            argv = gs.argv(gs.CLONE, dest, bundle, base_ref, head_commit, branch or "", git_name, git_email)
+            await self._script(client, "cloning the workspace", argv, guest_user)
+        except BaseException as exc:
+            # Nothing half-made stays in the guest (unless it was there before: RECEIVE refuses existing paths).
+            if not isinstance(exc, _NothingCreated):
+                await asyncio.shield(self._cleanup(client, dest, bundle))
+            raise
         ws = Workspace(
             vm_id=vm.id,
             host_path=host_path,
@@ -203,6 +214,12 @@ class WorkspaceService:
         )
         log.info("workspace of %s: %s -> %s (base %s)", vm.name, host_path, dest, base_commit)
         return ws
+
+    async def _cleanup(self, client: AgentClient, dest: str, bundle: str) -> None:
+        try:
+            await client.exec(gs.argv(gs.CLEANUP, dest, bundle), user="root", timeout=120)
+        except BangerError as exc:
+            log.warning("workspace: could not clean up %s in the guest: %s", dest, exc)
 
     async def _receive(
         self,
@@ -236,7 +253,10 @@ class WorkspaceService:
             await handle.cancel()
             raise
         if not status.ok:
-            raise _failure("receiving the workspace", err, status)
+            failure = _failure("receiving the workspace", err, status)
+            if status.exit_code in (20, 21):  # RECEIVE's own refusals, before it made anything
+                raise _NothingCreated(failure.message)
+            raise failure
         path = out.text().strip()
         if not path.startswith(gs.INBOX + "/") or "\n" in path:
             raise WorkspaceError("the guest did not say where it stored the workspace bundle")
