@@ -101,7 +101,9 @@ def main() -> int:
         )
         info = json.loads(run([*wrap, BANGER, "vm", "show", "bench", "--json"], env))
         run([*wrap, BANGER, "vm", "exec", "bench", "--", "sh", "-c",
-             f"setsid python3 -c '{SERVER}' >/dev/null 2>&1 </dev/null & sleep 1"], env)  # fmt: skip
+             f"setsid python3 -c '{SERVER}' >/dev/null 2>&1 </dev/null & "
+             f"for i in $(seq 600); do bash -c 'echo > /dev/tcp/127.0.0.1/{GUEST_PORT}' 2>/dev/null && exit 0; "
+             "sleep 0.1; done; exit 1"], env)  # fmt: skip
         paths = [
             ("tunnel (127.0.0.1, published)", "127.0.0.1", TUNNEL_PORT),
             ("bridge (guest address)", str(info["ip"]), GUEST_PORT),
