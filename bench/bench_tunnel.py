@@ -74,6 +74,22 @@ def run(argv: list[str], env: dict[str, str], timeout: float = 900) -> str:
     return done.stdout
 
 
+def _warm_image_cache(env: dict[str, str]) -> None:
+    """Make sure the shared rootfs cache holds this image's bootstrap: the namespace has no route to the mirror.
+
+    A throwaway daemon in the root namespace builds it (an image build touches no network configuration).
+    """
+    prep = Path(tempfile.mkdtemp(prefix="bgbp", dir="/tmp"))
+    penv = dict(env, BANGER_HOME=str(prep))
+    try:
+        (prep / "cache").mkdir(parents=True)
+        (prep / "cache" / "images").symlink_to(IMAGE_CACHE)
+        run([BANGER, "image", "build", "debian-bookworm", "--preset", "debian"], penv, timeout=1800)
+    finally:
+        subprocess.run([BANGER, "daemon", "stop"], env=penv, capture_output=True, timeout=60)
+        shutil.rmtree(prep, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=64)
@@ -92,6 +108,7 @@ def main() -> int:
         (home / "cache").mkdir(parents=True)
         (home / "cache" / "images").symlink_to(IMAGE_CACHE)
         run([*wrap, BANGER, "kernel", "import", kernels[-1], "--name", "debian-cloud", "--distro", "debian"], env)
+        _warm_image_cache(env)
         run([*wrap, BANGER, "image", "build", "debian-bookworm", "--preset", "debian"], env)
         run(
             [*wrap, BANGER, "vm", "create", "--name", "bench", "--vcpus", "1", "--memory", "512"]
@@ -101,7 +118,9 @@ def main() -> int:
         )
         info = json.loads(run([*wrap, BANGER, "vm", "show", "bench", "--json"], env))
         run([*wrap, BANGER, "vm", "exec", "bench", "--", "sh", "-c",
-             f"setsid python3 -c '{SERVER}' >/dev/null 2>&1 </dev/null & sleep 1"], env)  # fmt: skip
+             f"setsid python3 -c '{SERVER}' >/dev/null 2>&1 </dev/null & "
+             f"for i in $(seq 600); do bash -c 'echo > /dev/tcp/127.0.0.1/{GUEST_PORT}' 2>/dev/null && exit 0; "
+             "sleep 0.1; done; exit 1"], env)  # fmt: skip
         paths = [
             ("tunnel (127.0.0.1, published)", "127.0.0.1", TUNNEL_PORT),
             ("bridge (guest address)", str(info["ip"]), GUEST_PORT),

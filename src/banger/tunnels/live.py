@@ -107,12 +107,18 @@ class LiveVm:
 
     # -- reverse tunnels -----------------------------------------------------------------------------------
 
-    async def add_reverse(self, guest_port: int, connector: HostConnector, ready_timeout: float = 60.0) -> None:
-        """Guest 127.0.0.1:guest_port reaches whatever `connector` opens; returns once the guest listens."""
+    def start_reverse(self, guest_port: int, connector: HostConnector) -> asyncio.Future[None]:
+        """Start a reverse tunnel's loop; the future resolves once the guest listens (or fails if it cannot)."""
         if guest_port in self.reverse:
             raise InUseError(f"guest port {guest_port} already has a reverse tunnel")
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.reverse[guest_port] = self._spawn(self._reverse_loop(guest_port, connector, ready))
+        return ready
+
+    async def add_reverse(self, guest_port: int, connector: HostConnector, ready_timeout: float = 60.0) -> None:
+        """Guest 127.0.0.1:guest_port reaches whatever `connector` opens; returns once the guest listens."""
+        ready = self.start_reverse(guest_port, connector)
         try:
             async with asyncio.timeout(ready_timeout):
                 await asyncio.shield(ready)
@@ -157,9 +163,9 @@ class LiveVm:
             return
         await relay(tunnel, reader, writer)
 
-    def add_tcp_reverse(self, guest_port: int, host_port: int) -> Awaitable[None]:
+    def start_tcp_reverse(self, guest_port: int, host_port: int) -> asyncio.Future[None]:
         """`--reverse GUEST:HOST`."""
-        return self.add_reverse(guest_port, tcp_connector(host_port))
+        return self.start_reverse(guest_port, tcp_connector(host_port))
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 

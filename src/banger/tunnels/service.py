@@ -29,6 +29,7 @@ log = logging.getLogger("banger.tunnels")
 
 AGENT_WAIT = 30.0
 GUEST_USER = "root"  # the user `vm shell` logs in as
+REVERSE_READY_S = 10.0
 
 
 class TunnelService:
@@ -123,12 +124,18 @@ class TunnelService:
             except Exception as exc:
                 log.warning("vm %s: cannot listen for published port %s: %s", vm.name, pub, exc)
         self.network.refresh_forwards()
+        waits = []
         for rev in cfg.reverse:
             live.skip.add(rev.guest_port)
-            try:
-                await live.add_tcp_reverse(rev.guest_port, rev.host_port)
-            except Exception as exc:
-                log.warning("vm %s: reverse tunnel %d:%d: %s", vm.name, rev.guest_port, rev.host_port, exc)
+            waits.append(live.start_tcp_reverse(rev.guest_port, rev.host_port))
+        if waits:
+            # A fresh boot's agent answers at once, so `vm create` returns with the guest side listening; a
+            # re-adopted VM that does not answer must not hold up the daemon's start (its loops keep trying).
+            done, _ = await asyncio.wait(waits, timeout=REVERSE_READY_S)
+            for fut, rev in zip(waits, cfg.reverse, strict=True):
+                if fut not in done or fut.exception() is not None:
+                    problem = fut.exception() if fut in done else "not listening yet"
+                    log.warning("vm %s: reverse tunnel %d:%d: %s", vm.name, rev.guest_port, rev.host_port, problem)
         if cfg.forward_ports is ForwardMode.AUTO:
             live.start_auto(lambda: {p.host_port for p in self.publishes.of(vm.id)})
         self._ssh[vm.id] = asyncio.create_task(self._ssh_setup(vm.id, cfg.ssh_keys))
