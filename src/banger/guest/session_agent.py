@@ -35,7 +35,7 @@ else:  # run from the seed drive, where the guest modules are plain siblings
     import sessions
     from protocol import MAX_CHUNK, Fd, Frame, Kind, Mux, Stream
 
-START_TIMEOUT = 60.0
+START_TIMEOUT = 180.0  # two Python starts in a guest that may be emulated on a busy host
 _root = Path(sessions.DEFAULT_ROOT)
 
 
