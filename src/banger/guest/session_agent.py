@@ -32,8 +32,9 @@ if TYPE_CHECKING or __package__:
     from banger.guest.protocol import MAX_CHUNK, Fd, Frame, Kind, Mux, Stream
 else:  # run from the seed drive, where the guest modules are plain siblings
     import execs
-    import sessions
     from protocol import MAX_CHUNK, Fd, Frame, Kind, Mux, Stream
+
+    import sessions
 
 START_TIMEOUT = 180.0  # two Python starts in a guest that may be emulated on a busy host
 _root = Path(sessions.DEFAULT_ROOT)
