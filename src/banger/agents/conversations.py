@@ -20,7 +20,7 @@ from banger.agents.service import AgentVmService
 from banger.errors import BangerError, InvalidInputError
 from banger.guest.client import AgentClient
 from banger.guest.sessions import BoundedLog, LogReader
-from banger.sessions.service import RUNNING, SessionRecord
+from banger.sessions.model import RUNNING, SessionRecord
 from banger.vms.model import VmRecord
 
 POLL = 1.0

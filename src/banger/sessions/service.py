@@ -17,8 +17,6 @@ import logging
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +27,7 @@ from banger.guest.sessions import HEADER_LEN, BoundedLog, LogReader, read_header
 from banger.names import generate_name, validate_name
 from banger.sessions import guestapi
 from banger.sessions.guestapi import GuestSession
+from banger.sessions.model import LOST, RUNNING, SessionRecord, iso, now
 from banger.store.db import Store
 from banger.vms.agents import AgentEndpoint
 from banger.vms.model import VmRecord, VmState
@@ -36,56 +35,10 @@ from banger.vms.service import VmService
 
 log = logging.getLogger("banger.sessions")
 
-RUNNING, EXITED, LOST = "running", "exited", "lost"
 MIRROR_RETRY = 1.0
 SYNC_TIMEOUT = 30.0
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 T = TypeVar("T")
-
-
-@dataclass
-class SessionRecord:
-    """One row of the sessions table."""
-
-    vm_id: str
-    name: str
-    kind: str
-    command: list[str]
-    tty: bool
-    restart: str
-    state: str
-    exit_code: int | None
-    signal: int | None
-    started_at: str
-    ended_at: str | None
-    restarts: int
-    meta: dict[str, Any]
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> SessionRecord:
-        return cls(
-            vm_id=row["vm_id"],
-            name=row["name"],
-            kind=row["kind"],
-            command=json.loads(row["command"]),
-            tty=bool(row["tty"]),
-            restart=row["restart"],
-            state=row["state"],
-            exit_code=row["exit_code"],
-            signal=row["signal"],
-            started_at=row["started_at"],
-            ended_at=row["ended_at"],
-            restarts=row["restarts"],
-            meta=json.loads(row["meta"] or "{}"),
-        )
-
-
-def _iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class SessionService:
@@ -153,7 +106,7 @@ class SessionService:
         self.store.execute(
             "UPDATE sessions SET state=?, exit_code=?, signal=?, ended_at=COALESCE(?, ended_at), restarts=? "
             "WHERE vm_id=? AND name=?",
-            (gs.state, gs.exit_code, gs.signal, _iso(gs.ended_at), gs.restarts, vm_id, gs.name),
+            (gs.state, gs.exit_code, gs.signal, iso(gs.ended_at), gs.restarts, vm_id, gs.name),
         )
         self._notify(vm_id, gs.name)
 
@@ -171,8 +124,8 @@ class SessionService:
                 gs.state,
                 gs.exit_code,
                 gs.signal,
-                _iso(gs.started_at) or _now(),
-                _iso(gs.ended_at),
+                iso(gs.started_at) or now(),
+                iso(gs.ended_at),
                 gs.restarts,
             ),
         )
@@ -191,7 +144,7 @@ class SessionService:
 
     def set_state(self, vm: VmRecord, name: str, state: str, *, exit_code: int | None = None) -> None:
         """Record a state reported by something other than the guest's supervisor (agent sessions)."""
-        ended = _now() if state != RUNNING else None
+        ended = now() if state != RUNNING else None
         self.store.execute(
             "UPDATE sessions SET state=?, exit_code=?, ended_at=COALESCE(?, ended_at) WHERE vm_id=? AND name=?",
             (state, exit_code, ended, vm.id, name),
@@ -296,7 +249,7 @@ class SessionService:
             self.store.execute("DELETE FROM sessions WHERE vm_id=? AND name=?", (vm.id, name))
             raise
         self.store.execute(
-            "UPDATE sessions SET started_at=? WHERE vm_id=? AND name=?", (_iso(gs.started_at), vm.id, name)
+            "UPDATE sessions SET started_at=? WHERE vm_id=? AND name=?", (iso(gs.started_at), vm.id, name)
         )
         self._update(vm.id, gs)
         self._mirror(vm.id, name)
