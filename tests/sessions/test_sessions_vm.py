@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import VENV_BIN, BangerEnv
 from tests.foundation.test_daemon import process_gone, wait_for
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done"
 
