@@ -19,7 +19,7 @@ from typing import Any
 from banger.agents.service import AgentVmService
 from banger.errors import BangerError, InvalidInputError
 from banger.guest.client import AgentClient
-from banger.guest.sessions import BoundedLog, LogReader
+from banger.guest.sessionlog import BoundedLog, LogReader
 from banger.sessions.model import RUNNING, SessionRecord
 from banger.vms.model import VmRecord
 

@@ -36,6 +36,7 @@ GUEST_FILES = (
     "execs.py",
     "ports.py",
     "sessions.py",
+    "sessionlog.py",
     "session_agent.py",
 )
 _HOSTNAME = re.compile(

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from banger.config import Settings
 from banger.errors import AlreadyExistsError, BangerError, InvalidInputError, NotFoundError
 from banger.guest.client import AgentClient, AgentError
-from banger.guest.sessions import HEADER_LEN, BoundedLog, LogReader, read_header
+from banger.guest.sessionlog import HEADER_LEN, BoundedLog, LogReader, read_header
 from banger.names import generate_name, validate_name
 from banger.sessions import guestapi
 from banger.sessions.guestapi import GuestSession
