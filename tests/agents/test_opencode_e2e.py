@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import REPO
 from tests.vms.conftest import installed_home
 
-pytestmark = [pytest.mark.vm, pytest.mark.net]
+pytestmark = [pytest.mark.vm, pytest.mark.net, pytest.mark.timeout(3600)]
 
 KEY = "sk-standin-" + secrets.token_hex(8)
 PORT = 18555

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import BangerEnv
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]  # opencode under TCG on a busy host is slow
 
 # Shared across runs: the 185 MB binary is fetched with npm once (the state root's cache is per test run).
 OPENCODE_CACHE = Path("/var/cache/banger-tests/opencode-cache/agents")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from banger import errors
-from banger.guest import sessions
+from banger.guest import sessionlog
 from banger.guest.client import AgentClient
 from banger.sessions import guestapi
 
@@ -76,8 +76,8 @@ async def wait_state(c: AgentClient, name: str, state: str, timeout: float = 30)
 
 def test_bounded_log_drops_oldest_and_readers_follow_rotation(tmp_path: Path) -> None:
     path = tmp_path / "output"
-    log = sessions.BoundedLog(path, 8192)
-    reader = sessions.LogReader(path)
+    log = sessionlog.BoundedLog(path, 8192)
+    reader = sessionlog.LogReader(path)
     log.append(b"a" * 5000)
     assert reader.read(0, 100) == (0, b"a" * 100)
     log.append(b"b" * 5000)  # past 8192: only the newest half is kept
@@ -86,12 +86,12 @@ def test_bounded_log_drops_oldest_and_readers_follow_rotation(tmp_path: Path) ->
     assert (start, data) == (100, b"a" * 4900 + b"b" * 5000)
     start, data = reader.read(10000, 100)
     assert (start, data) == (10000, b"")
-    start, data = sessions.LogReader(path).read(0, 1 << 20)
+    start, data = sessionlog.LogReader(path).read(0, 1 << 20)
     assert start == log.dropped and data == b"b" * 4096
-    reopened = sessions.BoundedLog(path, 8192)
+    reopened = sessionlog.BoundedLog(path, 8192)
     assert reopened.end == 10000
     reopened.restart_at(20000)
-    assert sessions.LogReader(path).read(0, 10) == (20000, b"")
+    assert sessionlog.LogReader(path).read(0, 10) == (20000, b"")
 
 
 def test_session_runs_streams_and_takes_input(tmp_path: Path, sessions_root: Path) -> None:

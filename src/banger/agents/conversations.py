@@ -19,8 +19,8 @@ from typing import Any
 from banger.agents.service import AgentVmService
 from banger.errors import BangerError, InvalidInputError
 from banger.guest.client import AgentClient
-from banger.guest.sessions import BoundedLog, LogReader
-from banger.sessions.service import RUNNING, SessionRecord
+from banger.guest.sessionlog import BoundedLog, LogReader
+from banger.sessions.model import RUNNING, SessionRecord
 from banger.vms.model import VmRecord
 
 POLL = 1.0
@@ -149,11 +149,14 @@ class Conversations:
                     tool_status[i] = event.get("status")
                     if emit is not None:
                         await emit({"event": event})
-            last = next((m for m in reversed(messages) if (m.get("info") or {}).get("role") == "assistant"), None)
-            info = (last or {}).get("info") or {}
-            finished = bool((info.get("time") or {}).get("completed") or info.get("error"))
-            # Idle by the status, confirmed by the messages: a new assistant message that completed or failed.
-            if busy or len(messages) <= known or not finished:
+            # Idle by the status, confirmed by the messages: the newest message is an assistant message written
+            # after our prompt (so not the previous turn's answer), and it completed or failed.
+            last = messages[-1] if len(messages) > known + 1 else {}
+            info = last.get("info") or {}
+            finished = info.get("role") == "assistant" and bool(
+                (info.get("time") or {}).get("completed") or info.get("error")
+            )
+            if busy or not finished:
                 continue
             events.append({"type": "idle", "time": int(time.time() * 1000)})
             self._save(vm, name, events)

@@ -38,6 +38,7 @@ GUEST_FILES = (
     "guesttunnel.py",
     "sshsetup.py",
     "sessions.py",
+    "sessionlog.py",
     "session_agent.py",
 )
 _HOSTNAME = re.compile(

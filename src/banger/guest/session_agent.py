@@ -30,13 +30,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING or __package__:
     from banger.guest import execs, sessions
     from banger.guest.protocol import MAX_CHUNK, Fd, Frame, Kind, Mux, Stream
+    from banger.guest.sessionlog import LogReader
 else:  # run from the seed drive, where the guest modules are plain siblings
     import execs
     from protocol import MAX_CHUNK, Fd, Frame, Kind, Mux, Stream
+    from sessionlog import LogReader
 
     import sessions
 
-START_TIMEOUT = 60.0
+START_TIMEOUT = 180.0  # two Python starts in a guest that may be emulated on a busy host
 _root = Path(sessions.DEFAULT_ROOT)
 
 
@@ -143,7 +145,7 @@ async def handle_read(session: Any, stream: Stream, frame: Frame) -> dict[str, A
     offset = int(frame.header.get("offset") or 0)
     follow = bool(frame.header.get("follow"))
     mux: Mux = session.mux
-    reader = sessions.LogReader(directory / sessions.OUTPUT)
+    reader = LogReader(directory / sessions.OUTPUT)
     conn = await _control(directory) if follow else None
     try:
         if conn is not None:

@@ -78,7 +78,7 @@ async def start(
     """Start a supervised session in the guest."""
     reply = await client.request(
         Kind.SESSION_START,
-        60.0,
+        240.0,
         name=name,
         argv=argv,
         env=env,
@@ -96,7 +96,7 @@ async def start(
 
 async def list_(client: AgentClient) -> list[GuestSession]:
     """Every session the guest has."""
-    reply = await client.request(Kind.SESSION_LIST, 30.0)
+    reply = await client.request(Kind.SESSION_LIST, 60.0)
     return [GuestSession.from_json(s) for s in reply.get("sessions") or []]
 
 
@@ -126,7 +126,7 @@ async def read(client: AgentClient, name: str, offset: int, *, follow: bool, sin
         client.forget(stream)
 
 
-async def control(client: AgentClient, name: str, op: str, wait: float = 30.0, **fields: Any) -> GuestSession:
+async def control(client: AgentClient, name: str, op: str, wait: float = 60.0, **fields: Any) -> GuestSession:
     """One control operation (input, resize, signal, stop) on a running session, answered within `wait` s."""
     reply = await client.request(Kind.SESSION_CTL, wait, name=name, op=op, **fields)
     return GuestSession.from_json(reply["session"])

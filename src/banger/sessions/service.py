@@ -17,18 +17,17 @@ import logging
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from banger.config import Settings
 from banger.errors import AlreadyExistsError, BangerError, InvalidInputError, NotFoundError
-from banger.guest.client import AgentClient
-from banger.guest.sessions import HEADER_LEN, BoundedLog, LogReader, read_header
+from banger.guest.client import AgentClient, AgentError
+from banger.guest.sessionlog import HEADER_LEN, BoundedLog, LogReader, read_header
 from banger.names import generate_name, validate_name
 from banger.sessions import guestapi
 from banger.sessions.guestapi import GuestSession
+from banger.sessions.model import LOST, RUNNING, SessionRecord, iso, now
 from banger.store.db import Store
 from banger.vms.agents import AgentEndpoint
 from banger.vms.model import VmRecord, VmState
@@ -36,55 +35,10 @@ from banger.vms.service import VmService
 
 log = logging.getLogger("banger.sessions")
 
-RUNNING, EXITED, LOST = "running", "exited", "lost"
 MIRROR_RETRY = 1.0
 SYNC_TIMEOUT = 30.0
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-@dataclass
-class SessionRecord:
-    """One row of the sessions table."""
-
-    vm_id: str
-    name: str
-    kind: str
-    command: list[str]
-    tty: bool
-    restart: str
-    state: str
-    exit_code: int | None
-    signal: int | None
-    started_at: str
-    ended_at: str | None
-    restarts: int
-    meta: dict[str, Any]
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> SessionRecord:
-        return cls(
-            vm_id=row["vm_id"],
-            name=row["name"],
-            kind=row["kind"],
-            command=json.loads(row["command"]),
-            tty=bool(row["tty"]),
-            restart=row["restart"],
-            state=row["state"],
-            exit_code=row["exit_code"],
-            signal=row["signal"],
-            started_at=row["started_at"],
-            ended_at=row["ended_at"],
-            restarts=row["restarts"],
-            meta=json.loads(row["meta"] or "{}"),
-        )
-
-
-def _iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+T = TypeVar("T")
 
 
 class SessionService:
@@ -152,7 +106,7 @@ class SessionService:
         self.store.execute(
             "UPDATE sessions SET state=?, exit_code=?, signal=?, ended_at=COALESCE(?, ended_at), restarts=? "
             "WHERE vm_id=? AND name=?",
-            (gs.state, gs.exit_code, gs.signal, _iso(gs.ended_at), gs.restarts, vm_id, gs.name),
+            (gs.state, gs.exit_code, gs.signal, iso(gs.ended_at), gs.restarts, vm_id, gs.name),
         )
         self._notify(vm_id, gs.name)
 
@@ -170,8 +124,8 @@ class SessionService:
                 gs.state,
                 gs.exit_code,
                 gs.signal,
-                _iso(gs.started_at) or _now(),
-                _iso(gs.ended_at),
+                iso(gs.started_at) or now(),
+                iso(gs.ended_at),
                 gs.restarts,
             ),
         )
@@ -190,7 +144,7 @@ class SessionService:
 
     def set_state(self, vm: VmRecord, name: str, state: str, *, exit_code: int | None = None) -> None:
         """Record a state reported by something other than the guest's supervisor (agent sessions)."""
-        ended = _now() if state != RUNNING else None
+        ended = now() if state != RUNNING else None
         self.store.execute(
             "UPDATE sessions SET state=?, exit_code=?, ended_at=COALESCE(?, ended_at) WHERE vm_id=? AND name=?",
             (state, exit_code, ended, vm.id, name),
@@ -215,6 +169,22 @@ class SessionService:
 
     async def agent(self, vm: VmRecord, timeout: float = 30.0) -> AgentClient:
         return await self.vms.agents.get(vm.id, AgentEndpoint.from_runtime(vm.runtime or {}), timeout)
+
+    async def with_agent(self, vm: VmRecord, call: Callable[[AgentClient], Awaitable[T]]) -> T:
+        """Run `call` with the VM's agent; once more on a fresh connection if the agent was restarted under it.
+
+        A restarted agent announces itself only when it is up; until then the pooled connection looks fine, and a
+        request on it fails with "disconnected" once the announcement arrives. Sessions outlive agents, so the
+        request is simply made again (callers make non-idempotent requests safe to repeat).
+        """
+        try:
+            return await call(await self.agent(vm))
+        except AgentError as exc:
+            if exc.data.get("agent_code") != "disconnected":
+                raise
+            log.info("vm %s: agent connection was reset; retrying on a new one", vm.name)
+            await self.vms.agents.drop(vm.id)
+            return await call(await self.agent(vm, 120.0))
 
     # -- operations --------------------------------------------------------------------------------------------
 
@@ -244,14 +214,21 @@ class SessionService:
         validate_name(name, "session name")
         if name in taken:
             raise AlreadyExistsError(f"VM {vm.name} has a session named {name!r} already")
-        client = await self.agent(vm)
         pending = GuestSession(name, kind, argv, tty, restart, RUNNING, None, None, None, None, 0, 0)
         try:
             self._insert(vm.id, pending)  # first: a daemon killed mid-start still knows the session
         except sqlite3.IntegrityError as exc:
             raise AlreadyExistsError(f"VM {vm.name} has a session named {name!r} already") from exc
-        try:
-            gs = await guestapi.start(
+        first = True
+
+        async def start_once(client: AgentClient) -> GuestSession:
+            nonlocal first
+            if not first:  # a repeat after a reset connection: the first request may have started it already
+                found = {s.name: s for s in await guestapi.list_(client)}
+                if name in found:
+                    return found[name]
+            first = False
+            return await guestapi.start(
                 client,
                 name,
                 argv,
@@ -265,11 +242,14 @@ class SessionService:
                 log_max_bytes=self._max_bytes(),
                 kind=kind,
             )
+
+        try:
+            gs = await self.with_agent(vm, start_once)
         except BaseException:
             self.store.execute("DELETE FROM sessions WHERE vm_id=? AND name=?", (vm.id, name))
             raise
         self.store.execute(
-            "UPDATE sessions SET started_at=? WHERE vm_id=? AND name=?", (_iso(gs.started_at), vm.id, name)
+            "UPDATE sessions SET started_at=? WHERE vm_id=? AND name=?", (iso(gs.started_at), vm.id, name)
         )
         self._update(vm.id, gs)
         self._mirror(vm.id, name)
@@ -283,7 +263,7 @@ class SessionService:
         for vm in vms:
             if vm.state is VmState.RUNNING and vm.runtime and self._rows(vm.id):
                 with contextlib.suppress(BangerError, OSError):
-                    for gs in await guestapi.list_(await self.agent(vm, 10.0)):
+                    for gs in await self.with_agent(vm, guestapi.list_):
                         if self.store.one("SELECT 1 FROM sessions WHERE vm_id=? AND name=?", (vm.id, gs.name)):
                             self._update(vm.id, gs)
             out += [self.to_json(r, vm.name) for r in self._rows(vm.id)]
@@ -327,7 +307,7 @@ class SessionService:
         if vm.state is not VmState.RUNNING or not vm.runtime:
             return
         try:
-            found = {s.name: s for s in await guestapi.list_(await self.agent(vm, 10.0))}
+            found = {s.name: s for s in await self.with_agent(vm, guestapi.list_)}
         except (BangerError, OSError) as exc:
             log.info("vm %s: cannot ask the guest about session %s: %s", vm.name, name, exc)
             return
@@ -386,7 +366,7 @@ class SessionService:
         """Write to a running session's stdin (then close it, with eof)."""
         vm = self.running_vm(vm_name)
         self.get(vm, name)
-        await guestapi.send_input(await self.agent(vm), name, data, eof=eof)
+        await self.with_agent(vm, lambda client: guestapi.send_input(client, name, data, eof=eof))
         return {"sent": len(data), "eof": eof}
 
     async def stop(self, vm_name: str, name: str, *, signal: int, timeout: float) -> dict[str, Any]:
@@ -394,8 +374,10 @@ class SessionService:
         vm = self.vms.get(vm_name)
         rec = self.get(vm, name)
         if vm.state is VmState.RUNNING and rec.state == RUNNING:
-            client = await self.agent(vm)
-            gs = await guestapi.control(client, name, "stop", timeout + 30.0, signal=signal, timeout=timeout)
+            gs = await self.with_agent(
+                vm,
+                lambda client: guestapi.control(client, name, "stop", timeout + 30.0, signal=signal, timeout=timeout),
+            )
             self._update(vm.id, gs)
         return self.to_json(self.get(vm, name), vm.name)
 
@@ -405,7 +387,7 @@ class SessionService:
         rec = self.get(vm, name)
         if vm.state is VmState.RUNNING and vm.runtime:
             try:
-                await guestapi.remove(await self.agent(vm), name, force=force)
+                await self.with_agent(vm, lambda client: guestapi.remove(client, name, force=force))
             except NotFoundError:
                 pass  # never reached the guest, or removed there already
             except InvalidInputError as exc:
