@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BangerEnv
-from tests.foundation.test_daemon import wait_for
 from tests.vms.conftest import installed_home
 from tests.vms.test_vm_network import Topology, ask, fetch_cmd, guest
 
@@ -41,7 +40,8 @@ def cloned(debian_kernel: Path, debian_image: Path) -> Iterator[tuple[BangerEnv,
             assert r.returncode == 0, r.stderr
             guest(benv, "orig", START_COUNTER)
             # The server must be listening before the snapshot: the clones inherit the listening socket.
-            wait_for(lambda: ":8000 " in guest(benv, "orig", "ss -ltn"), timeout=120, what="http.server in orig")
+            # One guest-side loop: polling with an exec each time would starve the 1-vCPU TCG guest.
+            guest(benv, "orig", "for i in $(seq 600); do ss -ltn | grep -q ':8000 ' && exit 0; sleep 0.5; done; exit 1")
             # An hour off: a clone whose clock was not stepped to the host's would show it.
             guest(benv, "orig", "date -s @$(( $(date +%s) - 3600 )) >/dev/null")
             r = benv.cli("vm", "clone", "orig", "--name", "c", "--count", "3", "--json", timeout=600)
