@@ -22,11 +22,17 @@ from tests.vms.test_vm_network import Topology, ask, fetch_cmd, guest
 pytestmark = [pytest.mark.vm, pytest.mark.net]
 
 CLONES = ["c-1", "c-2", "c-3"]
+# http.server's own startup looks its address up in DNS (getfqdn) before it listens, which in the test namespace
+# (no upstream resolver) takes long: this one binds and listens at once.
+SERVER = (
+    "import http.server as h, socketserver as s; h.HTTPServer.server_bind = s.TCPServer.server_bind; "
+    'h.HTTPServer(("0.0.0.0", 8000), h.SimpleHTTPRequestHandler).serve_forever()'
+)
 START_COUNTER = (
     "mkdir -p /srv/www && echo written-before-snapshot > /root/marker && "
     'setsid nohup sh -c "i=0; while true; do i=\\$((i+1)); echo \\$i > /tmp/counter; sleep 0.5; done" '
     ">/dev/null 2>&1 </dev/null & "
-    "cd /srv/www && setsid nohup python3 -m http.server 8000 >/dev/null 2>&1 </dev/null & sleep 0.5"
+    f"cd /srv/www && setsid nohup python3 -c '{SERVER}' >/dev/null 2>&1 </dev/null & sleep 0.5"
 )
 
 
@@ -41,7 +47,7 @@ def cloned(debian_kernel: Path, debian_image: Path) -> Iterator[tuple[BangerEnv,
             guest(benv, "orig", START_COUNTER)
             # The server must be listening before the snapshot: the clones inherit the listening socket.
             # One guest-side loop: polling with an exec each time would starve the 1-vCPU TCG guest.
-            guest(benv, "orig", "for i in $(seq 600); do ss -ltn | grep -q ':8000 ' && exit 0; sleep 0.5; done; exit 1")
+            guest(benv, "orig", "for i in $(seq 200); do ss -ltn | grep -q ':8000 ' && exit 0; sleep 0.5; done; exit 1")
             # An hour off: a clone whose clock was not stepped to the host's would show it.
             guest(benv, "orig", "date -s @$(( $(date +%s) - 3600 )) >/dev/null")
             r = benv.cli("vm", "clone", "orig", "--name", "c", "--count", "3", "--json", timeout=600)
@@ -173,6 +179,13 @@ def test_last_clone_takes_the_implicit_snapshot_with_it(cloned: tuple[BangerEnv,
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["name"] == "solo"
     (mine,) = implicit() - before
+    # A snapshot with --stop leaves the VM cleanly stopped; a clone then boots cold from its own overlay.
+    r = benv.cli("vm", "snapshot", "solo", "--name", "s3", "--stop", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert show(benv, "solo")["state"] == "stopped"
+    assert benv.cli("snapshot", "rm", "s3").returncode == 0
+    assert benv.cli("vm", "start", "solo", timeout=600).returncode == 0
+    assert guest(benv, "solo", "hostname; cat /root/marker").split() == ["solo", "written-before-snapshot"]
     benv.cli("vm", "rm", "-f", "solo", check=True, timeout=120)
     assert benv.cli("snapshot", "show", mine).returncode == 1
     assert implicit() == before
