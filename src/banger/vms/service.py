@@ -532,7 +532,7 @@ class VmService:
         """
         from banger.drivers import process
 
-        root_disk = str(self.vm_dir(vm.id) / ROOT_DISK)
+        root_disk = str(self._root_disk(vm).path)
         pids = await in_thread(process.pids_with_argument, root_disk)
         for pid in pids:
             started = process.start_time(pid)
