@@ -177,14 +177,15 @@ def memory_kib(pid: int) -> tuple[int, int]:
 
 
 def guest_ram_rss_kib(pid: int, memory_mib: int) -> int:
-    """Resident KiB of QEMU's guest-RAM mapping: the anonymous mapping exactly the guest's size (microvm with
+    """Resident KiB of QEMU's guest-RAM mapping: the anonymous (or memfd) mapping exactly the guest's size (microvm with
     under 3 GiB of RAM has one RAM block); the rest of QEMU's RSS is its own (TCG code cache, kernel image, libs)."""
     rss, size, anon = 0, 0, False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         head = line.split()
         if "-" in head[0] and ":" not in head[0]:
             lo, hi = (int(x, 16) for x in head[0].split("-"))
-            size, anon = hi - lo, len(head) < 6
+            # Guest RAM is an anonymous mapping, or the shared memfd that makes snapshots possible.
+            size, anon = hi - lo, len(head) < 6 or head[5].startswith("/memfd:memory-backend-memfd")
         elif head[0] == "Rss:" and anon and size == memory_mib * 2**20:
             rss += int(head[1])
     return rss

@@ -86,7 +86,8 @@ def test_agent_argv_follows_transport() -> None:
     assert auto == [
         "/usr/bin/python3",
         "-B",
-        "/run/banger/seed/agent.py",
+        "-c",
+        "import sys,runpy; sys.path.insert(0, '/run/banger/seed'); runpy.run_module('agent', run_name='__main__')",
         "--init-pid",
         "1",
         "--serial",

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from banger.errors import InvalidInputError
-from banger.guest.seed import GUEST_DIR, GUEST_FILES, AgentTransport, NetInterface, Network, SeedMeta, build_seed
+from banger.guest.seed import (
+    GUEST_DIR,
+    GUEST_FILES,
+    AgentTransport,
+    NetInterface,
+    Network,
+    SeedMeta,
+    build_seed,
+    stage_seed,
+)
 
 
 def debugfs(image: Path, request: str) -> str:
@@ -61,3 +71,27 @@ def test_invalid_metadata_is_refused(tmp_path: Path) -> None:
         NetInterface("eth0", "02:00:00:00:00:01", "10.0.0.2", 24, gateway="fd00::1")
     with pytest.raises(InvalidInputError, match="nameserver"):
         Network((), nameservers=("dns.example",))
+
+
+def test_seed_ships_bytecode_the_guest_can_load(tmp_path: Path) -> None:
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    stage_seed(stage, SeedMeta(hostname="h", vm_name="h"))
+    tag = sys.implementation.cache_tag
+    for name in GUEST_FILES:
+        pyc = stage / "__pycache__" / f"{Path(name).stem}.{tag}.pyc"
+        assert pyc.stat().st_mode & 0o777 == 0o644
+        flags = int.from_bytes(pyc.read_bytes()[4:8], "little")
+        assert flags == 0b01  # hash-based, unchecked: the seed is read-only and built from these very sources
+    # The agent starts as init starts it (a module run from the seed directory), loading bytecode, not sources.
+    for name in GUEST_FILES:
+        (stage / name).write_text("raise SystemExit('source was compiled instead of the bytecode')\n")
+    argv = init_agent_argv(str(stage))
+    done = subprocess.run([argv[0], *argv[1:4], "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "banger-agent" in done.stdout, done.stderr
+
+
+def init_agent_argv(seed_dir: str) -> list[str]:
+    from banger.guest import init
+
+    return init.agent_argv({"agent": {"transport": "vsock"}}, sys.executable, seed_dir=seed_dir)

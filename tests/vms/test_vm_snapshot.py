@@ -16,19 +16,46 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BangerEnv
-from tests.foundation.test_daemon import wait_for
 from tests.vms.conftest import installed_home
-from tests.vms.test_vm_network import Topology, ask, fetch_cmd, guest
+from tests.vms.test_vm_network import Topology, ask, guest
 
 pytestmark = [pytest.mark.vm, pytest.mark.net]
 
 CLONES = ["c-1", "c-2", "c-3"]
+# A tiny HTTP server that answers every request with the content of /srv/www/who: http.server's imports (and its
+# DNS lookup before it listens) take minutes on a loaded 1-vCPU TCG guest.
+SERVE = """import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8000))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    try:
+        body = open("/srv/www/who", "rb").read()
+    except OSError:
+        body = b"nobody"
+    c.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\n" + body)
+    c.close()
+"""
 START_COUNTER = (
-    "mkdir -p /srv/www && echo written-before-snapshot > /root/marker && "
+    f"mkdir -p /srv/www && echo written-before-snapshot > /root/marker && cat > /srv/serve.py <<'EOF'\n{SERVE}EOF\n"
     'setsid nohup sh -c "i=0; while true; do i=\\$((i+1)); echo \\$i > /tmp/counter; sleep 0.5; done" '
     ">/dev/null 2>&1 </dev/null & "
-    "cd /srv/www && setsid nohup python3 -m http.server 8000 >/dev/null 2>&1 </dev/null & sleep 0.5"
+    "setsid nohup python3 /srv/serve.py >/dev/null 2>&1 </dev/null & sleep 0.5"
 )
+# Port 8000 is 1F40 in /proc/net/tcp; a shell loop is the cheapest wait on a guest this slow.
+WAIT_LISTEN = "for i in $(seq 100); do grep -q ':1F40 00000000:0000 0A' /proc/net/tcp && exit 0; sleep 1; done; exit 1"
+
+
+def fetch(host: str) -> str:
+    """A guest command printing the body `host`'s server answers (plain sockets: urllib is slow to import)."""
+    code = (
+        "import socket; c = socket.create_connection(('HOST', 8000), 20); c.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); "
+        "print(c.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode())"
+    ).replace("HOST", host)
+    return f'python3 -c "{code}"'
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +68,8 @@ def cloned(debian_kernel: Path, debian_image: Path) -> Iterator[tuple[BangerEnv,
             assert r.returncode == 0, r.stderr
             guest(benv, "orig", START_COUNTER)
             # The server must be listening before the snapshot: the clones inherit the listening socket.
-            wait_for(lambda: ":8000 " in guest(benv, "orig", "ss -ltn"), timeout=120, what="http.server in orig")
+            # One guest-side loop: polling with an exec each time would starve the 1-vCPU TCG guest.
+            guest(benv, "orig", WAIT_LISTEN)
             # An hour off: a clone whose clock was not stepped to the host's would show it.
             guest(benv, "orig", "date -s @$(( $(date +%s) - 3600 )) >/dev/null")
             r = benv.cli("vm", "clone", "orig", "--name", "c", "--count", "3", "--json", timeout=600)
@@ -94,7 +122,7 @@ def test_clones_reach_each_other_by_name_and_do_not_disturb_one_another(cloned: 
     for name in ["orig", *CLONES]:
         guest(benv, name, "hostname > /srv/www/who")
     for src, dst in (("c-1", "c-2"), ("c-2", "c-3"), ("c-3", "orig"), ("orig", "c-1")):
-        assert guest(benv, src, fetch_cmd(f"http://{dst}.vm:8000/who")).strip() == dst
+        assert guest(benv, src, fetch(f"{dst}.vm")).strip() == dst
     # A file written in one clone is not seen by the others or the original.
     guest(benv, "c-1", "echo mine > /root/only-c1")
     for name in ["orig", "c-2", "c-3"]:
@@ -173,6 +201,13 @@ def test_last_clone_takes_the_implicit_snapshot_with_it(cloned: tuple[BangerEnv,
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["name"] == "solo"
     (mine,) = implicit() - before
+    # A snapshot with --stop leaves the VM cleanly stopped; a clone then boots cold from its own overlay.
+    r = benv.cli("vm", "snapshot", "solo", "--name", "s3", "--stop", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert show(benv, "solo")["state"] == "stopped"
+    assert benv.cli("snapshot", "rm", "s3").returncode == 0
+    assert benv.cli("vm", "start", "solo", timeout=600).returncode == 0
+    assert guest(benv, "solo", "hostname; cat /root/marker").split() == ["solo", "written-before-snapshot"]
     benv.cli("vm", "rm", "-f", "solo", check=True, timeout=120)
     assert benv.cli("snapshot", "show", mine).returncode == 1
     assert implicit() == before

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import errno
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +33,8 @@ MIGRATION_FD = "banger-migration"
 MIGRATE_TIMEOUT = 300.0
 _CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 _DONE = ("completed", "failed", "cancelled")
+# QemuDriver.qmp: one command on a fresh connection.
+Qmp = Callable[..., Awaitable[Any]]
 
 
 def _opt(value: str | os.PathLike[str]) -> str:
@@ -170,3 +172,29 @@ def _copy_extents(src: int, out: int, size: int) -> int:
         copied += end - start
         offset = end
     return copied
+
+
+async def freeze_disk(qmp: Qmp, handle: VmmHandle, device: str, overlay: Path) -> None:
+    """Redirect the guest's writes to a new qcow2 overlay, so the file under it stays as it is now (a paused guest)."""
+    await qmp(handle, "blockdev-snapshot-sync", {"device": device, "snapshot-file": str(overlay), "format": "qcow2"})
+
+
+async def thaw_disk(qmp: Qmp, handle: VmmHandle, device: str, base: Path, timeout: float = MIGRATE_TIMEOUT) -> None:
+    """Fold the overlay of `freeze_disk` back into `base` (an active block-commit) and run on `base` again."""
+    job = f"banger-commit-{device}"
+    await qmp(handle, "block-commit", {"device": device, "job-id": job})
+    async with process.deadline(timeout, f"folding the write overlay of {device} back into {base.name}"):
+        delay = 0.01
+        while True:
+            jobs = {j["device"]: j for j in await qmp(handle, "query-block-jobs")}
+            if job not in jobs:
+                break
+            if jobs[job].get("ready") and jobs[job].get("status") == "ready":
+                await qmp(handle, "block-job-complete", {"device": job})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+    for block in await qmp(handle, "query-block"):
+        if block.get("device") == device:
+            current = (block.get("inserted") or {}).get("file")
+            if current != str(base):
+                raise ToolError(f"{device} still runs on {current} after folding its write overlay into {base}")

@@ -133,7 +133,10 @@ def agent_argv(meta: dict[str, Any], python: str, seed_dir: str = SEED_DIR) -> l
     """How to start the agent for the transport meta.json asks for."""
     agent = meta.get("agent") or {}
     transport = agent.get("transport", "auto")
-    argv = [python, "-B", f"{seed_dir}/agent.py", "--init-pid", "1"]
+    # Run as a module, not as a script: a script given by path is compiled afresh every time, a module is loaded
+    # from the bytecode the seed ships (seed.compile_guest_modules).
+    bootstrap = f"import sys,runpy; sys.path.insert(0, {seed_dir!r}); runpy.run_module('agent', run_name='__main__')"
+    argv = [python, "-B", "-c", bootstrap, "--init-pid", "1"]
     if transport in ("auto", "virtio-serial"):
         argv += ["--serial", str(agent.get("serial_port", "org.banger.agent"))]
     if transport in ("auto", "vsock"):

@@ -12,8 +12,10 @@ import enum
 import ipaddress
 import json
 import os
+import py_compile
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,17 +158,40 @@ class SeedMeta:
         }
 
 
-def stage_seed(directory: Path, meta: SeedMeta) -> None:
+def compile_guest_modules(directory: Path) -> None:
+    """Bytecode for the guest modules in `directory`/__pycache__, so the guest does not compile them at every boot.
+
+    The seed is read-only (the guest could never cache bytecode itself) and built afresh for every boot from the
+    very sources beside it, so the bytecode is not checked against them (unchecked-hash). A guest whose Python
+    has another bytecode version ignores it and compiles the sources as before.
+    """
+    cache = directory / "__pycache__"
+    cache.mkdir(mode=0o755, exist_ok=True)
+    for name in GUEST_FILES:
+        target = cache / f"{Path(name).stem}.{sys.implementation.cache_tag}.pyc"
+        py_compile.compile(
+            str(directory / name),
+            cfile=str(target),
+            dfile=f"/run/banger/seed/{name}",
+            doraise=True,
+            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        )
+        os.chmod(target, 0o644)
+
+
+def stage_seed(directory: Path, meta: SeedMeta, *, bytecode: bool = True) -> None:
     """Write the seed's files into `directory` (the future root of the image)."""
     for name in GUEST_FILES:
         shutil.copyfile(GUEST_DIR / name, directory / name)
         os.chmod(directory / name, 0o644)
+    if bytecode:
+        compile_guest_modules(directory)
     (directory / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
     os.chmod(directory / META_FILE, 0o644)
     os.chmod(directory, 0o755)
 
 
-def build_seed(out_path: Path, meta: SeedMeta) -> None:
+def build_seed(out_path: Path, meta: SeedMeta, *, bytecode: bool = True) -> None:
     """Build the seed ext4 image at `out_path` atomically (temp file + rename)."""
     mkfs = proc.which("mkfs.ext4", hint="install e2fsprogs")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +201,7 @@ def build_seed(out_path: Path, meta: SeedMeta) -> None:
         # Staged next to the image, not in /tmp: what a killed daemon leaves is then swept with the VM's files.
         stage_tmp = tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", suffix=".stage.tmp", dir=out_path.parent)
         with stage_tmp as stage:
-            stage_seed(Path(stage), meta)
+            stage_seed(Path(stage), meta, bytecode=bytecode)
             argv = [mkfs, "-q", "-F", "-L", SEED_LABEL, "-m", "0", "-E", "root_owner=0:0", "-d", stage]
             proc.run([*argv, tmp_img, SEED_SIZE], step="build seed drive", timeout=120)
         os.replace(tmp_img, out_path)

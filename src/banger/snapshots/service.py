@@ -238,23 +238,38 @@ class SnapshotService:
         return snap
 
     async def _save(self, vm: VmRecord, handle: VmmHandle, sdir: Path, progress: Progress) -> float:
-        """Pause the guest, save disks, device state and RAM, and let it run again; returns the pause length."""
+        """Pause the guest, save device state and RAM, and let it run again; returns the pause length.
+
+        The root disk is not copied during the pause: its writes go to a qcow2 overlay from the pause on, the
+        frozen file under it is copied while the guest runs, and the overlay is then folded back into it.
+        """
         driver = self.vms.driver(VmmKind.QEMU)
         if not isinstance(driver, QemuDriver):
             raise UnsupportedError("only QEMU VMs can be snapshotted")
         root = self.vms._root_disk(vm)
-        progress(ProgressEvent(step="pause the guest and save its disks, devices and memory"))
+        overlay = root.path.with_name(f"{root.path.name}.writes-{sdir.name}.qcow2")
+        progress(ProgressEvent(step="pause the guest and save its devices and memory"))
         started = time.monotonic()
         await driver.qmp(handle, "stop")
+        frozen = False
         try:
-            await in_thread(_copy_disk, root.path, sdir / ROOT, root.format)
-            await in_thread(_copy_disk, self.vms.vm_dir(vm.id) / SEED_DISK, sdir / SEED, "raw")
+            await qemu_migrate.freeze_disk(driver.qmp, handle, "disk0", overlay)
+            frozen = True
             await qemu_migrate.save_state(handle, sdir / STATE)
             await in_thread(qemu_migrate.copy_guest_memory, handle.pid, sdir / MEMORY, vm.memory_mib << 20)
         finally:
             # After a migration QEMU is in "postmigrate"; cont re-activates its disks and runs the guest on.
             await driver.qmp(handle, "cont")
-        return time.monotonic() - started
+            pause = time.monotonic() - started
+            if frozen:
+                progress(ProgressEvent(step="copy the frozen disks (the guest runs on)"))
+                try:
+                    await in_thread(_copy_disk, root.path, sdir / ROOT, root.format)
+                    await in_thread(_copy_disk, self.vms.vm_dir(vm.id) / SEED_DISK, sdir / SEED, "raw")
+                finally:
+                    await qemu_migrate.thaw_disk(driver.qmp, handle, "disk0", root.path)
+                    overlay.unlink(missing_ok=True)
+        return pause
 
     # -- remove ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,166 @@
+"""Snapshots and clones against cold boots, and the guest-bytecode change of the cold boot, in one run.
+
+Measured in the same run, all QEMU TCG, 1 vCPU, --net none:
+- cold `vm create` to agent-ready (CLI wall; it returns when the agent answers): the baseline;
+- `vm clone SRC` to agent-ready (the snapshot of SRC, the restore, the new identity: all of it) and
+  `vm create --from-snapshot SNAP` to agent-ready, each as a ratio to the cold create (target: <= 0.2x);
+- host memory of N clones against N cold VMs: the sum of their QEMU processes' Pss (shared pages, such as the
+  snapshot's RAM image in the page cache, are split between their users, so the sum counts them once), and RSS;
+- disk per clone (allocated bytes of its overlay and seed) against a cold VM's root disk;
+- cold boot phases with the seed drive's guest bytecode off and on (item 5), on bare QEMU with banger's argv.
+Run (as root): .venv/bin/python bench/bench_snapshot.py [--runs 3] [--boot-runs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from banger.drivers.base import Disk
+from banger.guest.seed import SeedMeta, build_seed
+from banger.vms.disk import clone_root_disk
+from banger.vms.service import GUEST_CMDLINE
+from bench_vm import (
+    AGENT_READY,
+    BANGER,
+    IMAGE,
+    INIT_READY,
+    INIT_START,
+    KERNEL,
+    PRESET,
+    Home,
+    banger_home,
+    bare_spec,
+    boot_bare,
+    cleanup_on_signals,
+    image_file,
+    kernel_cmdline,
+    log,
+    memory_kib,
+    timed,
+    vm_qemu_pid,
+)
+
+
+def allocated(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in path.iterdir() if p.is_file())
+
+
+def vm_dir(home: Home, name: str) -> Path:
+    return Path(json.loads(home.banger("vm", "show", name, "--json").stdout)["dir"])
+
+
+def bench_restore(home: Home, runs: int, memory: int) -> None:
+    cold: list[float] = []
+    for i in range(runs):
+        cold.append(home.create(f"cold{i}", memory))
+        log(f"cold create {i + 1}/{runs}: {cold[-1]:.2f}s")
+    home.create("src", memory)
+    clone: list[float] = []
+    for i in range(runs):
+        home.vms.append(f"clone{i}")
+        clone.append(timed([BANGER, "vm", "clone", "src", "--name", f"clone{i}"], home.env))
+        log(f"vm clone {i + 1}/{runs}: {clone[-1]:.2f}s")
+    snap = json.loads(home.banger("vm", "snapshot", "src", "--name", "s0", "--json").stdout)
+    restored: list[float] = []
+    for i in range(runs):
+        home.vms.append(f"rest{i}")
+        restored.append(timed([BANGER, "vm", "create", "--from-snapshot", "s0", "--name", f"rest{i}"], home.env))
+        log(f"create --from-snapshot {i + 1}/{runs}: {restored[-1]:.2f}s")
+    base = statistics.median(cold)
+    print(f"\nto agent-ready ({runs} runs each, 1 vCPU, {memory} MiB, QEMU TCG, --net none), seconds")
+    print(f"{'measure':<44} {'p50 s':>7} {'min s':>7} {'x cold p50':>10}")
+    for label, xs in (
+        ("cold vm create (baseline)", cold),
+        ("vm clone SRC (snapshot + restore + identity)", clone),
+        ("vm create --from-snapshot SNAP", restored),
+    ):
+        print(f"{label:<44} {statistics.median(xs):7.2f} {min(xs):7.2f} {statistics.median(xs) / base:10.2f}")
+    print(f"snapshot of SRC: guest paused {snap['pause_seconds']} s, {snap['size_bytes'] / 2**20:.0f} MiB on disk")
+    for label, xs in (("clone", clone), ("create --from-snapshot", restored)):
+        ratio = statistics.median(xs) / base
+        print(f"target {label} <= 0.2x cold: {ratio:.2f}x -> {'PASS' if ratio <= 0.2 else 'MISS'}")
+
+    time.sleep(3)  # let the newest guests settle
+    print(f"\nhost memory, {runs} clones of one snapshot against {runs} cold VMs ({memory} MiB guests)")
+    print(f"{'group':<28} {'sum Pss MiB':>12} {'sum RSS MiB':>12} {'Pss/VM MiB':>11}")
+    sums = {}
+    for label, names in (
+        ("cold VMs", [f"cold{i}" for i in range(runs)]),
+        ("clones", [f"rest{i}" for i in range(runs)]),
+    ):
+        stats = [memory_kib(vm_qemu_pid(home, n)) for n in names]
+        pss, rss = sum(s[1] for s in stats) / 1024, sum(s[0] for s in stats) / 1024
+        sums[label] = pss
+        print(f"{label:<28} {pss:12.1f} {rss:12.1f} {pss / runs:11.1f}")
+    print(f"clones / cold by Pss: {sums['clones'] / sums['cold VMs']:.2f}x")
+
+    print("\ndisk per VM (allocated bytes)")
+    cold_disk = allocated(vm_dir(home, "cold0"))
+    clone_disk = statistics.median(allocated(vm_dir(home, f"rest{i}")) for i in range(runs))
+    print(f"{'cold VM dir (root disk copy + seed)':<44} {cold_disk / 2**20:9.1f} MiB")
+    print(f"{'clone VM dir (qcow2 overlay + seed)':<44} {clone_disk / 2**20:9.1f} MiB")
+    print(f"{'snapshot (shared by all its clones)':<44} {snap['size_bytes'] / 2**20:9.1f} MiB")
+
+
+def bench_bytecode(home: Home, runs: int, memory: int) -> None:
+    """Boot phases with the seed's guest bytecode off and on, interleaved, on bare QEMU with banger's argv."""
+    kdir = home.path / "kernels" / KERNEL
+    image = image_file(home, IMAGE)
+    work = home.path / "bytecode"
+    work.mkdir()
+    seeds = {}
+    for on in (False, True):
+        seeds[on] = work / f"seed-{on}.ext4"
+        build_seed(seeds[on], SeedMeta(hostname="bare", vm_name="bare"), bytecode=on)
+    cmdline = " ".join([*kernel_cmdline(kdir), GUEST_CMDLINE])
+    initrd = kdir / "initrd.img" if (kdir / "initrd.img").is_file() else None
+    stamps: dict[bool, dict[bytes, list[float]]] = {
+        on: {INIT_START: [], INIT_READY: [], AGENT_READY: []} for on in seeds
+    }
+    for i in range(runs):
+        for on in (False, True):
+            root = work / "root.ext4"
+            root.unlink(missing_ok=True)
+            clone_root_disk(image, root, image.stat().st_size)
+            disks = (Disk(root), Disk(seeds[on], read_only=True))
+            spec = bare_spec(work, kdir, "bare", memory, initrd, cmdline, disks, agent=True)
+            for m, t in boot_bare(spec, tuple(stamps[on])).items():
+                stamps[on][m].append(t)
+            log(f"boot {i + 1}/{runs} bytecode {'on' if on else 'off'}: agent {stamps[on][AGENT_READY][-1]:.2f}s")
+    print(f"\ncold boot phases, seed bytecode off vs on ({runs} runs each, interleaved), seconds from QEMU launch")
+    print(f"{'phase':<36} {'off p50':>8} {'on p50':>8} {'off min':>8} {'on min':>8}")
+    for m in (INIT_START, INIT_READY, AGENT_READY):
+        off, on = stamps[False][m], stamps[True][m]
+        label = m.decode()
+        print(f"{label:<36} {statistics.median(off):8.2f} {statistics.median(on):8.2f} {min(off):8.2f} {min(on):8.2f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3, help="cold VMs, clones and restores (each kept for memory)")
+    ap.add_argument("--boot-runs", type=int, default=2, help="bare boots per side for the bytecode comparison")
+    ap.add_argument("--memory", type=int, default=512, help="guest MiB")
+    ap.add_argument("--skip-bytecode", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (banger's QEMU driver needs it here)")
+    cleanup_on_signals()
+    with banger_home() as home:
+        log(f"state root {home.path}; building image {IMAGE} (warm bootstrap cache)")
+        home.banger("image", "build", IMAGE, "--preset", PRESET, timeout=1200)
+        bench_restore(home, args.runs, args.memory)
+        if not args.skip_bytecode:
+            bench_bytecode(home, args.boot_runs, args.memory)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
