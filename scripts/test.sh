@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up a fresh Debian 12 host (as root) and runs every check: ruff, mypy, pytest (VM tests included).
+# Sets up a fresh Debian 12 host (as root) and runs every check: ruff, mypy, the README's main job, then pytest
+# (VM tests included) on the host state that job leaves behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
@@ -9,6 +10,9 @@ ruff check src tests bench
 ruff format --check src tests bench
 echo "== mypy"
 mypy
+echo "== main job (README), so that the tests run on a host where it ran (issue 9: ip_forward, bridge, state)"
+banger vm run --rm --no-workspace -- uname -a
+banger daemon stop
 echo "== pytest"
 set +e
 pytest "$@"
