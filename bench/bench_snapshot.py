@@ -7,23 +7,28 @@ Measured in the same run, all QEMU TCG, 1 vCPU, --net none:
 - host memory of N clones against N cold VMs: the sum of their QEMU processes' Pss (shared pages, such as the
   snapshot's RAM image in the page cache, are split between their users, so the sum counts them once), and RSS;
 - disk per clone (allocated bytes of its overlay and seed) against a cold VM's root disk;
-- cold boot phases with the seed drive's guest bytecode off and on (item 5), on bare QEMU with banger's argv.
+- cold boot phases with the seed drive's guest bytecode off and on (item 5), and with guest RAM in the shared
+  memfd that snapshots need against QEMU's default anonymous RAM (what the memfd costs every VM), on bare QEMU
+  with banger's argv.
 Run (as root): .venv/bin/python bench/bench_snapshot.py [--runs 3] [--boot-runs 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from banger.drivers.base import Disk
+from banger.drivers.qemu import QemuDriver
 from banger.guest.seed import SeedMeta, build_seed
 from banger.vms.disk import clone_root_disk
 from banger.vms.service import GUEST_CMDLINE
@@ -110,11 +115,41 @@ def bench_restore(home: Home, runs: int, memory: int) -> None:
     print(f"{'snapshot (shared by all its clones)':<44} {snap['size_bytes'] / 2**20:9.1f} MiB")
 
 
-def bench_bytecode(home: Home, runs: int, memory: int) -> None:
-    """Boot phases with the seed's guest bytecode off and on, interleaved, on bare QEMU with banger's argv."""
+def anonymous_ram(argv: list[str]) -> list[str]:
+    """banger's QEMU argv with guest RAM as QEMU's default anonymous memory instead of the shared memfd."""
+    out: list[str] = []
+    skip = 0
+    for i, arg in enumerate(argv):
+        if skip:
+            skip -= 1
+            continue
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if (arg == "-object" and nxt.startswith("memory-backend-memfd")) or (
+            arg == "-machine" and nxt.startswith("memory-backend=")
+        ):
+            skip = 1
+            continue
+        out.append(arg)
+    return out
+
+
+@contextlib.contextmanager
+def ram_mode(anonymous: bool) -> Iterator[None]:
+    """Within: QemuDriver.argv gives anonymous guest RAM (for the memfd cost comparison) when asked."""
+    original = QemuDriver.argv
+    if anonymous:
+        QemuDriver.argv = lambda self, *a, **kw: anonymous_ram(original(self, *a, **kw))  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        QemuDriver.argv = original  # type: ignore[method-assign]
+
+
+def bench_boot_variants(home: Home, runs: int, memory: int) -> None:
+    """Boot phases: seed bytecode off / on (item 5), and memfd vs anonymous guest RAM, interleaved, on bare QEMU."""
     kdir = home.path / "kernels" / KERNEL
     image = image_file(home, IMAGE)
-    work = home.path / "bytecode"
+    work = home.path / "variants"
     work.mkdir()
     seeds = {}
     for on in (False, True):
@@ -122,25 +157,31 @@ def bench_bytecode(home: Home, runs: int, memory: int) -> None:
         build_seed(seeds[on], SeedMeta(hostname="bare", vm_name="bare"), bytecode=on)
     cmdline = " ".join([*kernel_cmdline(kdir), GUEST_CMDLINE])
     initrd = kdir / "initrd.img" if (kdir / "initrd.img").is_file() else None
-    stamps: dict[bool, dict[bytes, list[float]]] = {
-        on: {INIT_START: [], INIT_READY: [], AGENT_READY: []} for on in seeds
+    variants = {
+        "bytecode off, memfd RAM": (False, False),
+        "bytecode on, memfd RAM (banger now)": (True, False),
+        "bytecode on, anonymous RAM": (True, True),
     }
+    markers = (INIT_START, INIT_READY, AGENT_READY)
+    stamps = {v: {m: [] for m in markers} for v in variants}
     for i in range(runs):
-        for on in (False, True):
+        for label, (bytecode, anonymous) in variants.items():
             root = work / "root.ext4"
             root.unlink(missing_ok=True)
             clone_root_disk(image, root, image.stat().st_size)
-            disks = (Disk(root), Disk(seeds[on], read_only=True))
+            disks = (Disk(root), Disk(seeds[bytecode], read_only=True))
             spec = bare_spec(work, kdir, "bare", memory, initrd, cmdline, disks, agent=True)
-            for m, t in boot_bare(spec, tuple(stamps[on])).items():
-                stamps[on][m].append(t)
-            log(f"boot {i + 1}/{runs} bytecode {'on' if on else 'off'}: agent {stamps[on][AGENT_READY][-1]:.2f}s")
-    print(f"\ncold boot phases, seed bytecode off vs on ({runs} runs each, interleaved), seconds from QEMU launch")
-    print(f"{'phase':<36} {'off p50':>8} {'on p50':>8} {'off min':>8} {'on min':>8}")
-    for m in (INIT_START, INIT_READY, AGENT_READY):
-        off, on = stamps[False][m], stamps[True][m]
-        label = m.decode()
-        print(f"{label:<36} {statistics.median(off):8.2f} {statistics.median(on):8.2f} {min(off):8.2f} {min(on):8.2f}")
+            with ram_mode(anonymous):
+                for m, t in boot_bare(spec, markers).items():
+                    stamps[label][m].append(t)
+            log(f"boot {i + 1}/{runs} {label}: agent {stamps[label][AGENT_READY][-1]:.2f}s")
+    print(f"\ncold boot phases ({runs} runs each, interleaved), seconds from QEMU launch (p50 / min)")
+    print(f"{'variant':<38} " + " ".join(f"{m.decode()[:26]:>28}" for m in markers))
+    for label in variants:
+        cells = " ".join(
+            f"{statistics.median(stamps[label][m]):13.2f} / {min(stamps[label][m]):6.2f}      " for m in markers
+        )
+        print(f"{label:<38} {cells}")
 
 
 def main() -> int:
@@ -148,7 +189,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="cold VMs, clones and restores (each kept for memory)")
     ap.add_argument("--boot-runs", type=int, default=2, help="bare boots per side for the bytecode comparison")
     ap.add_argument("--memory", type=int, default=512, help="guest MiB")
-    ap.add_argument("--skip-bytecode", action="store_true")
+    ap.add_argument("--skip-boot", action="store_true", help="skip the boot-phase comparisons")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (banger's QEMU driver needs it here)")
@@ -157,8 +198,8 @@ def main() -> int:
         log(f"state root {home.path}; building image {IMAGE} (warm bootstrap cache)")
         home.banger("image", "build", IMAGE, "--preset", PRESET, timeout=1200)
         bench_restore(home, args.runs, args.memory)
-        if not args.skip_bytecode:
-            bench_bytecode(home, args.boot_runs, args.memory)
+        if not args.skip_boot:
+            bench_boot_variants(home, args.boot_runs, args.memory)
     return 0
 
 

@@ -202,8 +202,12 @@ def test_last_clone_takes_the_implicit_snapshot_with_it(cloned: tuple[BangerEnv,
     assert json.loads(r.stdout)["name"] == "solo"
     (mine,) = implicit() - before
     # A snapshot with --stop leaves the VM cleanly stopped; a clone then boots cold from its own overlay.
+    parent_disk = Path(json.loads(benv.cli("snapshot", "show", mine, "--json", check=True).stdout)["path"]) / "root.img"
+    before_stat = parent_disk.stat()
     r = benv.cli("vm", "snapshot", "solo", "--name", "s3", "--stop", "--json", timeout=300)
     assert r.returncode == 0, r.stderr
+    after_stat = parent_disk.stat()  # a clone's snapshot never writes into the disk its siblings share
+    assert (after_stat.st_mtime_ns, after_stat.st_size) == (before_stat.st_mtime_ns, before_stat.st_size)
     assert show(benv, "solo")["state"] == "stopped"
     assert benv.cli("snapshot", "rm", "s3").returncode == 0
     assert benv.cli("vm", "start", "solo", timeout=600).returncode == 0

@@ -182,7 +182,9 @@ async def freeze_disk(qmp: Qmp, handle: VmmHandle, device: str, overlay: Path) -
 async def thaw_disk(qmp: Qmp, handle: VmmHandle, device: str, base: Path, timeout: float = MIGRATE_TIMEOUT) -> None:
     """Fold the overlay of `freeze_disk` back into `base` (an active block-commit) and run on `base` again."""
     job = f"banger-commit-{device}"
-    await qmp(handle, "block-commit", {"device": device, "job-id": job})
+    # `base` is required: by default the commit goes down to the bottom of the chain, which for a clone is the
+    # snapshot's disk that its siblings share.
+    await qmp(handle, "block-commit", {"device": device, "job-id": job, "base": str(base)})
     async with process.deadline(timeout, f"folding the write overlay of {device} back into {base.name}"):
         delay = 0.01
         while True:
