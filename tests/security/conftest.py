@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import VENV_BIN, BangerEnv, CliResult
+from tests.images.conftest import debian_image, debian_rootfs_tar  # noqa: F401
+from tests.kernels.conftest import debian_kernel  # noqa: F401
 
 DEBIAN_PYTHON = "/usr/bin/python3"
 
@@ -160,6 +162,20 @@ def group_daemon(users: Users) -> Iterator[BangerEnv]:
     """A running daemon (no kernels or images) whose socket group is the test group."""
     with group_home(users, "max_vcpus = 4\nmax_memory_mib = 2048\n") as benv:
         benv.cli("daemon", "start", check=True)
+        yield benv
+
+
+@pytest.fixture(scope="session")
+def vm_home(users: Users, debian_kernel: Path, debian_image: Path) -> Iterator[BangerEnv]:  # noqa: F811
+    """A group-open state root with the kernel and image installed (shared by the VM tests of this package,
+    each with VMs of its own); a member may own two VMs."""
+    from tests.images.conftest import ROOTFS_CACHE
+
+    with group_home(users, "max_vms_per_user = 2\n") as benv:
+        (benv.home / "cache").mkdir(parents=True)
+        (benv.home / "cache" / "images").symlink_to(ROOTFS_CACHE)
+        benv.cli("kernel", "import", str(debian_kernel), "--name", "debian-cloud", "--distro", "debian", check=True)
+        benv.cli("image", "build", "debian-bookworm", "--preset", "debian", check=True, timeout=900)
         yield benv
 
 
