@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from banger.drivers import cgroups
 from tests.conftest import VENV_BIN, BangerEnv, CliResult
 from tests.images.conftest import debian_image, debian_rootfs_tar  # noqa: F401
 from tests.kernels.conftest import debian_kernel  # noqa: F401
@@ -155,6 +156,8 @@ def group_home(users: Users, config: str = "") -> Iterator[BangerEnv]:
             benv.cli("vm", "rm", "-f", vm.name, timeout=120)
         benv.stop_daemon()
         shutil.rmtree(home, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            cgroups.collect()
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ def two_vms(vm_home: BangerEnv) -> Iterator[BangerEnv]:
     yield vm_home
     for name in ("c1", "c2"):
         vm_home.cli("vm", "rm", "-f", name, timeout=120)
+    cgroups.collect()  # the stopped VMMs' empty groups (the daemon collects them at its next spawn)
 
 
 def _pid(benv: BangerEnv, name: str) -> int:
