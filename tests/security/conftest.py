@@ -22,7 +22,10 @@ from typing import Any
 
 import pytest
 
+from banger.drivers import cgroups
 from tests.conftest import VENV_BIN, BangerEnv, CliResult
+from tests.images.conftest import debian_image, debian_rootfs_tar  # noqa: F401
+from tests.kernels.conftest import debian_kernel  # noqa: F401
 
 DEBIAN_PYTHON = "/usr/bin/python3"
 
@@ -153,6 +156,8 @@ def group_home(users: Users, config: str = "") -> Iterator[BangerEnv]:
             benv.cli("vm", "rm", "-f", vm.name, timeout=120)
         benv.stop_daemon()
         shutil.rmtree(home, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            cgroups.collect()
 
 
 @pytest.fixture
@@ -160,6 +165,20 @@ def group_daemon(users: Users) -> Iterator[BangerEnv]:
     """A running daemon (no kernels or images) whose socket group is the test group."""
     with group_home(users, "max_vcpus = 4\nmax_memory_mib = 2048\n") as benv:
         benv.cli("daemon", "start", check=True)
+        yield benv
+
+
+@pytest.fixture(scope="session")
+def vm_home(users: Users, debian_kernel: Path, debian_image: Path) -> Iterator[BangerEnv]:  # noqa: F811
+    """A group-open state root with the kernel and image installed (shared by the VM tests of this package,
+    each with VMs of its own); a member may own two VMs."""
+    from tests.images.conftest import ROOTFS_CACHE
+
+    with group_home(users, "max_vms_per_user = 2\n") as benv:
+        (benv.home / "cache").mkdir(parents=True)
+        (benv.home / "cache" / "images").symlink_to(ROOTFS_CACHE)
+        benv.cli("kernel", "import", str(debian_kernel), "--name", "debian-cloud", "--distro", "debian", check=True)
+        benv.cli("image", "build", "debian-bookworm", "--preset", "debian", check=True, timeout=900)
         yield benv
 
 

@@ -12,22 +12,21 @@ import pytest
 
 from banger.drivers import cgroups, confine
 from tests.conftest import BangerEnv
-from tests.images.conftest import debian_image, debian_rootfs_tar  # noqa: F401
-from tests.kernels.conftest import debian_kernel  # noqa: F401
-from tests.vms.conftest import installed_home
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
-def two_vms(debian_kernel: Path, debian_image: Path) -> Iterator[BangerEnv]:  # noqa: F811
-    with installed_home(debian_kernel) as benv:
-        for name, vcpus, mem in (("c1", "1", "384"), ("c2", "2", "512")):
-            r = benv.cli(
-                "vm", "create", "--name", name, "--net", "none", "--vcpus", vcpus, "--memory", mem, timeout=600
-            )
-            assert r.returncode == 0, r.stderr
-        yield benv
+def two_vms(vm_home: BangerEnv) -> Iterator[BangerEnv]:
+    """Two root-owned VMs of different sizes in the package's shared state root."""
+    for name, vcpus, mem in (("c1", "1", "384"), ("c2", "2", "512")):
+        argv = ("vm", "create", "--name", name, "--net", "none", "--vcpus", vcpus, "--memory", mem)
+        r = vm_home.cli(*argv, timeout=600)
+        assert r.returncode == 0, r.stderr
+    yield vm_home
+    for name in ("c1", "c2"):
+        vm_home.cli("vm", "rm", "-f", name, timeout=120)
+    cgroups.collect()  # the stopped VMMs' empty groups (the daemon collects them at its next spawn)
 
 
 def _pid(benv: BangerEnv, name: str) -> int:

@@ -10,22 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BangerEnv
-from tests.images.conftest import ROOTFS_CACHE, debian_image, debian_rootfs_tar  # noqa: F401
+from tests.images.conftest import debian_image, debian_rootfs_tar  # noqa: F401
 from tests.kernels.conftest import debian_kernel  # noqa: F401
-from tests.security.conftest import Users, group_home
+from tests.security.conftest import Users
 
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def vm_home(users: Users, debian_kernel: Path, debian_image: Path) -> Iterator[BangerEnv]:  # noqa: F811
-    """A group-open state root with the kernel and image installed; a member may own two VMs."""
-    with group_home(users, "max_vms_per_user = 2\n") as benv:
-        (benv.home / "cache").mkdir(parents=True)
-        (benv.home / "cache" / "images").symlink_to(ROOTFS_CACHE)
-        benv.cli("kernel", "import", str(debian_kernel), "--name", "debian-cloud", "--distro", "debian", check=True)
-        benv.cli("image", "build", "debian-bookworm", "--preset", "debian", check=True, timeout=900)
-        yield benv
 
 
 @pytest.fixture(scope="module")

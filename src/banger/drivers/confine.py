@@ -108,10 +108,10 @@ def _opt(value: str | os.PathLike[str]) -> str:
 
 def _hand_over(path: Path, flags: int, uid: int, owned: list[int], private: bool) -> str:
     """Open `path` for the VMM and return the name it uses for it; private files become the uid's alone."""
-    if private and path.exists():
-        os.chown(path, uid, uid)
-        os.chmod(path, 0o600)
     try:
+        if private:
+            os.chown(path, uid, uid)
+            os.chmod(path, 0o600)
         fd = os.open(path, flags | os.O_CLOEXEC)
     except OSError as exc:
         raise ToolError(f"cannot open {path} for the VMM: {exc.strerror}") from exc
