@@ -98,6 +98,9 @@ if [ "$dev" = 1 ]; then
 else
   # The group whose members may use the system daemon (config socket_group; see README "Access").
   getent group banger >/dev/null || groupadd --system banger
+  # The base of the VMM uid range (drivers/confine.py: each QEMU runs as 900001, 900002, ...).
+  getent passwd banger-vmm >/dev/null \
+    || useradd --system --no-create-home --shell /usr/sbin/nologin --uid 900000 --user-group banger-vmm
   # Members cannot run root's interpreter (the default python3 may live under /root): a venv on Debian's
   # python3, holding a copy of banger (not the checkout), readable by all, with the commands on PATH.
   echo "setup: installing banger into $prefix for every user"

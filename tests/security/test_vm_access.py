@@ -73,6 +73,12 @@ def test_member_cp_is_limited_to_what_the_member_may_touch(users: Users, vm_home
     assert put.returncode == 0, put.stderr
     cat = users.cli(users.member, home, "vm", "exec", member_vm, "--", "cat", "/tmp/d/f")
     assert cat.stdout == "from the member", cat
+    (work / "one").write_text("a single file")
+    os.chown(work / "one", users.member.uid, users.member.gid)
+    os.chmod(work / "one", 0o640)
+    assert users.cli(users.member, home, "vm", "cp", str(work / "one"), f"{member_vm}:/tmp/one").returncode == 0
+    mode = users.cli(users.member, home, "vm", "exec", member_vm, "--", "stat", "-c", "%a %s", "/tmp/one")
+    assert mode.stdout.split() == ["640", str(len("a single file"))], mode
 
 
 def test_root_cp_works_as_before(vm_home: BangerEnv, member_vm: str, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from banger.daemon import runner
 from banger.daemon.app import App
 from banger.daemon.lock import DaemonLock
 from banger.daemon.methods import build_registry
+from banger.drivers import cgroups
 from banger.errors import BangerError
 from banger.rpc.server import RpcServer
 from banger.security.access import AccessPolicy
@@ -67,6 +68,8 @@ class Daemon:
         self.app = App.create(self.settings, self.store)
         await self.app.vms.reconcile()
         await self.app.sessions.reconcile()
+        with contextlib.suppress(OSError):
+            cgroups.collect()  # groups of VMMs that ended while no daemon ran
         policy = AccessPolicy(self.settings, self.app.vms, self.app.owners)
         gid = policy.gid if os.geteuid() == 0 else None
         open_to_group(self.paths, gid)

@@ -84,20 +84,26 @@ def _denied_or_missing(path: str, stderr: str) -> Exception:
 
 def path_kind(caller: Caller, path: str) -> PathKind:
     """What `path` is to the caller; PermissionDeniedError when the caller cannot even look."""
-    argv = ["stat", "-L", "-c", "%F", "--", path]
+    return _stat(caller, path)[0]
+
+
+def _stat(caller: Caller, path: str) -> tuple[PathKind, int]:
+    """Kind and permission bits of `path` as the caller sees it (symlinks followed)."""
+    argv = ["stat", "-L", "-c", "%a %F", "--", path]
     log.debug("as uid %d: %s", caller.uid, shlex.join(argv))
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=STAT_TIMEOUT, **_as_caller(caller))
     if proc.returncode != 0:
         err = _denied_or_missing(path, proc.stderr)
         if isinstance(err, NotFoundError):
-            return PathKind.MISSING
+            return PathKind.MISSING, 0
         raise err
-    kind = proc.stdout.strip()
+    mode, _, kind = proc.stdout.strip().partition(" ")
+    bits = int(mode, 8) & 0o7777 if mode.isdigit() else 0o644
     if kind in ("regular file", "regular empty file"):
-        return PathKind.FILE
+        return PathKind.FILE, bits
     if kind == "directory":
-        return PathKind.DIRECTORY
-    return PathKind.OTHER
+        return PathKind.DIRECTORY, bits
+    return PathKind.OTHER, bits
 
 
 def check_writable(caller: Caller, path: str) -> None:
@@ -154,7 +160,7 @@ class _Reaped:
 def stage_read(caller: Caller, path: str, staging: Path, cancel: threading.Event) -> Path:
     """Copy what the caller can read at `path` into staging/<basename>, read by the caller's own tools."""
     path = _checked_abs(path)
-    kind = path_kind(caller, path)
+    kind, mode = _stat(caller, path)
     if kind is PathKind.MISSING:
         raise NotFoundError(f"{path} does not exist")
     if kind is PathKind.OTHER:
@@ -164,6 +170,7 @@ def stage_read(caller: Caller, path: str, staging: Path, cancel: threading.Event
         with open(target, "xb") as out:
             child = _Reaped(["cat", "--", path], caller, cancel, stdout=out)
             child.finish(path)
+        os.chmod(target, mode & 0o777)  # modes are kept, as a root copy keeps them (never setuid/setgid bits)
         return target
     child = _Reaped(["tar", "-C", path, "-cf", "-", "."], caller, cancel, stdout=subprocess.PIPE)
     try:
