@@ -2,8 +2,8 @@
 component that cannot run here) on the host's loopback, reached through banger's credential proxy.
 
 Inside a network namespace the test creates (the daemon, its bridge and the stand-in all live there; the root
-namespace is never touched). Interim route: the guest reaches the proxy on the bridge's gateway (the reverse
-tunnel of the tunnels stream replaces it; see agents/provider.py).
+namespace is never touched). The guest reaches the proxy through a reverse tunnel over the agent channel
+(guest 127.0.0.1:4097; see AgentVmService.guest_base_url).
 """
 
 from __future__ import annotations

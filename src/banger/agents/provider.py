@@ -4,8 +4,8 @@ The CLI reads `[agent]` from config.toml and BANGER_AGENT_BASE_URL / BANGER_AGEN
 (or the variable `api_key_env` names) and sends them with the call. The daemon runs a CredentialProxy per agent
 VM: plain HTTP that accepts requests under a random path token, forwards them to the provider's base URL with
 `Authorization: Bearer <key>` added, and streams the answer back (server-sent events included). opencode in the
-guest is configured with the proxy's URL only. How the guest reaches the proxy is `guest_base_url()`: the reverse
-tunnel of the tunnels stream once it merges (guest 127.0.0.1:PORT -> this proxy), the bridge gateway until then.
+guest is configured with the proxy's URL only. How the guest reaches the proxy is `guest_base_url()`: a reverse
+tunnel (guest 127.0.0.1:PORT -> this proxy, served in-process through `connect()`), with or without a network.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,7 @@ class CredentialProxy:
         self._server: asyncio.Server | None = None
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=600.0))
         self.address: tuple[str, int] | None = None
+        self._served: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int = 0) -> tuple[str, int]:
         """Listen on host:port (0: any free port); returns the bound address."""
@@ -69,6 +71,21 @@ class CredentialProxy:
         sock = self._server.sockets[0].getsockname()
         self.address = (str(sock[0]), int(sock[1]))
         return self.address
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection served by this proxy in-process (a socket pair): the host end of the VM's reverse tunnel,
+        so the proxy needs no listening socket that other local users could reach."""
+        ours, theirs = socket.socketpair()
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours, limit=MAX_HEAD)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._served.add(task)
+        task.add_done_callback(self._served.discard)
+        return await asyncio.open_connection(sock=theirs)
 
     def url_for(self, host: str, port: int) -> str:
         """The base URL a client reaching this proxy at host:port uses (it carries the token, not the key)."""
@@ -79,6 +96,9 @@ class CredentialProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for task in list(self._served):
+            task.cancel()
+        await asyncio.gather(*self._served, return_exceptions=True)
         await self._client.aclose()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

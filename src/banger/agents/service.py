@@ -26,13 +26,15 @@ from banger.errors import BangerError, InvalidInputError, NotFoundError, Timeout
 from banger.guest.client import AgentClient
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.sessions.service import SessionService
-from banger.vms.model import NetMode, VmRecord, VmState
+from banger.tunnels.service import TunnelService
+from banger.vms.model import VmRecord, VmState
 
 log = logging.getLogger("banger.agents")
 
 AGENTS = ("opencode",)
 SESSION_NAME = "opencode"
 PORT = 4096
+PROVIDER_GUEST_PORT = 4097  # guest loopback port whose reverse tunnel reaches the VM's credential proxy
 HEALTH_TIMEOUT = 900.0  # opencode needs ~30 s on an idle host under TCG; a loaded one is many times slower
 SECRETS_FILE = "agent.json"
 MAX_REPLY = 32 << 20
@@ -88,6 +90,7 @@ class AgentVmService:
         self.sessions = sessions
         self.vms = sessions.vms
         self._proxies: dict[str, CredentialProxy] = {}
+        self.tunnels: TunnelService | None = None  # set by App.create (the tunnel service is built after this one)
         self.vms.state_listeners.append(self._vm_changed)
 
     def _vm_changed(self, vm: VmRecord) -> None:
@@ -104,23 +107,20 @@ class AgentVmService:
     async def guest_base_url(self, vm: VmRecord, provider: Provider) -> str:
         """Start the VM's credential proxy and return the URL the guest reaches it at.
 
-        The one place that decides the route. Interim: a VM on banger's bridge reaches the proxy on the bridge's
-        gateway address. With the tunnels stream's reverse tunnel (`vm.tunnel`, `--reverse GUEST:HOST`) this
-        becomes: proxy on host 127.0.0.1, reverse tunnel guest 127.0.0.1:P -> it, URL http://127.0.0.1:P/...,
-        which also serves --net none.
+        The proxy serves in-process connections only; a reverse tunnel (tunnels/service.py) makes guest
+        127.0.0.1:PROVIDER_GUEST_PORT reach it through the agent channel, so it works with or without a network,
+        and the provider's key stays on the host.
         """
+        if self.tunnels is None:
+            raise BangerError("agent VMs need the tunnel service (internal wiring error)")
         old = self._proxies.pop(vm.id, None)
         if old is not None:
             await old.close()
-        if vm.spec.get("net") != NetMode.BRIDGE:
-            raise InvalidInputError(
-                "a model provider needs --net bridge for now (the reverse tunnel for --net none is not here yet)"
-            )
-        host = str(self.vms.network.gateway)
         proxy = CredentialProxy(provider)
-        _, port = await proxy.start(host, 0)
         self._proxies[vm.id] = proxy
-        return proxy.url_for(host, port)
+        await self.tunnels.remove_reverse(vm.id, PROVIDER_GUEST_PORT)
+        await self.tunnels.add_reverse(vm.id, PROVIDER_GUEST_PORT, proxy.connect)
+        return proxy.url_for("127.0.0.1", PROVIDER_GUEST_PORT)
 
     def _secrets_path(self, vm: VmRecord) -> Path:
         return self.vms.vm_dir(vm.id) / SECRETS_FILE
@@ -161,6 +161,8 @@ class AgentVmService:
         vm = self.sessions.running_vm(vm_name)
         client = await self.sessions.agent(vm)
         await self._install(client, binary, progress)
+        if self.tunnels is not None:
+            self.tunnels.skip_port(vm.id, PORT)  # banger's own server in the guest: never forwarded automatically
         password = self._new_password(vm)
         url = await self.guest_base_url(vm, provider) if provider is not None else None
         with contextlib.suppress(NotFoundError):  # the server of a previous boot, lost with it

@@ -80,6 +80,7 @@ class App:
             f"vm.{what}", vm=vm.name, vm_id=vm.id, state=vm.state.value, reason=vm.reason
         )
         network.policy_of = app.netpolicies.get
+        agent_vms.tunnels = app.tunnels
         app.kernels.reconcile()
         app.images.reconcile()
         return app

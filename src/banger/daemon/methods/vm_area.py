@@ -92,8 +92,6 @@ def register(reg: MethodRegistry, app: App) -> None:
         if agent is not None and not start:
             raise InvalidInputError("--agent needs the VM started (drop --no-start)")
         model = Provider.from_params(provider) if agent is not None else None
-        if model is not None and net != "bridge":  # checked before anything is made (see guest_base_url)
-            raise InvalidInputError("a model provider needs --net bridge for now (no reverse tunnel yet)")
         pubs = app.tunnels.check_publish(publish or [])  # a taken host port fails before anything is made
         app.tunnels.validate(reverse or [], forward_ports, ssh_keys or [])
         policy = NetPolicy.parse(network_policy)
