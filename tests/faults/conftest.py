@@ -112,13 +112,23 @@ class FaultEnv:
             timeout=30,
         ).stdout
 
-    def leases(self) -> dict[str, str]:
-        """vm_id -> ip, read from the store (read-only)."""
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows read straight from the store (read-only; cheaper than a CLI round trip per check)."""
         db = sqlite3.connect(f"file:{self.home / 'banger.db'}?mode=ro", uri=True, timeout=30)
         try:
-            return {vm_id: addr for addr, vm_id in db.execute("SELECT ip, vm_id FROM ip_leases")}
+            return list(db.execute(sql))
         finally:
             db.close()
+
+    def leases(self) -> dict[str, str]:
+        """vm_id -> ip."""
+        return {vm_id: addr for addr, vm_id in self._query("SELECT ip, vm_id FROM ip_leases")}
+
+    def kernel_names(self) -> set[str]:
+        return {name for (name,) in self._query("SELECT name FROM kernels")}
+
+    def image_names(self) -> set[str]:
+        return {name for (name,) in self._query("SELECT name FROM images")}
 
     def temp_leftovers(self) -> list[Path]:
         found = []
@@ -150,10 +160,10 @@ class FaultEnv:
             if sock.is_socket():
                 assert sock.parent.name in running, f"socket of a VM that is not running: {sock}"
         assert self.temp_leftovers() == []
-        kernels = {k["name"] for k in json.loads(self.cli("kernel", "list", "--json", check=True).stdout)}
+        kernels = self.kernel_names()
         kernel_dirs = {p.name for p in (self.home / "kernels").iterdir() if not p.name.startswith(".")}
         assert kernels == kernel_dirs, f"kernels {kernels} vs directories {kernel_dirs}"
-        images = {i["name"] for i in json.loads(self.cli("image", "list", "--json", check=True).stdout)}
+        images = self.image_names()
         image_files = {p.stem for p in (self.home / "images").iterdir() if not p.name.startswith(".")}
         assert images == image_files, f"images {images} vs files {image_files}"
         writers = self.processes("banger.drivers.consolelog")

@@ -37,12 +37,10 @@ class Chaos:
         self.counter = 0
 
     def kernels(self) -> list[str]:
-        out = self.fe.cli("kernel", "list", timeout=60).stdout
-        return sorted({w for w in out.split() if w.startswith("chaosk")})
+        return sorted(k for k in self.fe.kernel_names() if k.startswith("chaosk"))
 
     def images(self) -> list[str]:
-        out = self.fe.cli("image", "list", timeout=60).stdout
-        return sorted({w for w in out.split() if w.startswith("chaosi")})
+        return sorted(i for i in self.fe.image_names() if i.startswith("chaosi"))
 
     def pick(self, vms: list[dict]) -> tuple[str, list[str], float]:  # type: ignore[type-arg]
         """(label, CLI args, seconds until the kill) for the next operation, given the current `vm ls`."""
