@@ -256,7 +256,10 @@ class SnapshotService:
             await qemu_migrate.freeze_disk(driver.qmp, handle, "disk0", overlay)
             frozen = True
             await qemu_migrate.save_state(handle, sdir / STATE)
-            await in_thread(qemu_migrate.copy_guest_memory, handle.pid, sdir / MEMORY, vm.memory_mib << 20)
+            clone = restore.snapshot_of(vm) is not None  # its RAM may be a private mapping: see copy_guest_memory
+            await in_thread(
+                qemu_migrate.copy_guest_memory, handle.pid, sdir / MEMORY, vm.memory_mib << 20, private_ok=clone
+            )
         finally:
             # After a migration QEMU is in "postmigrate"; cont re-activates its disks and runs the guest on.
             await driver.qmp(handle, "cont")
