@@ -189,6 +189,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="cold VMs, clones and restores (each kept for memory)")
     ap.add_argument("--boot-runs", type=int, default=2, help="bare boots per side for the bytecode comparison")
     ap.add_argument("--memory", type=int, default=512, help="guest MiB")
+    ap.add_argument("--skip-restore", action="store_true", help="only the boot-phase comparisons")
     ap.add_argument("--skip-boot", action="store_true", help="skip the boot-phase comparisons")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -197,7 +198,8 @@ def main() -> int:
     with banger_home() as home:
         log(f"state root {home.path}; building image {IMAGE} (warm bootstrap cache)")
         home.banger("image", "build", IMAGE, "--preset", PRESET, timeout=1200)
-        bench_restore(home, args.runs, args.memory)
+        if not args.skip_restore:
+            bench_restore(home, args.runs, args.memory)
         if not args.skip_boot:
             bench_boot_variants(home, args.boot_runs, args.memory)
     return 0

@@ -64,3 +64,9 @@ def test_copy_extents_keeps_holes_and_data(tmp_path: Path) -> None:
 def test_a_process_without_guest_ram_memfd_is_a_clear_error() -> None:
     with pytest.raises(ToolError, match="no guest-RAM memfd"):
         qemu_migrate.find_memory_fd(os.getpid())
+
+
+def test_a_resumed_clone_without_memfd_gets_a_sparse_image_its_stream_fills(tmp_path: Path) -> None:
+    dest = tmp_path / "memory.ram"
+    assert qemu_migrate.copy_guest_memory(os.getpid(), dest, 32 << 20, private_ok=True) == 0
+    assert dest.stat().st_size == 32 << 20 and dest.stat().st_blocks == 0

@@ -134,12 +134,23 @@ def find_memory_fd(pid: int) -> Path:
     )
 
 
-def copy_guest_memory(pid: int, dest: Path, size: int) -> int:
+def copy_guest_memory(pid: int, dest: Path, size: int, *, private_ok: bool = False) -> int:
     """Copy the guest RAM of a paused QEMU to a sparse file of `size` bytes; return the bytes copied.
 
     Only the memfd's data extents are copied (SEEK_DATA/SEEK_HOLE): pages the guest never touched stay holes.
+    A guest resumed from a snapshot and never rebooted has no memfd (`private_ok`): its RAM is a private
+    mapping, which x-ignore-shared does not leave out, so it went into the state stream and `dest` is only a
+    sparse file of zeros that a restore maps and the stream fills (its clones then share no pages).
     """
-    src = os.open(find_memory_fd(pid), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        memfd = find_memory_fd(pid)
+    except ToolError:
+        if not private_ok:
+            raise
+        with open(dest, "wb") as f:
+            f.truncate(size)
+        return 0
+    src = os.open(memfd, os.O_RDONLY | os.O_CLOEXEC)
     try:
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -43,6 +44,9 @@ def add_entropy(data: bytes) -> None:
     fd = os.open("/dev/urandom", os.O_WRONLY)
     try:
         fcntl.ioctl(fd, RNDADDENTROPY, info)
+        # Credited entropy alone waits for the next scheduled reseed; until then every clone's CRNG would still
+        # produce the snapshot's stream. (microvm has no vmgenid device to make the kernel do this itself.)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
     finally:
         os.close(fd)
 

@@ -26,7 +26,7 @@ from banger.config import Settings
 from banger.drivers import qemu_migrate
 from banger.drivers.base import VmmHandle, VmmKind
 from banger.drivers.qemu import QemuDriver
-from banger.errors import AlreadyExistsError, InvalidInputError, NotFoundError, UnsupportedError
+from banger.errors import AlreadyExistsError, BangerError, InvalidInputError, NotFoundError, UnsupportedError
 from banger.names import validate_name
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.store.db import Store
@@ -256,7 +256,10 @@ class SnapshotService:
             await qemu_migrate.freeze_disk(driver.qmp, handle, "disk0", overlay)
             frozen = True
             await qemu_migrate.save_state(handle, sdir / STATE)
-            await in_thread(qemu_migrate.copy_guest_memory, handle.pid, sdir / MEMORY, vm.memory_mib << 20)
+            clone = restore.snapshot_of(vm) is not None  # its RAM may be a private mapping: see copy_guest_memory
+            await in_thread(
+                qemu_migrate.copy_guest_memory, handle.pid, sdir / MEMORY, vm.memory_mib << 20, private_ok=clone
+            )
         finally:
             # After a migration QEMU is in "postmigrate"; cont re-activates its disks and runs the guest on.
             await driver.qmp(handle, "cont")
@@ -295,7 +298,10 @@ class SnapshotService:
         except NotFoundError:
             return
         if snap.implicit and not self.used_by(snap):
-            await self.remove(snap.id)
+            try:
+                await self.remove(snap.id)
+            except BangerError as exc:  # the VM is gone already; a leftover snapshot stays listed for `snapshot rm`
+                log.warning("could not remove implicit snapshot %s with its last clone: %s", snap.name, exc)
 
     # -- restore and clone -----------------------------------------------------------------------------------
 
