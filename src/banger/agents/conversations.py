@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +24,9 @@ from banger.guest.sessionlog import BoundedLog, LogReader
 from banger.sessions.model import RUNNING, SessionRecord
 from banger.vms.model import VmRecord
 
+log = logging.getLogger("banger.agents")
 POLL = 1.0
+POLL_FAILURES = 10
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -138,11 +141,21 @@ class Conversations:
     ) -> dict[str, Any]:
         base = len(transcript((await self._messages(client, password, oc_id))[:known]))
         tool_status: dict[int, Any] = {}
+        failures = 0
         while True:
             await asyncio.sleep(POLL)
-            status = await self._call(client, password, "GET", "/session/status")
+            try:
+                status = await self._call(client, password, "GET", "/session/status")
+                messages = await self._messages(client, password, oc_id)
+            except BangerError as exc:
+                # A busy agent in an emulated guest can miss a poll's deadline; only a run of failures counts.
+                failures += 1
+                if failures >= POLL_FAILURES:
+                    raise
+                log.info("vm %s: session %s: poll failed (%s); polling again", vm.name, name, exc)
+                continue
+            failures = 0
             busy = isinstance(status, dict) and (status.get(oc_id) or {}).get("type") not in (None, "idle")
-            messages = await self._messages(client, password, oc_id)
             events = transcript(messages)
             for i, event in enumerate(events[base:], base):  # tool calls as their status changes
                 if event["type"] == "tool" and tool_status.get(i) != event.get("status"):

@@ -49,7 +49,7 @@ req = urllib.request.Request("http://127.0.0.1:" + port + path, data=body, metho
 req.add_header("Authorization", "Basic " + base64.b64encode(b"opencode:" + pw.encode()).decode())
 req.add_header("Content-Type", "application/json")
 try:
-    with urllib.request.urlopen(req, timeout=30) as r:
+    with urllib.request.urlopen(req, timeout=120) as r:
         sys.stdout.write(json.dumps({"status": r.status, "body": r.read().decode(errors="replace")}))
 except urllib.error.HTTPError as e:
     sys.stdout.write(json.dumps({"status": e.code, "body": e.read().decode(errors="replace")}))
@@ -236,7 +236,7 @@ class AgentVmService:
 
             return sink
 
-        await client.exec(argv, stdin=data, env=env, stdout=take(out), stderr=take(err), timeout=120)
+        await client.exec(argv, stdin=data, env=env, stdout=take(out), stderr=take(err), timeout=300)
         done_stdout, done_stderr = bytes(out), bytes(err)
         try:
             reply = json.loads(done_stdout)
