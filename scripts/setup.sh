@@ -64,6 +64,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+# npm fetches xterm.js (below) and the opencode binary of agent VMs. Debian's nodejs ships without it; a nodejs from
+# elsewhere (NodeSource) carries its own, and Debian's npm package would conflict with it: install only when missing.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing Debian's npm"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm
+fi
 # The web UI's terminal: xterm.js and its fit addon, pinned, vendored from npm (gitignored; no CDN at run time).
 vendor=src/banger/ui/static/vendor
 xterm_pins="@xterm/xterm@6.0.0 @xterm/addon-fit@0.11.0"

@@ -37,6 +37,7 @@ log = logging.getLogger("banger.drivers.confine")
 
 VMM_UID_BASE = 900_000  # setup.sh creates the user `banger-vmm` with this uid; VMMs use BASE+1 ... BASE+COUNT
 VMM_UID_COUNT = 4096
+VMM_GID = VMM_UID_BASE  # the group every VMM holds: it may read snapshots (see snapshots/service.py)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 SETPRIV = "setpriv"
 
@@ -149,6 +150,13 @@ def confine_qemu(argv: Sequence[str], pass_fds: Sequence[int], spec: VmSpec) -> 
             # pipe's owner, which is root: give it to the VMM's uid, as its files are.
             if stat.S_ISFIFO(os.fstat(fd).st_mode):
                 os.fchown(fd, uid, uid)
+        if spec.disks:
+            # The VM's own directory becomes the VMM's: QEMU creates the qcow2 overlay that holds the guest's writes
+            # while a snapshot copies the frozen disk (blockdev-snapshot-sync names a path, not a descriptor).
+            vm_dir = spec.disks[0].path.parent
+            os.chown(vm_dir, uid, uid)
+            os.chmod(vm_dir, 0o700)
+            os.chmod(vm_dir.parent, 0o711)
         out += ["-sandbox", SANDBOX]
         limits = cgroups.Limits.for_vm(spec.vcpus, spec.memory_mib)
         with contextlib.suppress(OSError):
@@ -156,7 +164,9 @@ def confine_qemu(argv: Sequence[str], pass_fds: Sequence[int], spec: VmSpec) -> 
         groups = cgroups.create(f"vm-{uid}", limits)
         chain = [sys.executable, "-I", "-m", "banger.drivers.confine_exec", *map(str, groups), "--"]
         kvm = kvm_group() if _uses_kvm(argv) else None
-        groups_opt = f"--groups={kvm}" if kvm is not None else "--clear-groups"
+        # Every VMM also holds the shared VMM group, which may read snapshots (the memory image and frozen disk a
+        # clone maps and reads by path); nothing else of the state root is the group's.
+        groups_opt = "--groups=" + ",".join(str(g) for g in (VMM_GID, kvm) if g is not None)
         drop = [shutil.which(SETPRIV) or SETPRIV, f"--reuid={uid}", f"--regid={uid}", groups_opt]
         drop += ["--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
         for fd in owned:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import sqlite3
@@ -185,6 +186,7 @@ class SnapshotService:
                         hint=f"banger vm start {vm.name}",
                     )
                 pause = await self._save(vm, VmmHandle.from_dict(vm.runtime["handle"]), sdir, progress)  # type: ignore[index]
+            await in_thread(share_with_vmms, sdir)
             if stop:
                 progress(ProgressEvent(step=f"stop {vm.name}"))
                 await self.vms.stop(vm.id)
@@ -363,3 +365,14 @@ class SnapshotService:
                 with contextlib.suppress(NotFoundError):  # the failed clone's removal may have taken it already
                     await self.remove(snap.id)
         return clones
+
+
+def share_with_vmms(sdir: Path) -> None:
+    """Confined VMMs (drivers/confine.py) resume clones from a snapshot by path: its directory and files become
+    readable to the VMM group alone (a snapshot holds a VM's memory), and the directories above it traversable."""
+    from banger.drivers.confine import VMM_GID
+
+    os.chmod(sdir.parent, 0o711)
+    for path in (sdir, *sdir.iterdir()):
+        os.chown(path, 0, VMM_GID) if os.geteuid() == 0 else None
+        os.chmod(path, 0o750 if path.is_dir() else 0o640)
