@@ -64,8 +64,29 @@ def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: 
                 BANGER_AGENT_MODEL="standin",
                 BANGER_AGENT_API_KEY=KEY,
             )
-            r = benv.cli("vm", "create", "--name", "coder", "--agent", "opencode", "--json", timeout=1800)
+            # --net none: the provider is reached through the reverse tunnel alone.
+            r = benv.cli(
+                "vm", "create", "--name", "coder", "--agent", "opencode", "--net", "none", "--json", timeout=1800
+            )
             assert r.returncode == 0, r.stderr
+            info = json.loads(r.stdout)
+            # Agent VM defaults, and the server as a supervised session of kind `agent`.
+            assert info["state"] == "running" and info["vcpus"] == 2 and info["memory_mib"] == 2048
+            assert info["agent"]["agent"] == "opencode" and info["agent"]["version"]
+            rows = json.loads(benv.cli("session", "ls", "coder", "--json", check=True).stdout)
+            server = next(row for row in rows if row["name"] == "opencode")
+            assert (server["kind"], server["state"]) == ("agent", "running")
+            assert server["command"][:2] == ["opencode", "serve"]
+            # The server's password stays with the daemon: not in `vm show`, not in the guest's argv.
+            shown = benv.cli("vm", "show", "coder", "--json", check=True).stdout
+            password = json.loads((Path(json.loads(shown)["dir"]) / "agent.json").read_text())["password"]
+            assert password not in shown
+            ps = benv.cli("vm", "exec", "coder", "--", "ps", "-eo", "args", check=True).stdout
+            assert "opencode serve" in ps and password not in ps
+            # Bound to the guest's loopback only, and banger's own port is not forwarded automatically.
+            ports = json.loads(benv.cli("vm", "ports", "coder", "--json", check=True).stdout)
+            server_port = next(p for p in ports if p["port"] == 4096)
+            assert server_port["address"] == "127.0.0.1" and server_port.get("host_port") is None
             name = benv.cli("session", "start", "coder", "--agent", "opencode", "--title", "demo", check=True)
             session = name.stdout.strip()
             turn = benv.cli("session", "send", "coder", session, "Create /root/hello.txt", "--wait", timeout=1800)
