@@ -40,12 +40,14 @@ pathlib.Path("/run/hostile-agent.py").write_text(src.replace(marker, patch + "\\
 """
 # Generous: the issue measured +300 MB for this flood before the host enforced the window.
 MAX_RSS_GROWTH_MIB = 150
+# The agent as init starts it (guest/init.py agent_argv: the seed's `agent` module through runpy).
+AGENT_PATTERN = "run_module.'agent'"
 FLOOD_SECONDS = 12
 
 
 def agent_pid(fe: FaultEnv, name: str) -> int | None:
     """The guest agent's pid; None while a request fails (the agent is down, or it just restarted)."""
-    r = fe.cli("vm", "exec", name, "--", "pgrep", "-o", "-f", f"{SEED}/agent.py", timeout=120)
+    r = fe.cli("vm", "exec", name, "--", "pgrep", "-o", "-f", AGENT_PATTERN, timeout=120)
     return int(r.stdout.split()[0]) if r.returncode == 0 else None
 
 
@@ -85,6 +87,9 @@ def test_hostile_agent_and_console_flood_are_bounded(fault_env: FaultEnv) -> Non
         # Root in the guest swaps in an agent that ignores credit.
         fe.cli("vm", "exec", name, "--", "python3", "-c", PATCH_AGENT, check=True)
         fe.cli("vm", "exec", name, "--", "mount", "--bind", "/run/hostile-agent.py", f"{SEED}/agent.py", check=True)
+        # The seed ships the agent's bytecode (unchecked): hide it, so the next agent runs the patched source.
+        fe.cli("vm", "exec", name, "--", "mkdir", "-p", "/run/no-bytecode", check=True)
+        fe.cli("vm", "exec", name, "--", "mount", "--bind", "/run/no-bytecode", f"{SEED}/__pycache__", check=True)
         old = agent_pid(fe, name)
         fe.cli("vm", "exec", name, "--", "setsid", "-f", "sh", "-c", f"sleep 1; kill -9 {old}", check=True)
         assert old is not None

@@ -15,7 +15,8 @@ from .conftest import FaultEnv
 
 pytestmark = [pytest.mark.vm, pytest.mark.faults]
 
-AGENT = "/run/banger/seed/agent.py"
+# The agent as init starts it (guest/init.py agent_argv: the seed's `agent` module through runpy).
+AGENT = "run_module.'agent'"
 
 
 def agent_pid(fe: FaultEnv, name: str) -> int | None:

@@ -19,10 +19,11 @@ import pytest
 from banger import errors
 from banger.guest import protocol
 from banger.guest.client import AgentClient
+from banger.guest.seed import GUEST_FILES
 
 from .conftest import GUEST_DIR, GUEST_PYTHON
 
-SEED_FILES = ("agent.py", "protocol.py", "execs.py", "ports.py", "transfer.py")
+SEED_FILES = GUEST_FILES  # everything agent.py imports, as on the seed drive
 # Prepended to a copy of agent.py: credit is spent but never waited for.
 HOSTILE_PATCH = """
 import protocol as _protocol
