@@ -313,7 +313,7 @@ class AgentClient:
         """Open a stream of any kind, for modules that speak one request themselves (guest/tunnelclient.py)."""
         return await self._request(kind, **fields)
 
-    async def call(self, kind: Kind, timeout: float | None, **fields: Any) -> dict[str, Any]:
+    async def call(self, kind: Kind, timeout: float | None, /, **fields: Any) -> dict[str, Any]:
         """One request and its END result."""
         return await self._call(kind, timeout, **fields)
 
@@ -336,7 +336,7 @@ class AgentClient:
             _raise_for(frame.header)
         return frame.header
 
-    async def _call(self, kind: Kind, timeout: float | None, **fields: Any) -> dict[str, Any]:
+    async def _call(self, kind: Kind, timeout: float | None, /, **fields: Any) -> dict[str, Any]:
         stream = await self._request(kind, **fields)
         try:
             async with _deadline(timeout, f"guest agent did not answer {kind}"):
