@@ -374,5 +374,8 @@ def share_with_vmms(sdir: Path) -> None:
 
     os.chmod(sdir.parent, 0o711)
     for path in (sdir, *sdir.iterdir()):
-        os.chown(path, 0, VMM_GID) if os.geteuid() == 0 else None
-        os.chmod(path, 0o750 if path.is_dir() else 0o640)
+        if os.geteuid() == 0:
+            os.chown(path, 0, VMM_GID)
+        # QEMU 7.2 opens a memory-backend-file read-write even for a private (copy-on-write) mapping, and has no
+        # read-only file with writable RAM: the memory image is the group's to open read-write; the rest read-only.
+        os.chmod(path, 0o750 if path.is_dir() else 0o660 if path.name == MEMORY else 0o640)
