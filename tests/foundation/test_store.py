@@ -40,6 +40,23 @@ def test_wal_and_foreign_keys(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_database_at_the_reserved_placeholder_version_gets_the_real_schema(tmp_path: Path) -> None:
+    """A pre-release build applied versions 5-10 as empty placeholders: such a database still gets every table."""
+    db = tmp_path / "b.db"
+    conn = sqlite3.connect(db)
+    for migration in MIGRATIONS[:4]:
+        for stmt in _split_sql(migration):
+            conn.execute(stmt)
+    conn.execute("PRAGMA user_version=10")
+    conn.commit()
+    conn.close()
+    store = Store(db)
+    assert store.migrate() == list(range(11, len(MIGRATIONS) + 1))
+    tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"workspaces", "vm_tunnels", "sessions", "snapshots", "vm_owners", "vm_network_policy"} <= tables
+    store.close()
+
+
 def test_migrates_older_schema_keeping_rows(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
     make_v1_db(db)

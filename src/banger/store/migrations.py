@@ -77,11 +77,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX forwards_by_vm ON forwards(vm_id);
     """,
-    # 5-10: reserved for the milestone-2 work streams, so parallel branches cannot collide on a schema version.
-    # Each is a no-op until its stream fills it in; none of them has been released as a no-op.
-    # 5: reliability (issue 9)
+    # 5-10: no-ops. A pre-release build reserved these slots for the milestone-2 work streams and applied them
+    # empty to some state roots (whose databases are at version 10); the real schema follows from 11 on, so those
+    # databases get it too.
     "SELECT 1;",
-    # 6: workspaces and derived images (issue 10)
+    "SELECT 1;",
+    "SELECT 1;",
+    "SELECT 1;",
+    "SELECT 1;",
+    "SELECT 1;",
+    # 11: workspaces and derived images (issue 10)
     """
     CREATE TABLE workspaces (
         vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
@@ -95,7 +100,7 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL
     );
     """,
-    # 7: tunnels, publishing, SSH (issue 11). Published ports get the host address they listen on: rows from
+    # 12: tunnels, publishing, SSH (issue 11). Published ports get the host address they listen on: rows from
     # before were DNAT'ed on every non-loopback address, so they become 0.0.0.0 (which now serves loopback too).
     # vm_tunnels: per-VM tunnel settings, the public keys to authorize and the pinned SSH host keys.
     """
@@ -109,7 +114,7 @@ MIGRATIONS: list[str] = [
         sshd INTEGER
     );
     """,
-    # 8: guest sessions and agent VMs (issue 12): replaces migration 3's unused sessions table. The output itself
+    # 13: guest sessions and agent VMs (issue 12): replaces migration 3's unused sessions table. The output itself
     # lives in a bounded file per session under the VM's directory; the row is the daemon's record of the state.
     """
     DROP TABLE sessions;
@@ -130,7 +135,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (vm_id, name)
     );
     """,
-    # 9: snapshots and clones (issue 14): a VM's saved machine (device state, RAM image, frozen disk) on disk
+    # 14: snapshots and clones (issue 14): a VM's saved machine (device state, RAM image, frozen disk) on disk
     """
     CREATE TABLE snapshots (
         id TEXT PRIMARY KEY,
@@ -146,7 +151,7 @@ MIGRATIONS: list[str] = [
         info TEXT NOT NULL
     );
     """,
-    # 10: security (issue 15): who owns each VM, and each VM's network policy (owned by security/owners.py)
+    # 15: security (issue 15): who owns each VM, and each VM's network policy (owned by security/owners.py)
     """
     CREATE TABLE vm_owners (
         vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
