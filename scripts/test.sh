@@ -11,6 +11,7 @@ ruff format --check src tests bench
 echo "== mypy"
 mypy
 echo "== main job (README), so that the tests run on a host where it ran (issue 9: ip_forward, bridge, state)"
+scripts/setup.sh
 banger vm run --rm --no-workspace -- uname -a
 banger daemon stop
 echo "== pytest"
