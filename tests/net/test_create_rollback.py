@@ -1,8 +1,9 @@
-"""A VM create that fails after its row is written leaves nothing: no row, no lease, no ports, no directory.
+"""A VM create that fails after its row is written leaves nothing: no row, no lease, no directory.
 
 Real store, real NetworkService in a namespace, real root disk clone. The kernel and image services are
 stand-ins that answer `get` from the rows this test inserts (a real kernel and image need minutes to make, and
-only their rows matter here); the fault is a real SQLite trigger that aborts the insert of published ports.
+only their rows matter here); the fault is a real SQLite trigger that aborts the write of the leased address
+into the VM's row.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def test_integrity_error_after_the_row_leaves_nothing(netns: Namespaces, tmp_pat
     image.write_bytes(b"\0" * 65536)
     store.execute("INSERT INTO kernels VALUES ('k', 'debian', 'x86_64', '6.1', '00', 't', 0, '/x', '2026', '{}')")
     store.execute("INSERT INTO images VALUES ('i', 'test', ?, 0, '2026', '{}')", (str(image),))
-    store.execute("CREATE TRIGGER inject BEFORE INSERT ON forwards BEGIN SELECT RAISE(ABORT, 'injected'); END")
+    # The fault: recording the leased address in the VM's row fails, after the row and the lease exist.
+    store.execute("CREATE TRIGGER inject BEFORE UPDATE OF spec ON vms BEGIN SELECT RAISE(ABORT, 'injected'); END")
     kernels, images = KernelService(settings, store), ImageService(settings, store)
 
     def kernel_get(name: str) -> dict[str, Any]:
@@ -59,12 +61,10 @@ def test_integrity_error_after_the_row_leaves_nothing(netns: Namespaces, tmp_pat
                     memory_mib=256,
                     disk_size=None,
                     vmm="qemu",
-                    publish=["18080:80"],
                 )
             assert network.available, network.reason
             assert store.query("SELECT id FROM vms") == []
             assert store.query("SELECT ip FROM ip_leases") == [], "the lease went with the row"
-            assert store.query("SELECT host_port FROM forwards") == []
             assert list(settings.paths.vms.iterdir()) == [], "the VM directory went too"
             # The address is free again: the next VM gets the first one.
             store.execute("DROP TRIGGER inject")
