@@ -18,7 +18,9 @@ def test_pull_progress_bar_reaches_100_then_rm(
     tmp_path: Path,
     http_server: LoopbackServer,  # noqa: F811
 ) -> None:
-    daemon.env["BANGER_CATALOG"] = str(serve_catalog(http_server, tmp_path / "c.json", ["k1"], filler=16 << 20))
+    # Paced (16 chunks, 0.15 s apart): on an idle host a loopback pull is otherwise over before the page sees it move.
+    catalog = serve_catalog(http_server, tmp_path / "c.json", ["k1"], filler=16 << 20, chunk_delay=0.15)
+    daemon.env["BANGER_CATALOG"] = str(catalog)
     with run_ui(daemon, tmp_path / "xdg") as ui, chromium(tmp_path / "profile") as browser:
         page = browser.new_page()
         dialogs: list[str] = []

@@ -41,6 +41,7 @@ class Route:
     status: int = 200
     stall_after: int | None = None  # send this many body bytes, then hang until the server stops
     close_after: int | None = None  # send this many body bytes, then drop the connection
+    chunk_delay: float = 0.0  # seconds between 1 MiB chunks: a download that lasts long enough to show progress
     hits: int = 0
     stalled: threading.Event = field(default_factory=threading.Event)
 
@@ -90,6 +91,9 @@ def _handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             view = memoryview(route.body)
             for i in range(0, len(view), 1 << 20):
                 self.wfile.write(view[i : i + (1 << 20)])
+                if route.chunk_delay:
+                    self.wfile.flush()
+                    server.stop.wait(route.chunk_delay)
 
     return Handler
 
