@@ -12,13 +12,22 @@ CREATE_OPTIONS: dict[str, tuple[type, Any]] = {
     "name": (str, None),
     "image": (str, None),
     "kernel": (str, None),
-    "vcpus": (int, 2),
-    "memory": (int, 1024),
+    "vcpus": (int, None),  # None: the CLI's default (2, or the agent VM's)
+    "memory": (int, None),
     "disk_size": (str, None),
     "vmm": (str, None),
     "timeout": (float, None),
     "net": (str, "bridge"),
     "publish": (list, []),
+    "reverse": (list, []),
+    "forward_ports": (str, None),
+    "cpu": (str, None),
+    "agent": (str, None),
+    "allow_host": (list, []),
+    "isolate": (bool, False),
+    "egress": (str, None),
+    "allow_domain": (list, []),
+    "allow_cidr": (list, []),
     "no_start": (bool, False),
 }
 
@@ -45,4 +54,6 @@ def create_params_from(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise InvalidInputError(f"create option {key} must be {kind.__name__}, got {type(value).__name__}")
         opts[key] = value
+    opts["allow_host"] = [int(p) if isinstance(p, str) and p.isdigit() else p for p in opts["allow_host"]]
+    opts["ssh_key"] = []  # key files are the CLI's (`--ssh-key`); the page authorizes the user's default keys
     return _create_params(opts, start=not opts.pop("no_start"))
