@@ -474,13 +474,17 @@ class AgentClient:
             await asyncio.gather(sender, ender, tar_thread, return_exceptions=True)
         return str(reply["path"])
 
-    async def get(self, remote_path: str, local_path: str | Path, *, owner: tuple[int, int] | None = None) -> Path:
+    async def get(
+        self, remote_path: str, local_path: str | Path, *, owner: tuple[int, int] | None = None, journal: Any = None
+    ) -> Path:
         """Copy a guest file or directory here (modes kept, owned by us or `owner`), merged like `cp -r`; into
         `local_path` if that is a directory."""
         target = transfer_target(Path(local_path), PurePosixPath(remote_path).name)
         stream = await self._request(Kind.GET, path=remote_path)
         pipe = InboundPipe(asyncio.get_running_loop(), lambda n: self.mux.ack(stream.id, n))
-        worker = asyncio.ensure_future(asyncio.to_thread(extract_tar, pipe, target, keep_owner=False, owner=owner))
+        worker = asyncio.ensure_future(
+            asyncio.to_thread(extract_tar, pipe, target, keep_owner=False, owner=owner, journal=journal)
+        )
         feeder = asyncio.create_task(_feed_pipe(stream, pipe))
         try:
             await asyncio.wait([worker, feeder], return_when=asyncio.FIRST_COMPLETED)

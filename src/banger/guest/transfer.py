@@ -182,11 +182,27 @@ class _Extractor:
             os.utime(target, (member.mtime, member.mtime))
 
 
-def extract_tar(src: io.RawIOBase, target: Path, *, keep_owner: bool, owner: tuple[int, int] | None = None) -> None:
-    """Read a transfer tar from `src` and make its ROOT appear at `target` (owned by `owner` if given)."""
+def extract_tar(
+    src: io.RawIOBase,
+    target: Path,
+    *,
+    keep_owner: bool,
+    owner: tuple[int, int] | None = None,
+    journal: Any = None,
+) -> None:
+    """Read a transfer tar from `src` and make its ROOT appear at `target` (owned by `owner` if given).
+
+    `journal` (host side: vms/staging.py) records the staging directory before anything is written into it, so a
+    process killed mid-copy has it removed at its next start."""
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{target.name}.banger-", dir=parent)
+    if journal is not None:
+        try:
+            journal.add(tmp)
+        except BaseException:
+            os.rmdir(tmp)
+            raise
     try:
         ex = _Extractor(tmp, keep_owner)
         with tarfile.open(fileobj=src, mode="r|") as tf:
@@ -201,6 +217,8 @@ def extract_tar(src: io.RawIOBase, target: Path, *, keep_owner: bool, owner: tup
         _merge(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if journal is not None:
+            journal.remove(tmp)
 
 
 def _chown_tree(root: str, uid: int, gid: int) -> None:

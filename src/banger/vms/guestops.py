@@ -15,6 +15,7 @@ from banger.guest.client import AgentClient
 from banger.vms.agents import AgentEndpoint
 from banger.vms.model import VmState
 from banger.vms.service import VmService
+from banger.vms.staging import StagingJournal
 
 # Sends one event to the CLI and returns once the connection has room again: a slow reader then slows the
 # guest process (the agent's window is acknowledged only after this), instead of growing the daemon's buffers.
@@ -108,7 +109,9 @@ async def relay_console(socket_path: Path, inbox: asyncio.Queue[dict[str, Any]],
         writer.close()
 
 
-async def copy_out(client: AgentClient, src: str, dest: str, uid: int, gid: int) -> Path:
+async def copy_out(
+    client: AgentClient, src: str, dest: str, uid: int, gid: int, journal: StagingJournal | None = None
+) -> Path:
     """Copy a guest path to the host for a caller, merged into what is there, and owned by the caller.
 
     The staged copy is given to the caller before it is merged in, so files the copy does not replace keep their
@@ -116,7 +119,7 @@ async def copy_out(client: AgentClient, src: str, dest: str, uid: int, gid: int)
     """
     owner = (uid, gid) if os.geteuid() == 0 and uid != 0 else None
     try:
-        return await client.get(src, dest, owner=owner)
+        return await client.get(src, dest, owner=owner, journal=journal)
     except OSError as exc:
         raise ToolError(f"cannot write {dest}: {exc.strerror or exc}") from exc
 

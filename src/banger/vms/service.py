@@ -46,6 +46,7 @@ from banger.vms.cmdline import guest_cmdline
 from banger.vms.disk import clone_root_disk
 from banger.vms.hooks import VmHooks
 from banger.vms.model import LIVE_STATES, NetMode, VmRecord, VmState
+from banger.vms.staging import StagingJournal
 from banger.vms.stopping import stop_vmm
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class VmService:
         self.kernels = kernels
         self.images = images
         self.agents = AgentPool()
+        self.staging = StagingJournal(settings.paths.run_dir / "staging")  # copies out that a kill cut short
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._caps: host.HostCaps | None = None
@@ -492,6 +494,7 @@ class VmService:
         await self.load_caps()
         vms = self.all()
         sweep.remove_orphans((self.settings.paths.vms, self.settings.paths.run_dir), {vm.id for vm in vms})
+        self.staging.sweep()
         sweep.remove_stale_temps(self.vm_dir(vm.id) for vm in vms)
         if any(vm.spec.get("net") == NetMode.BRIDGE for vm in vms):
             # Networking is set up lazily (never on a host that has no networked VM), but once VMs use it, the

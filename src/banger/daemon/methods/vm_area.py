@@ -256,7 +256,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             where = await client.put(src, dest)
             return {"copied": src, "to": f"{name}:{where}"}
         if direction == "out":
-            local = await guestops.copy_out(client, src, dest, ctx.peer_uid, ctx.peer_gid)
+            local = await guestops.copy_out(client, src, dest, ctx.peer_uid, ctx.peer_gid, vms.staging)
             return {"copied": f"{name}:{src}", "to": str(local)}
         raise InvalidInputError(f"direction must be 'in' or 'out', got {direction!r}")
 
