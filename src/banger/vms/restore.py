@@ -32,6 +32,7 @@ from banger.guest.client import AgentClient
 from banger.names import generate_name, validate_name
 from banger.net.guestnet import GuestNet
 from banger.progress import Progress, ProgressEvent, no_progress
+from banger.vms import records
 from banger.vms.agents import AgentEndpoint
 from banger.vms.model import NetMode, VmRecord, VmState, parse_publish
 from banger.vms.service import AGENT_SOCKET, SEED_DISK, VmService
@@ -140,7 +141,7 @@ async def create_from_snapshot(
         progress(ProgressEvent(step=f"overlay the disk of snapshot {snap.name}"))
         await in_thread(_overlay, snap.root_disk, vdir / ROOT_OVERLAY)
         await in_thread(_copy_sparse, snap.seed_disk, vdir / SEED_DISK)
-        _insert(vms, vm)
+        records.insert(vms.store, vm)
         if net_mode is NetMode.BRIDGE:
             vm.spec["ip"] = str(vms.network.allocate(vm.id, vm.name))
             vms.store.execute("UPDATE vms SET spec=? WHERE id=?", (json.dumps(vm.spec), vm.id))
@@ -157,27 +158,6 @@ async def create_from_snapshot(
         raise
     log.info("vm %s created from snapshot %s", vm.name, snap.name)
     return vm
-
-
-def _insert(vms: VmService, vm: VmRecord) -> None:
-    vms.store.execute(
-        "INSERT INTO vms (id, name, state, reason, vmm, kernel, image, vcpus, memory_mib, disk_bytes, "
-        "created_at, spec, runtime) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
-        (
-            vm.id,
-            vm.name,
-            vm.state.value,
-            None,
-            vm.vmm,
-            vm.kernel,
-            vm.image,
-            vm.vcpus,
-            vm.memory_mib,
-            vm.disk_bytes,
-            vm.created_at,
-            json.dumps(vm.spec),
-        ),
-    )
 
 
 def identity(vm: VmRecord, gnet: GuestNet | None) -> dict[str, Any]:
