@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import subprocess
+import time
 from pathlib import Path
 
-from banger.drivers import cgroups, confine
+import pytest
+
+from banger.drivers import cgroups, confine, process
 
 
 def _v1(root: Path) -> None:
@@ -57,3 +64,59 @@ def test_command_line_swaps_paths_for_descriptors() -> None:
     assert confine._swap("/s/vms/a/root.ext4", swaps) == "/dev/fd/7"
     assert confine._swap("/s/vms/a/root.ext4.bak", swaps) == "/s/vms/a/root.ext4.bak"
     assert confine._uses_kvm(["qemu", "-accel", "kvm"]) and not confine._uses_kvm(["qemu", "-accel", "tcg,tb-size=128"])
+
+
+def _real_cgroups() -> None:
+    if os.geteuid() != 0 or cgroups.layout()[0] is cgroups.Version.NONE:
+        pytest.skip("needs root and a cgroup hierarchy with memory, pids and cpu")
+
+
+def _remove(groups: list[Path]) -> None:
+    for group in groups:
+        with contextlib.suppress(OSError):
+            os.rmdir(group)
+
+
+def test_collect_spares_young_and_busy_groups_and_removes_old_empty_ones() -> None:
+    """Regression (found by the chaos suite): a restarted daemon's collect removed the group of a VMM still in its
+    exec chain, which then failed to join it and died while `vm ls` called it running."""
+    _real_cgroups()
+    tag = f"test-{os.getpid()}-{secrets.token_hex(3)}"
+    limits = cgroups.Limits.for_vm(1, 128)
+    young, old, busy = (cgroups.create(f"{tag}-{kind}", limits) for kind in ("young", "old", "busy"))
+    child = subprocess.Popen(["sleep", "120"])
+    try:
+        cgroups.join(busy, child.pid)
+        an_hour_ago = time.time() - 3600
+        for group in old + busy:
+            os.utime(group, (an_hour_ago, an_hour_ago))
+        cgroups.collect()
+        assert all(group.is_dir() for group in young + busy)
+        assert not any(group.exists() for group in old)
+        assert cgroups.in_use(f"{tag}-busy") and not cgroups.in_use(f"{tag}-young")
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        _remove(young + old + busy)
+
+
+def test_free_uid_skips_uids_of_vmms_that_have_not_dropped_to_them_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VMM spawned a moment ago still runs as root in its exec chain: neither its uid (handed out by this daemon)
+    nor its cgroup's uid (handed out by a daemon since killed) may go to another VM meanwhile."""
+    _real_cgroups()
+    first = confine.free_uid()
+    child = subprocess.Popen(["sleep", "120"])  # stands in for the VMM's exec chain, still root
+    groups: list[Path] = []
+    try:
+        monkeypatch.setitem(confine._handed_out, first, (child.pid, process.start_time(child.pid)))
+        assert confine.free_uid() != first
+        monkeypatch.delitem(confine._handed_out, first)
+        assert confine.free_uid() == first
+        groups = cgroups.create(f"vm-{first}", cgroups.Limits.for_vm(1, 128))
+        cgroups.join(groups, child.pid)
+        assert confine.free_uid() != first
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        _remove(groups)
+    assert confine.free_uid() == first

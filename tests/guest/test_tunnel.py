@@ -171,3 +171,34 @@ def test_tcp_listeners_parses_proc(tmp_path: Path) -> None:
         "   1: 0100007F:1F91 0100007F:0016 01 00000000:00000000 00:00000000 00000000     0        0 112 1\n"
     )
     assert guesttunnel.tcp_listeners(str(tmp_path)) == [8080]
+
+
+def test_reverse_relay_delivers_everything_before_the_tunnel_ends(tmp_path: Path) -> None:
+    """Regression: the relay used to cancel the agent's stream as soon as both directions had half-closed on the
+    host, while the last bytes it sent could still wait in the agent's queue; the guest-side client then read
+    nothing. Many short exchanges, each half-closed at once, make that window show."""
+
+    async def body(c: AgentClient) -> None:
+        server = await _echo_server()
+        guest_port = _free_port()
+        async with server:
+            listener = await listen(c, guest_port)
+
+            async def serve() -> None:
+                async for conn in listener.accepted():
+                    tunnel = await open_tunnel(c, accept=conn)
+                    host_reader, host_writer = await tcp_connector(_port(server))()
+                    asyncio.create_task(relay(tunnel, host_reader, host_writer))
+
+            serving = asyncio.create_task(serve())
+            for i in range(40):
+                payload = os.urandom(1024 * (i % 5 + 1))
+                reader, writer = await asyncio.open_connection("127.0.0.1", guest_port)
+                writer.write(payload)
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(), 30) == payload, f"exchange {i}"
+                writer.close()
+            await listener.close()
+            serving.cancel()
+
+    with_client(tmp_path, body)

@@ -276,14 +276,23 @@ def test_vm_run_rm_cleans_up_a_failed_start(vm_home: BangerEnv) -> None:
     assert sorted(p.name for p in (vm_home.home / "vms").iterdir()) == sorted(r["id"] for r in rows)  # no files left
 
 
+def _program(pid: int) -> str:
+    """The program name of a process (its argv[0]'s base name), or "" once it is gone."""
+    try:
+        return Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")).name
+    except OSError:
+        return ""
+
+
 def test_daemon_killed_during_start_does_not_orphan_the_vmm(vm_home: BangerEnv) -> None:
     vm_home.cli("vm", "create", "--name", "gamma", "--net", "none", "--no-start", check=True, timeout=300)
     vm_id = vm_info(vm_home, "gamma")["id"]
     starter = vm_home.popen("vm", "start", "gamma")
 
     def qemu_pid() -> int | None:
+        # The VM's console writer names the VM's directory too: only a process whose program is QEMU counts.
         out = subprocess.run(["pgrep", "-f", f"{vm_home.home}/vms/{vm_id}/"], capture_output=True, text=True)
-        pids = [int(p) for p in out.stdout.split()]
+        pids = [int(p) for p in out.stdout.split() if "qemu" in _program(int(p))]
         return pids[0] if pids else None
 
     pid = wait_for(qemu_pid, timeout=60, what="gamma's QEMU to be spawned")

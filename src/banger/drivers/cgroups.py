@@ -1,8 +1,10 @@
 """Per-VM cgroups with memory, pids and CPU limits, on cgroup v1 (one hierarchy per controller) or v2 (unified).
 
 Each VMM gets `banger/<name>` under every controller banger uses; the VMM joins them before it execs (see
-confine_exec.py), so nothing it allocates is charged elsewhere. Empty groups of VMMs that are gone are removed
-at the next spawn (`collect`).
+confine_exec.py), and the daemon moves it in as well right after the spawn (`join`), so a group is never empty
+once the spawn lock is released. Empty groups of VMMs that are gone are removed at the next spawn and at daemon
+start (`collect`), but never a group made in the last GRACE_S seconds: that one may belong to a VMM still starting
+under a daemon that was killed before it could `join`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -20,6 +23,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "banger"
 CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
+# A group younger than this is never collected (see the module docstring).
+GRACE_S = 120.0
 # What a VMM needs beyond guest RAM: TCG's translation cache (128 MiB), device emulation, QEMU itself.
 MEMORY_OVERHEAD_MIB = 384
 
@@ -105,16 +110,36 @@ def create(name: str, limits: Limits, root: Path = CGROUP_ROOT) -> list[Path]:
     return groups
 
 
-def collect(root: Path = CGROUP_ROOT) -> None:
-    """Remove banger's groups that no process is in any more."""
+def join(groups: list[Path], pid: int) -> None:
+    """Move process `pid` (all its threads) into `groups`; nothing if it has exited already."""
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            _write(group / "cgroup.procs", str(pid))
+
+
+def in_use(name: str, root: Path = CGROUP_ROOT) -> bool:
+    """Whether banger's group `name` exists with a process in it, under any controller."""
     _version, found = layout(root)
+    for base in set(found.values()):
+        with contextlib.suppress(OSError):
+            if (base / PARENT / name / "cgroup.procs").read_text().strip():
+                return True
+    return False
+
+
+def collect(root: Path = CGROUP_ROOT, grace: float = GRACE_S) -> None:
+    """Remove banger's groups that no process is in any more (and that are older than `grace` seconds)."""
+    _version, found = layout(root)
+    now = time.time()
     for base in set(found.values()):
         parent = base / PARENT
         if not parent.is_dir():
             continue
         for group in parent.iterdir():
-            if group.is_dir() and not (group / "cgroup.procs").read_text().strip():
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                if not group.is_dir() or now - group.stat().st_mtime < grace:
+                    continue
+                if not (group / "cgroup.procs").read_text().strip():
                     os.rmdir(group)
 
 

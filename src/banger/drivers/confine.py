@@ -83,11 +83,24 @@ def _uids_in_use() -> set[int]:
     return used
 
 
+# uid -> (pid, start time) of each VMM this daemon spawned: until it has dropped to its uid (a moment after the
+# spawn) no process shows that uid yet, and a VM starting meanwhile must not be given the same one.
+_handed_out: dict[int, tuple[int, int | None]] = {}
+
+
+def _reserved() -> set[int]:
+    for uid, (pid, started) in list(_handed_out.items()):
+        if started is None or process.start_time(pid) != started:
+            del _handed_out[uid]
+    return set(_handed_out)
+
+
 def free_uid() -> int:
-    """The lowest VMM uid no running process has."""
-    used = _uids_in_use()
+    """The lowest VMM uid that no running process has, none of our VMMs is about to take, and whose cgroup is
+    empty (a VMM spawned by a daemon since killed is in its group before it drops to its uid)."""
+    used = _uids_in_use() | _reserved()
     for uid in range(VMM_UID_BASE + 1, VMM_UID_BASE + 1 + VMM_UID_COUNT):
-        if uid not in used:
+        if uid not in used and not cgroups.in_use(f"vm-{uid}"):
             return uid
     raise ToolError(f"all {VMM_UID_COUNT} VMM uids are in use")
 
@@ -217,6 +230,10 @@ def spawn_qemu(argv: Sequence[str], pass_fds: Sequence[int], spec: VmSpec, *, lo
             pid = process.spawn(confined.argv, log_file=log_file, pass_fds=confined.pass_fds)
         finally:
             confined.close()
+        _handed_out[confined.uid] = (pid, process.start_time(pid))
+        # The VMM joins its groups itself before it execs; doing it here too means the groups are in use before
+        # the lock goes, so a concurrent spawn's `collect` cannot remove them under it.
+        cgroups.join(confined.cgroups, pid)
     log.info("qemu for %s confined: uid %d, cgroups %s", spec.name, confined.uid, [str(g) for g in confined.cgroups])
     return pid
 

@@ -13,6 +13,8 @@ from banger.guest.client import AgentClient, _raise_for
 from banger.guest.protocol import Fd, Frame, Kind, Stream
 
 CONNECT_TIMEOUT = 15.0
+# How long a cleanly finished tunnel waits for the agent to confirm the end before cancelling it.
+FINISH_TIMEOUT = 10.0
 
 
 class Tunnel:
@@ -58,6 +60,21 @@ class Tunnel:
         """No more bytes from the host side (the guest socket sees a half-close)."""
         if not self._ended:
             await self.client.mux.send(Kind.EOF, self.stream.id, fd=int(Fd.IN))
+
+    async def finish(self, timeout: float = FINISH_TIMEOUT) -> None:
+        """Both directions have half-closed: wait for the agent to end the stream, then it has written everything
+        the host sent into the guest socket. Ending it at once instead (`close`) would cancel the agent's handler
+        while our last bytes may still wait in its queue. Cancels only if the agent does not end it in `timeout`."""
+        self.client.mux.ack(self.stream.id, self._unacked)
+        self._unacked = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self._ended:
+                    frame = await self._next()
+                    if frame.kind == Kind.END:
+                        self._ended = True
+                        self.client.forget(self.stream)
+        await self.close()
 
     async def close(self) -> None:
         """End the tunnel (the agent closes the guest connection)."""

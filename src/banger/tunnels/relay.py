@@ -44,6 +44,7 @@ async def _to_host(tunnel: Tunnel, writer: asyncio.StreamWriter) -> None:
 async def relay(tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Copy bytes both ways until both sides have finished; the first failure ends both. Always closes both."""
     tasks = [asyncio.create_task(_to_guest(reader, tunnel)), asyncio.create_task(_to_host(tunnel, writer))]
+    clean = False
     try:
         pending = set(tasks)
         while pending:
@@ -52,11 +53,15 @@ async def relay(tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.St
                 if task.exception() is not None:
                     log.debug("tunnel relay ended: %s", task.exception())
                     return
+        clean = True
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await tunnel.close()
+        if clean:
+            await tunnel.finish()  # let the agent deliver our last bytes before the stream goes
+        else:
+            await tunnel.close()
         writer.close()
         with contextlib.suppress(OSError, ConnectionError):
             await writer.wait_closed()

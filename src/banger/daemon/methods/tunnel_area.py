@@ -42,6 +42,9 @@ def register(reg: MethodRegistry, app: App) -> None:
             await ctx.send_event({"connected": True})
             while data := await t.read():
                 await ctx.send_event({"data": base64.b64encode(data).decode()})
+            finished = up.done() and not up.cancelled() and up.exception() is None
+            if finished:  # both ways half-closed: let the agent deliver our last input before the stream goes
+                await t.finish()
             return {"closed": True}
         finally:
             up.cancel()
