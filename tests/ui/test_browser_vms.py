@@ -32,6 +32,12 @@ def _terminal_lines(page: Page) -> list[str]:
     return [str(t).strip() for t in page.locator("#terminal .xterm-rows > div").all_inner_texts()]
 
 
+def _row_starting(prefix: str) -> str:
+    """A page function: true once a terminal row starts with `prefix`."""
+    return f"""() => [...document.querySelectorAll('#terminal .xterm-rows > div')]
+                 .some((r) => r.textContent.trim().startsWith('{prefix}'))"""
+
+
 def test_vm_lifecycle_and_terminal_in_the_browser(ui_vm: UiServer, tmp_path: Path) -> None:
     benv = ui_vm.benv
     with chromium(tmp_path / "profile") as browser:
@@ -85,8 +91,30 @@ def test_vm_lifecycle_and_terminal_in_the_browser(ui_vm: UiServer, tmp_path: Pat
         )
         expect(page.locator("#console")).not_to_be_empty()
         expect(page.locator("#vm-ports table")).to_be_visible()
-        expect(page.locator("#sessions td.empty")).to_have_text("no sessions")  # the daemon's session.list, empty
+        # The shell is a guest session, listed with the VM's sessions.
+        shell = page.evaluate("window.bangerTerminal.shellSession")
+        assert shell.startswith("shell-")
+        expect(page.locator("#sessions")).to_contain_text(shell)
         screenshot(page, "vm-page", "3-terminal")
+
+        # A reload reattaches to the same shell: the screen is redrawn and the shell's pid is the same.
+        page.keyboard.type("echo pid=$$\n")
+        page.wait_for_function(_row_starting("pid="), timeout=60_000)
+        pid_line = next(line for line in _terminal_lines(page) if line.startswith("pid="))
+        page.reload()
+        expect(page.locator("#terminal-status")).to_have_text("connected", timeout=60_000)
+        page.wait_for_function(f"window.bangerTerminal.shellSession === '{shell}'", timeout=60_000)
+        page.wait_for_function(_row_starting("pid="), timeout=60_000)  # replayed
+        page.locator("#terminal").click()
+        page.keyboard.type("echo again=$$\n")
+        page.wait_for_function(_row_starting("again="), timeout=60_000)
+        assert pid_line.replace("pid=", "again=") in _terminal_lines(page)
+        # "New shell" ends the old shell's session and starts another.
+        page.locator("#terminal-slot button", has_text="New shell").click()
+        expect(page.locator("#terminal-status")).to_have_text("connected", timeout=60_000)
+        page.wait_for_function(f"(window.bangerTerminal.shellSession || '{shell}') !== '{shell}'")
+        names = [row["name"] for row in json.loads(benv.cli("session", "ls", "web1", "--json", check=True).stdout)]
+        assert shell not in names and page.evaluate("window.bangerTerminal.shellSession") in names
 
         page.locator("#vm-details button[data-action=stop]").click()
         expect(page.locator("#vm-details .state")).to_have_text("stopped", timeout=120_000)

@@ -41,6 +41,10 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 T = TypeVar("T")
 
 
+# The most earlier output an attach replays (see `attach`).
+MAX_REPLAY = 1 << 20
+
+
 class SessionService:
     """Owns the sessions table and the host copies of session output."""
 
@@ -325,9 +329,18 @@ class SessionService:
                             await waiter.wait()
 
     async def attach(
-        self, vm_name: str, name: str, *, rows: int, cols: int, inbox: asyncio.Queue[dict[str, Any]], emit: Emit
+        self,
+        vm_name: str,
+        name: str,
+        *,
+        rows: int,
+        cols: int,
+        inbox: asyncio.Queue[dict[str, Any]],
+        emit: Emit,
+        replay: int = 0,
     ) -> dict[str, Any]:
-        """Join a running session: its new output as events, `$/input` as its stdin and window size."""
+        """Join a running session: its new output as events (after the last `replay` bytes it wrote before, which
+        redraw a terminal that reattaches), `$/input` as its stdin and window size."""
         vm = self.running_vm(vm_name)
         rec = self.get(vm, name)
         client = await self.agent(vm)
@@ -355,7 +368,8 @@ class SessionService:
 
         feeder = asyncio.create_task(pump_input())
         try:
-            gs = await guestapi.read(client, name, current.output_bytes, follow=True, sink=sink)
+            start = max(0, current.output_bytes - max(0, min(replay, MAX_REPLAY)))
+            gs = await guestapi.read(client, name, start, follow=True, sink=sink)
         finally:
             feeder.cancel()
             with contextlib.suppress(BaseException):

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,10 +16,14 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from banger.cli.vm_cmds import LOGIN_SHELL
-from banger.errors import BangerError
+from banger.errors import BangerError, UnsupportedError
 from banger.rpc import protocol
 from banger.rpc.aclient import AsyncClient
 
+# Terminal shells: their sessions' name prefix, what they replay on reattach, their TERM.
+SHELL_PREFIX = "shell-"
+REPLAY = 64 << 10
+TERM = "xterm-256color"
 # How long the browser waits before reconnecting an event stream that ended (the daemon restarted, say).
 RETRY_MS = 2000
 
@@ -65,22 +70,31 @@ async def session_follow(request: Request) -> StreamingResponse:
 
 
 async def terminal(ws: WebSocket) -> None:
-    """A login shell on a PTY in the guest (the call `vm shell` makes): bytes both ways, resize as JSON."""
+    """A login shell on a PTY in the guest: bytes both ways, resize as JSON.
+
+    The shell is a guest session (kind process, named `shell-…`), so it outlives the page: the page keeps its name
+    and, after a reload, asks for it again with `?session=NAME`; the call then reattaches and replays the recent
+    output that redraws the screen. `?replace=NAME` ends an old shell first ("New shell"). The first text message
+    names the session: `{"session": NAME}`. Against a daemon without sessions the shell is a plain `vm.exec`,
+    which ends with the page.
+    """
     rows = _int(ws.query_params.get("rows"), 24)
     cols = _int(ws.query_params.get("cols"), 80)
+    vm = ws.path_params["name"]
     await ws.accept()
-    params = {
-        "name": ws.path_params["name"],
-        "argv": LOGIN_SHELL,
-        "env": {"TERM": "xterm-256color"},
-        "tty": True,
-        "rows": rows,
-        "cols": cols,
-        "stdin": True,
-    }
     try:
         async with AsyncClient(ws.app.state.socket) as client:
-            rid = client.start("vm.exec", params)
+            old = ws.query_params.get("replace")
+            if old and old.startswith(SHELL_PREFIX):
+                await _end_shell(client, vm, old)
+            name = await _shell_session(client, vm, ws.query_params.get("session"), rows, cols)
+            if name is None:
+                params = {"name": vm, "argv": LOGIN_SHELL, "env": {"TERM": TERM}, "tty": True}
+                rid = client.start("vm.exec", {**params, "rows": rows, "cols": cols, "stdin": True})
+            else:
+                await ws.send_text(json.dumps({"session": name}))
+                params = {"vm": vm, "session": name, "rows": rows, "cols": cols, "replay": REPLAY}
+                rid = client.start("session.attach", params)
             upstream = asyncio.create_task(_keys_to_guest(ws, client, rid))
             try:
                 async for note in client.notifications(rid):
@@ -91,14 +105,44 @@ async def terminal(ws: WebSocket) -> None:
                 upstream.cancel()
                 with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
                     await upstream
+            if name is not None:
+                await _end_shell(client, vm, name)  # the shell exited: its session is of no more use
         await ws.send_text(json.dumps({"exit": result}))
     except BangerError as exc:
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await ws.send_text(json.dumps({"error": exc.message, "hint": exc.hint}))
     except WebSocketDisconnect:
-        return  # leaving the block closed the daemon connection, which ends the shell
+        return  # leaving the block closed the daemon connection: a session shell goes on, an exec shell ends
     with contextlib.suppress(RuntimeError):
         await ws.close()
+
+
+async def _shell_session(client: AsyncClient, vm: str, wanted: str | None, rows: int, cols: int) -> str | None:
+    """The shell session to attach to: `wanted` while it runs, else a new one; None when the daemon has no
+    sessions."""
+    if wanted and wanted.startswith(SHELL_PREFIX):
+        with contextlib.suppress(BangerError):
+            for row in await client.call("session.list", {"vm": vm}):
+                if row.get("name") == wanted and row.get("state") == "running" and row.get("kind") == "process":
+                    return wanted
+    params = {
+        "vm": vm,
+        "argv": LOGIN_SHELL,
+        "name": f"{SHELL_PREFIX}{secrets.token_hex(3)}",
+        "env": {"TERM": TERM},
+        "tty": True,
+        "rows": rows,
+        "cols": cols,
+    }
+    try:
+        return str((await client.call("session.start", params))["name"])
+    except UnsupportedError:  # a daemon from before sessions
+        return None
+
+
+async def _end_shell(client: AsyncClient, vm: str, name: str) -> None:
+    with contextlib.suppress(BangerError):
+        await client.call("session.rm", {"vm": vm, "session": name, "force": True})
 
 
 async def _keys_to_guest(ws: WebSocket, client: AsyncClient, rid: int) -> None:

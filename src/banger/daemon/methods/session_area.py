@@ -66,11 +66,16 @@ def register(reg: MethodRegistry, app: App) -> None:
         return await sessions.logs(vm, session, follow=follow, emit=ctx.send_event)
 
     @reg.method("session.attach")
-    async def attach(ctx: CallContext, vm: str, session: str, rows: int = 24, cols: int = 80) -> dict[str, Any]:
-        """Join a running session interactively; detaching (cancelling the call) leaves it running."""
+    async def attach(
+        ctx: CallContext, vm: str, session: str, rows: int = 24, cols: int = 80, replay: int = 0
+    ) -> dict[str, Any]:
+        """Join a running session interactively; detaching (cancelling the call) leaves it running. replay: first
+        send up to this many bytes of what it wrote before (a terminal that reattaches redraws from them)."""
         if is_agent(vm, session):
             raise InvalidInputError("an agent session has no terminal", hint="use session send and session logs")
-        return await sessions.attach(vm, session, rows=rows, cols=cols, inbox=ctx.inbox, emit=ctx.send_event)
+        return await sessions.attach(
+            vm, session, rows=rows, cols=cols, inbox=ctx.inbox, emit=ctx.send_event, replay=replay
+        )
 
     @reg.method("guest.session.send")
     async def send(

@@ -238,14 +238,16 @@ async function pageVm(name) {
     if (term) { term.dispose(); term = null; }
     termBox.replaceChildren(h("p", { class: "muted" }, "a terminal opens when the VM runs"));
   };
-  const openTerminal = () => {
+  // The shell is a guest session: its name is kept for this tab, so a reload reattaches to the same shell.
+  const shellKey = `banger-shell-${name}`;
+  const openTerminal = (fresh) => {
     if (!window.Terminal || !window.FitAddon) {
       termBox.replaceChildren(errorLine(new ApiError("xterm.js is not installed in this banger", "run scripts/setup.sh to vendor it")));
       return;
     }
     closeTerminal();
     const div = h("div", { id: "terminal" });
-    const reopen = h("button", { onclick: openTerminal }, "New shell");
+    const reopen = h("button", { onclick: () => openTerminal(true) }, "New shell");
     const status = h("span", { class: "muted", id: "terminal-status" }, "connecting");
     termBox.replaceChildren(h("div", { class: "row" }, reopen, status), div);
     term = new window.Terminal({ fontSize: 13, cursorBlink: true, scrollback: 5000 });
@@ -255,15 +257,22 @@ async function pageVm(name) {
     fit.fit();
     window.bangerTerminal = term;  // for tests and the console: rows, cols, buffer
     const proto = location.protocol === "https:" ? "wss" : "ws";
-    ws = new WebSocket(`${proto}://${location.host}/api/vms/${name}/terminal?rows=${term.rows}&cols=${term.cols}`);
+    const kept = sessionStorage.getItem(shellKey);
+    const which = kept ? (fresh === true ? `&replace=${encodeURIComponent(kept)}` : `&session=${encodeURIComponent(kept)}`) : "";
+    if (fresh === true) sessionStorage.removeItem(shellKey);
+    ws = new WebSocket(`${proto}://${location.host}/api/vms/${name}/terminal?rows=${term.rows}&cols=${term.cols}${which}`);
     ws.binaryType = "arraybuffer";
     const sock = ws;
     ws.onopen = () => { status.textContent = "connected"; term.focus(); };
     ws.onmessage = (m) => {
       if (typeof m.data !== "string") { term.write(new Uint8Array(m.data)); return; }
       const msg = JSON.parse(m.data);
-      if (msg.error) { status.textContent = `error: ${msg.error}`; showError(new ApiError(msg.error, msg.hint)); }
-      else if (msg.exit) status.textContent = `shell exited (${msg.exit.signal ? `signal ${msg.exit.signal}` : `code ${msg.exit.exit_code}`})`;
+      if (msg.session) { sessionStorage.setItem(shellKey, msg.session); term.shellSession = msg.session; }
+      else if (msg.error) { status.textContent = `error: ${msg.error}`; showError(new ApiError(msg.error, msg.hint)); }
+      else if (msg.exit) {
+        sessionStorage.removeItem(shellKey);
+        status.textContent = `shell exited (${msg.exit.signal ? `signal ${msg.exit.signal}` : `code ${msg.exit.exit_code}`})`;
+      }
     };
     ws.onclose = () => { if (status.textContent === "connected" || status.textContent === "connecting") status.textContent = "disconnected"; };
     term.onData((data) => { if (sock.readyState === WebSocket.OPEN) sock.send(JSON.stringify({ data })); });
