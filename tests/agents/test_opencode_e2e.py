@@ -1,5 +1,5 @@
-"""End to end: the real opencode in a real guest, its model a STAND-IN (standin_model.py: the model is the one
-component that cannot run here) on the host's loopback, reached through banger's credential proxy.
+"""End to end: the real opencode in a real guest holding a workspace, its model a STAND-IN (standin_model.py: the
+model is the one component that cannot run here) on the host's loopback, reached through banger's credential proxy.
 
 Inside a network namespace the test creates (the daemon, its bridge and the stand-in all live there; the root
 namespace is never touched). The guest reaches the proxy through a reverse tunnel over the agent channel
@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.vms.conftest import installed_home
+from tests.workspace.repos import git, make_repo
 
 pytestmark = [pytest.mark.vm, pytest.mark.net, pytest.mark.timeout(3600)]
 
@@ -50,7 +51,8 @@ def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: 
     standin = None
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        args = json.dumps({"filePath": "/root/hello.txt", "content": "hello from the agent\n"})
+        repo = make_repo(tmp_path, "proj")
+        args = json.dumps({"filePath": "/workspace/proj/hello.txt", "content": "hello from the agent\n"})
         standin = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.agents.standin_model", "--port", str(PORT)]
             + ["--tool", "write", "--args", args, "--text", "I wrote hello.txt.", "--record", str(record)],
@@ -64,15 +66,28 @@ def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: 
                 BANGER_AGENT_MODEL="standin",
                 BANGER_AGENT_API_KEY=KEY,
             )
-            # --net none: the provider is reached through the reverse tunnel alone.
-            r = benv.cli(
-                "vm", "create", "--name", "coder", "--agent", "opencode", "--net", "none", "--json", timeout=1800
-            )
-            assert r.returncode == 0, r.stderr
-            info = json.loads(r.stdout)
-            # Agent VM defaults, and the server as a supervised session of kind `agent`.
+            # One command: an agent VM holding the checkout, a prompt, the transcript, exit 0 once the agent is
+            # idle. --net none: the provider is reached through the reverse tunnel alone.
+            run = benv.cli(
+                "vm", "run", "--name", "coder", "--agent", "opencode", "--net", "none", "--workspace", str(repo),
+                "--prompt", "Create hello.txt", timeout=2400,
+            )  # fmt: skip
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert "[tool write: completed]" in run.stdout and "I wrote hello.txt." in run.stdout
+            info = json.loads(benv.cli("vm", "show", "coder", "--json", check=True).stdout)
+            # Agent VM defaults, its image a cached derived image that holds the binary (nothing copied per VM),
+            # and the server as a supervised session of kind `agent`, started in the workspace.
             assert info["state"] == "running" and info["vcpus"] == 2 and info["memory_mib"] == 2048
-            assert info["agent"]["agent"] == "opencode" and info["agent"]["version"]
+            images = {i["name"]: i for i in json.loads(benv.cli("image", "ls", "--json", check=True).stdout)}
+            assert info["image"].startswith("debian-bookworm-opencode-"), info["image"]
+            assert images[info["image"]]["source"] == "derived:debian-bookworm"
+            cwd = benv.cli("vm", "exec", "coder", "--", "sh", "-c", "readlink /proc/$(pgrep -f 'opencode serve')/cwd")
+            assert cwd.stdout.strip() == "/workspace/proj", cwd.stdout + cwd.stderr
+            # The edit comes back as a branch of the host checkout.
+            wrote = benv.cli("vm", "exec", "coder", "--", "cat", "hello.txt", check=True).stdout
+            assert wrote == "hello from the agent\n"
+            benv.cli("vm", "workspace", "export", "coder", check=True, timeout=600)
+            assert git(repo, "show", "banger/coder:hello.txt") == "hello from the agent\n"
             rows = json.loads(benv.cli("session", "ls", "coder", "--json", check=True).stdout)
             server = next(row for row in rows if row["name"] == "opencode")
             assert (server["kind"], server["state"]) == ("agent", "running")
@@ -89,10 +104,11 @@ def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: 
             assert server_port["address"] == "127.0.0.1" and server_port.get("host_port") is None
             name = benv.cli("session", "start", "coder", "--agent", "opencode", "--title", "demo", check=True)
             session = name.stdout.strip()
-            turn = benv.cli("session", "send", "coder", session, "Create /root/hello.txt", "--wait", timeout=1800)
+            benv.cli("vm", "exec", "coder", "--", "rm", "hello.txt", check=True)
+            turn = benv.cli("session", "send", "coder", session, "Create hello.txt again", "--wait", timeout=1800)
             assert turn.returncode == 0, turn.stdout + turn.stderr
             assert "[tool write: completed]" in turn.stdout and "I wrote hello.txt." in turn.stdout
-            content = benv.cli("vm", "exec", "coder", "--", "cat", "/root/hello.txt", check=True).stdout
+            content = benv.cli("vm", "exec", "coder", "--", "cat", "/workspace/proj/hello.txt", check=True).stdout
             assert content == "hello from the agent\n"
             logs = benv.cli("session", "logs", "coder", session, check=True).stdout
             assert "[tool write: completed]" in logs and "I wrote hello.txt." in logs and "[idle]" in logs

@@ -1,9 +1,8 @@
 """Agent VMs: the opencode server as a supervised session of kind `agent`, ready once its health endpoint answers.
 
-INTERIM (until the workspace stream's derived images merge): the binary is copied into the guest with the agent's
-put at VM start (`_install`). The final form installs `opencode.opencode_files()` through
-`ImageService.ensure_derived(DerivedSpec(base_image, files=...))`, so each VM starts from a cached image that
-already holds it; only `_install` changes.
+The binary comes in through a cached derived image (`agent_image`: the VM's image plus the binary, built once per
+image and opencode version), so nothing is copied per VM. A VM whose disk lacks it (made before that) gets it
+copied in at start (`_install`). The server runs in the VM's workspace when it has one.
 """
 
 from __future__ import annotations
@@ -24,6 +23,8 @@ from banger.agents.provider import CredentialProxy, Provider
 from banger.aio import in_thread_cancellable
 from banger.errors import BangerError, InvalidInputError, NotFoundError, TimeoutError_
 from banger.guest.client import AgentClient
+from banger.images.derived import DerivedFile, DerivedSpec
+from banger.images.service import ImageService
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.sessions.service import SessionService
 from banger.tunnels.service import TunnelService
@@ -91,6 +92,7 @@ class AgentVmService:
         self.vms = sessions.vms
         self._proxies: dict[str, CredentialProxy] = {}
         self.tunnels: TunnelService | None = None  # set by App.create (the tunnel service is built after this one)
+        self.workspace_dir: Callable[[str], str | None] | None = None  # VM name -> its workspace in the guest
         self.vms.state_listeners.append(self._vm_changed)
 
     def _vm_changed(self, vm: VmRecord) -> None:
@@ -142,6 +144,27 @@ class AgentVmService:
             json.dump({"agent": "opencode", "password": password}, f)
         return password
 
+    async def binary(self, agent: str, progress: Progress = no_progress) -> opencode.OpencodeBinary:
+        """The agent's pinned binary, fetched on the host and cached (see opencode.ensure_binary)."""
+        if agent not in AGENTS:
+            raise InvalidInputError(f"unknown agent {agent!r} (choose {', '.join(AGENTS)})")
+        cache_root = self.sessions.settings.paths.cache
+        return await in_thread_cancellable(
+            lambda cancel: opencode.ensure_binary(cache_root, progress=progress, cancel=cancel)
+        )
+
+    async def agent_image(self, images: ImageService, base: str, agent: str, progress: Progress = no_progress) -> str:
+        """The image an agent VM boots: `base` plus the agent's binary, a cached derived image."""
+        binary = await self.binary(agent, progress)
+        files = tuple(DerivedFile(host, guest, mode) for host, guest, mode in opencode.opencode_files(binary))
+        return await images.ensure_derived(DerivedSpec(base, files=files, label=f"{base}-{agent}"), progress=progress)
+
+    def mark(self, vm_name: str, agent: str) -> None:
+        """Make a VM an agent VM whose server starts later (`setup`): after its workspace is in, for one."""
+        if agent not in AGENTS:
+            raise InvalidInputError(f"unknown agent {agent!r} (choose {', '.join(AGENTS)})")
+        self._new_password(self.vms.get(vm_name))
+
     async def setup(
         self,
         vm_name: str,
@@ -151,18 +174,17 @@ class AgentVmService:
         provider: Provider | None = None,
         progress: Progress = no_progress,
     ) -> dict[str, Any]:
-        """Install and start the agent's server in a running VM; returns once it is healthy."""
-        if agent not in AGENTS:
-            raise InvalidInputError(f"unknown agent {agent!r} (choose {', '.join(AGENTS)})")
-        cache_root = self.sessions.settings.paths.cache
-        binary = await in_thread_cancellable(
-            lambda cancel: opencode.ensure_binary(cache_root, progress=progress, cancel=cancel)
-        )
+        """Install (when missing) and start the agent's server in a running VM; returns once it is healthy.
+
+        It runs in `workdir`, by default the VM's workspace when it has one (see `workspace_dir`)."""
+        binary = await self.binary(agent, progress)
         vm = self.sessions.running_vm(vm_name)
         client = await self.sessions.agent(vm)
         await self._install(client, binary, progress)
         if self.tunnels is not None:
             self.tunnels.skip_port(vm.id, PORT)  # banger's own server in the guest: never forwarded automatically
+        if workdir is None and self.workspace_dir is not None:
+            workdir = self.workspace_dir(vm.name)
         password = self._new_password(vm)
         url = await self.guest_base_url(vm, provider) if provider is not None else None
         with contextlib.suppress(NotFoundError):  # the server of a previous boot, lost with it
@@ -210,10 +232,16 @@ class AgentVmService:
         return {"agent": await self.setup(vm.id, agent, provider=provider, progress=progress)}
 
     async def _install(self, client: AgentClient, binary: opencode.OpencodeBinary, progress: Progress) -> None:
-        """INTERIM: copy the cached binary in (see the module docstring); skipped when the guest has this version."""
+        """Copy the binary in when the guest lacks this version (a VM whose image was not derived with it).
+
+        Its size tells whether it is there: hashing 185 MB under TCG would cost more than the boot. The guest
+        cannot gain anything by faking it (the binary runs in the guest only)."""
         for host_path, guest_path, mode in opencode.opencode_files(binary):
-            check = await client.run(["sha256sum", guest_path], timeout=120)
-            if check.status.ok and check.stdout.split(b" ", 1)[0].decode() == binary.sha256:
+            check = await client.run(["stat", "-c", "%s %a", guest_path], timeout=60)
+            if check.status.ok and check.stdout.split() == [
+                str(host_path.stat().st_size).encode(),
+                f"{mode:o}".encode(),
+            ]:
                 continue
             progress(ProgressEvent(step=f"copy {host_path.name} into the guest"))
             await client.put(host_path, guest_path)

@@ -190,9 +190,17 @@ def create(no_start: bool, from_snapshot: str | None, as_json: bool, workspace_p
     if no_start or top is None:
         raise InvalidInputError("--workspace needs a VM that starts (drop --no-start)")
     params["image"] = wsc.workspace_image(opts["image"], None)
+    params["agent_start"] = False  # an agent starts in the workspace, so after the upload
     info = rpc("vm.create", params, progress=not as_json)
     info["workspace"] = wsc.upload(info["name"], top)
+    if opts["agent"]:
+        info["agent"] = _start_agent(info["name"], progress=not as_json)
     _print_vm(info, as_json, "created")
+
+
+def _start_agent(vm_name: str, *, progress: bool) -> Any:
+    """Start the coding agent of an agent VM created with agent_start=false; its description of the agent."""
+    return rpc("vm.agent.start", {"name": vm_name, "provider": _provider()}, progress=progress)["agent"]
 
 
 def _lifecycle(method: str, verb: str, doc: str, *, progress: bool = False, timeout_help: str | None = None) -> None:
@@ -517,6 +525,7 @@ def run(
     tooling_plan = None if top is None or no_tooling else wsc.plan_of(top)
     if top is not None:
         params["image"] = wsc.workspace_image(opts["image"], tooling_plan)
+        params["agent_start"] = False  # an agent starts in the workspace, once it is in
     info = rpc("vm.create", params, progress=True)
     vm_name = info["name"]
     click.echo(f"started {vm_name}", err=True)
@@ -528,6 +537,8 @@ def run(
             uploaded = True
             if tooling_plan is not None and tooling_plan.setup:
                 wsc.run_setup(vm_name, tooling_plan.setup)
+            if opts["agent"]:
+                _start_agent(vm_name, progress=True)
         if prompt is not None:
             from banger.cli.session_cmds import prompt_and_wait
 

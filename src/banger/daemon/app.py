@@ -81,6 +81,7 @@ class App:
         )
         network.policy_of = app.netpolicies.get
         agent_vms.tunnels = app.tunnels
+        agent_vms.workspace_dir = app.workspaces.default_cwd
         app.kernels.reconcile()
         app.images.reconcile()
         return app

@@ -84,10 +84,13 @@ def register(reg: MethodRegistry, app: App) -> None:
         agent: str | None = None,
         provider: dict[str, Any] | None = None,
         network_policy: dict[str, Any] | None = None,
+        agent_start: bool = True,
     ) -> dict[str, Any]:
         """Create a VM (and start it unless start=false; rm_on_failure removes it if that start fails).
 
-        agent="opencode": an agent VM, ready once the agent's server in it is healthy.
+        agent="opencode": an agent VM booting a cached image that holds the agent, ready once the agent's server
+        in it is healthy; with agent_start=false the server is left for `vm.agent.start` (after a workspace
+        upload, so that it starts in the workspace).
         """
         if agent is not None and not start:
             raise InvalidInputError("--agent needs the VM started (drop --no-start)")
@@ -95,6 +98,9 @@ def register(reg: MethodRegistry, app: App) -> None:
         pubs = app.tunnels.check_publish(publish or [])  # a taken host port fails before anything is made
         app.tunnels.validate(reverse or [], forward_ports, ssh_keys or [])
         policy = NetPolicy.parse(network_policy)
+        if agent is not None:
+            base = image or str(app.settings.get("default_image"))
+            image = await app.agent_vms.agent_image(app.images, base, agent, progress=ctx.progress)
         vm = await vms.create(
             name=name,
             image=image,
@@ -119,6 +125,9 @@ def register(reg: MethodRegistry, app: App) -> None:
         if start:
             try:
                 vm = await vms.start(vm.id, progress=ctx.progress, timeout=timeout)
+                if agent is not None and not agent_start:
+                    app.agent_vms.mark(vm.id, agent)
+                    return {**describe(vm), "agent": {"agent": agent, "running": False}}
                 if agent is not None:
                     setup = await app.agent_vms.setup(vm.id, agent, provider=model, progress=ctx.progress)
                     return {**describe(vm), "agent": setup}
@@ -136,6 +145,18 @@ def register(reg: MethodRegistry, app: App) -> None:
         vm = await vms.start(name, progress=ctx.progress, timeout=timeout)
         model = Provider.from_params(provider)
         return {**describe(vm), **await app.agent_vms.resume(vm.id, provider=model, progress=ctx.progress)}
+
+    @reg.method("vm.agent.start")
+    async def agent_start(ctx: CallContext, name: str, provider: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start (or restart) the coding agent's server of a running agent VM, in its workspace when it has one;
+        returns once it is healthy."""
+        vm = vms.get(name)
+        agent = app.agent_vms.agent_of(vm)
+        if agent is None:
+            raise InvalidInputError(f"VM {vm.name} is not an agent VM", hint="create it with --agent opencode")
+        model = Provider.from_params(provider)
+        setup = await app.agent_vms.setup(vm.id, agent, provider=model, progress=ctx.progress)
+        return {**describe(vms.get(vm.id)), "agent": setup}
 
     @reg.method("vm.stop")
     async def stop(ctx: CallContext, name: str, timeout: float = 20.0) -> dict[str, Any]:
