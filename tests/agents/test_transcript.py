@@ -54,3 +54,50 @@ def test_opencode_env_names_the_proxy_not_the_key() -> None:
     assert provider["npm"] == "@ai-sdk/openai-compatible"
     assert provider["options"] == {"baseURL": "http://172.30.77.1:4000/tok"}
     assert "provider" not in json.loads(opencode_env("pw")["OPENCODE_CONFIG_CONTENT"])
+
+
+def test_renderer_streams_text_as_it_grows_and_tools_as_their_status_changes() -> None:
+    from banger.agents.conversations import Renderer
+
+    r = Renderer()
+    tool = {"type": "tool", "time": 2, "tool": "write", "status": "running"}
+    steps = [
+        [{"type": "text", "time": 1, "role": "assistant", "text": "Wri"}],
+        [{"type": "text", "time": 1, "role": "assistant", "text": "Writing it"}],
+        [{"type": "text", "time": 1, "role": "assistant", "text": "Writing it."}, tool],
+        [{"type": "text", "time": 1, "role": "assistant", "text": "Writing it."}, tool],  # nothing new
+        [{"type": "text", "time": 1, "role": "assistant", "text": "Writing it."}, {**tool, "status": "completed"}],
+    ]
+    chunks = [r.feed(step) for step in steps]
+    assert chunks[0] == ["assistant: ", "Wri"] and chunks[1] == ["ting it"] and chunks[3] == []
+    final = [*steps[-1], {"type": "text", "time": 3, "role": "assistant", "text": "Done."}, {"type": "idle", "time": 4}]
+    chunks.append(r.feed(final, final=True))
+    assert "".join(c for step in chunks for c in step) == (
+        "assistant: Writing it.\n[tool write: running]\n[tool write: completed]\nassistant: Done.\n[idle]\n"
+    )
+
+
+def test_a_turn_streams_to_late_watchers_from_its_start_and_ends_them() -> None:
+    import asyncio
+
+    from banger.agents.conversations import FELL_BEHIND, WATCHER_BACKLOG, Turn
+
+    async def main() -> None:
+        turn = Turn()
+        turn.task = asyncio.get_running_loop().create_future()  # type: ignore[assignment]  # a turn in flight
+        turn.publish("assistant: hel")
+        late = turn.watch()
+        turn.publish("lo\n")
+        assert [await late.get(), await late.get()] == ["assistant: hel", "lo\n"]  # from the turn's start
+        slow = turn.watch()
+        for _ in range(WATCHER_BACKLOG + 1):  # nobody reads `slow`: it is ended, not buffered for
+            turn.publish("")
+        assert slow not in turn.watchers and late not in turn.watchers
+        turn.task.set_result({})  # type: ignore[union-attr]
+        turn.finish()
+        for watcher in (late, slow):  # each ended with a note, never left waiting
+            assert [await watcher.get(), await watcher.get()] == [FELL_BEHIND, None]
+        done = turn.watch()  # after the end: what it said, then the end
+        assert [await done.get(), await done.get()] == ["assistant: hello\n", None]
+
+    asyncio.run(main())

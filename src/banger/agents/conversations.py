@@ -11,6 +11,7 @@ after the VM stops and after the daemon restarts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -27,7 +28,11 @@ from banger.vms.model import VmRecord
 log = logging.getLogger("banger.agents")
 POLL = 1.0
 POLL_FAILURES = 10
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Emit = Callable[[str], Awaitable[None]]
+# The most rendered text one turn keeps for watchers that join late, and the chunks a watcher may fall behind.
+MAX_TURN_TEXT = 4 << 20
+WATCHER_BACKLOG = 4096
+FELL_BEHIND = "\n[banger: this watcher fell behind the agent and was ended; `session logs` has the transcript]\n"
 
 
 def transcript(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,12 +78,96 @@ def render(event: dict[str, Any]) -> str:
     return json.dumps(event)
 
 
+class Renderer:
+    """Turns successive transcripts of one turn into readable text as it streams: each text part as it grows
+    (prefixed by its role once), each tool call whenever its status changes, errors, and `[idle]` at the end."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, int] = {}
+        self._shown: dict[int, Any] = {}
+        self._open: int | None = None  # the text part whose line is not finished yet
+
+    def feed(self, events: list[dict[str, Any]], *, final: bool = False) -> list[str]:
+        """What is new in `events` (the turn's events so far) since the last call."""
+        out: list[str] = []
+        for i, event in enumerate(events):
+            if event.get("type") == "text":
+                text, done = str(event.get("text") or ""), self._sent.get(i, 0)
+                if len(text) <= done:
+                    continue
+                if self._open != i:
+                    out += ["\n"] if self._open is not None else []
+                    out.append(f"{event.get('role') or 'assistant'}: ")
+                    self._open = i
+                out.append(text[done:])
+                self._sent[i] = len(text)
+                continue
+            key = event.get("status") if event.get("type") == "tool" else event.get("type")
+            if i in self._shown and self._shown[i] == key:
+                continue
+            self._shown[i] = key
+            out += self._close()
+            out.append(render(event) + "\n")
+        if final:
+            out += self._close()
+        return out
+
+    def _close(self) -> list[str]:
+        if self._open is None:
+            return []
+        self._open = None
+        return ["\n"]
+
+
+class Turn:
+    """The daemon's follower of one agent session's turn: it polls opencode until the session is idle, saves the
+    transcript, and streams the rendered text to any number of watchers, each from the turn's start."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+        self.size = 0
+        self.watchers: set[asyncio.Queue[str | None]] = set()
+        self.task: asyncio.Task[dict[str, Any]] | None = None
+
+    def publish(self, chunk: str) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        while self.size > MAX_TURN_TEXT and len(self.chunks) > 1:  # the guest is untrusted: bound what we hold
+            self.size -= len(self.chunks.pop(0))
+        for queue in list(self.watchers):
+            try:
+                queue.put_nowait(chunk)
+            except asyncio.QueueFull:  # a watcher that cannot keep up is ended, not buffered for
+                self.watchers.discard(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(FELL_BEHIND)
+                queue.put_nowait(None)
+
+    def watch(self) -> asyncio.Queue[str | None]:
+        """A queue that gets the turn's text so far, then each new chunk; None once the turn is over."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue(WATCHER_BACKLOG)
+        queue.put_nowait("".join(self.chunks))
+        if self.task is None or self.task.done():
+            queue.put_nowait(None)
+        else:
+            self.watchers.add(queue)
+        return queue
+
+    def finish(self) -> None:
+        for queue in list(self.watchers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        self.watchers.clear()
+
+
 class Conversations:
     """Opens, prompts, aborts and records agent sessions."""
 
     def __init__(self, agents: AgentVmService) -> None:
         self.agents = agents
         self.sessions = agents.sessions
+        self._turns: dict[tuple[str, str], Turn] = {}
 
     async def _server(self, vm_name: str) -> tuple[VmRecord, AgentClient, str]:
         vm = self.sessions.running_vm(vm_name)
@@ -107,8 +196,12 @@ class Conversations:
             raise InvalidInputError(f"session {name} is not an agent session")
         return rec, str(oc_id)
 
-    async def prompt(self, vm_name: str, name: str, text: str, *, wait: bool, emit: Emit | None) -> dict[str, Any]:
-        """Send a prompt; with wait, return once the agent is idle (`error` set when the turn failed)."""
+    async def prompt(
+        self, vm_name: str, name: str, text: str, *, wait: bool, emit: Emit | None = None
+    ) -> dict[str, Any]:
+        """Send a prompt. The daemon follows the turn whether or not the caller waits (so its transcript is kept);
+        with wait, the turn's text streams to `emit` and this returns once the agent is idle (`error` set when
+        the turn failed). Cancelling a waiting call aborts the turn."""
         vm, client, password = await self._server(vm_name)
         rec, oc_id = self._record(vm, name)
         if rec.state != RUNNING:
@@ -116,31 +209,78 @@ class Conversations:
         before = await self._messages(client, password, oc_id)
         body = {"parts": [{"type": "text", "text": text}]}
         await self._call(client, password, "POST", f"/session/{oc_id}/prompt_async", body)
+        key = (vm.id, name)
+        old = self._turns.get(key)
+        if old is not None and old.task is not None and not old.task.done():
+            old.task.cancel()  # the new turn's follower sees the old turn's messages too
+        turn = self._turns[key] = Turn()
+        turn.task = asyncio.get_running_loop().create_task(
+            self._follow(turn, vm, name, client, password, oc_id, len(before))
+        )
+        turn.task.add_done_callback(lambda t: t.cancelled() or t.exception())
         if not wait:
             return {"sent": True}
+        queue = turn.watch()
         try:
-            return await self._until_idle(vm, name, client, password, oc_id, len(before), emit)
+            while (chunk := await queue.get()) is not None:
+                if chunk and emit is not None:
+                    await emit(chunk)
+            return await asyncio.shield(turn.task)
         except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is None or not me.cancelling():  # not us: a newer prompt took the turn over
+                return {"idle": False, "error": "a newer prompt took this turn over"}
             # Ctrl-C on a waiting CLI aborts the turn (shielded: the abort must go out even though we are cancelled).
             await asyncio.shield(self._call(client, password, "POST", f"/session/{oc_id}/abort", {}))
             raise
+        finally:
+            turn.watchers.discard(queue)
+
+    async def follow(self, vm_name: str, name: str, emit: Emit) -> None:
+        """The turn in flight as it streams, from its start (nothing when the session is idle)."""
+        vm = self.sessions.vms.get(vm_name)
+        turn = self._turns.get((vm.id, name))
+        if turn is None or turn.task is None or turn.task.done():
+            return  # a finished turn is in the saved transcript already
+        queue = turn.watch()
+        try:
+            while (chunk := await queue.get()) is not None:
+                if chunk:
+                    await emit(chunk)
+        finally:
+            turn.watchers.discard(queue)
 
     async def _messages(self, client: AgentClient, password: str, oc_id: str) -> list[dict[str, Any]]:
         reply = await self._call(client, password, "GET", f"/session/{oc_id}/message")
         return reply if isinstance(reply, list) else []
 
-    async def _until_idle(
+    async def _follow(
         self,
+        turn: Turn,
         vm: VmRecord,
         name: str,
         client: AgentClient,
         password: str,
         oc_id: str,
         known: int,
-        emit: Emit | None,
+    ) -> dict[str, Any]:
+        try:
+            return await self._until_idle(turn, vm, name, client, password, oc_id, known)
+        finally:
+            turn.finish()
+
+    async def _until_idle(
+        self,
+        turn: Turn,
+        vm: VmRecord,
+        name: str,
+        client: AgentClient,
+        password: str,
+        oc_id: str,
+        known: int,
     ) -> dict[str, Any]:
         base = len(transcript((await self._messages(client, password, oc_id))[:known]))
-        tool_status: dict[int, Any] = {}
+        renderer = Renderer()
         failures = 0
         while True:
             await asyncio.sleep(POLL)
@@ -157,11 +297,6 @@ class Conversations:
             failures = 0
             busy = isinstance(status, dict) and (status.get(oc_id) or {}).get("type") not in (None, "idle")
             events = transcript(messages)
-            for i, event in enumerate(events[base:], base):  # tool calls as their status changes
-                if event["type"] == "tool" and tool_status.get(i) != event.get("status"):
-                    tool_status[i] = event.get("status")
-                    if emit is not None:
-                        await emit({"event": event})
             # Idle by the status, confirmed by the messages: the newest message is an assistant message written
             # after our prompt (so not the previous turn's answer), and it completed or failed.
             last = messages[-1] if len(messages) > known + 1 else {}
@@ -169,14 +304,14 @@ class Conversations:
             finished = info.get("role") == "assistant" and bool(
                 (info.get("time") or {}).get("completed") or info.get("error")
             )
-            if busy or not finished:
+            done = not busy and finished
+            if done:
+                events.append({"type": "idle", "time": int(time.time() * 1000)})
+            for chunk in renderer.feed(events[base:], final=done):
+                turn.publish(chunk)
+            if not done:
                 continue
-            events.append({"type": "idle", "time": int(time.time() * 1000)})
             self._save(vm, name, events)
-            if emit is not None:
-                for event in events[base:]:
-                    if event["type"] != "tool":
-                        await emit({"event": event})
             error = info.get("error")
             message = transcript([{"info": {"error": error}}])[0]["message"] if error else None
             return {"idle": True, "error": message}

@@ -62,6 +62,12 @@ def register(reg: MethodRegistry, app: App) -> None:
         if is_agent(vm, session):
             for event in conversations.events(vm, session):
                 await ctx.send_event({"text": (json.dumps(event) if json_events else render(event)) + "\n"})
+            if follow and not json_events:  # then the turn in flight, as it streams
+
+                async def show(chunk: str) -> None:
+                    await ctx.send_event({"text": chunk})
+
+                await conversations.follow(vm, session, show)
             return {}
         return await sessions.logs(vm, session, follow=follow, emit=ctx.send_event)
 
@@ -95,8 +101,8 @@ def register(reg: MethodRegistry, app: App) -> None:
             if not text:
                 raise InvalidInputError("nothing to send: give the prompt as TEXT")
 
-            async def show(msg: dict[str, Any]) -> None:
-                await ctx.send_event({"text": render(msg["event"]) + "\n"})
+            async def show(chunk: str) -> None:
+                await ctx.send_event({"text": chunk})
 
             turn = asyncio.create_task(conversations.prompt(vm, session, text, wait=wait, emit=show))
 
