@@ -122,7 +122,11 @@ def test_daemon_sigkill_at_random_points_leaks_nothing(
             try:
                 vms = fe.check_consistent()
             except AssertionError as exc:
-                raise AssertionError(f"seed {seed}, after:\n" + "\n".join(log) + f"\n{exc}") from exc
+                daemon_log = fe.home / "logs" / "bangerd.log"
+                tail = daemon_log.read_text(errors="replace").splitlines()[-60:] if daemon_log.exists() else []
+                raise AssertionError(
+                    f"seed {seed}, after:\n" + "\n".join(log) + f"\n{exc}\ndaemon log (last lines):\n" + "\n".join(tail)
+                ) from exc
             leftovers = [p for p in tmp_path.rglob("*") if TEMP_NAME.search(p.name)]
             assert leftovers == [], f"seed {seed}: a killed cp left {leftovers}"
         # Everything still works after the storm: a VM boots and runs a command.

@@ -180,3 +180,21 @@ def test_tty_session_resizes_and_many_watchers(tmp_path: Path, sessions_root: Pa
             assert all(o == outs[0] for o in outs) and b"50 120" in outs[0]
 
     asyncio.run(main())
+
+
+def test_a_stopped_session_can_be_removed_at_once(tmp_path: Path, sessions_root: Path) -> None:
+    """Regression (seen in CI): `stop` answers once the end is recorded, a moment before the supervisor lets go of
+    its lock; an `rm` right then was refused as "running"."""
+
+    async def main() -> None:
+        async with agent(tmp_path, sessions_root) as h:
+            c = await h.client()
+            for i in range(15):
+                name = f"s{i}"
+                await start(c, name, ["sleep", "100"])
+                stopped = await guestapi.control(c, name, "stop", signal=int(signal.SIGTERM), timeout=5.0)
+                assert stopped.state == "exited"
+                await guestapi.remove(c, name, force=False)
+            assert await guestapi.list_(c) == []
+
+    asyncio.run(main())

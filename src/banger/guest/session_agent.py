@@ -214,7 +214,10 @@ async def handle_ctl(session: Any, stream: Stream, frame: Frame) -> dict[str, An
 async def handle_rm(session: Any, stream: Stream, frame: Frame) -> dict[str, Any]:
     """Delete a session's directory; a running one only with force (it is killed first)."""
     directory = session_dir(str(frame.header.get("name")))
-    if sessions.supervisor_alive(directory):
+    # A supervisor whose process has ended has recorded it (and answered the stop that ended it) a moment before
+    # it lets go of its lock: that session is not running any more, and the removal waits for it to be gone.
+    ended = sessions.read_json(directory / sessions.STATE).get("state") == "exited"
+    if sessions.supervisor_alive(directory) and not ended:
         if not frame.header.get("force"):
             raise ValueError(f"session {directory.name} is running (stop it first)")
         conn = await _control(directory)
@@ -228,8 +231,16 @@ async def handle_rm(session: Any, stream: Stream, frame: Frame) -> dict[str, Any
                 pass  # it ended by itself meanwhile
             finally:
                 conn[1].close()
+    for _ in range(RM_WAIT_STEPS):
+        if not sessions.supervisor_alive(directory):
+            break
+        await asyncio.sleep(0.05)
     await asyncio.to_thread(shutil.rmtree, directory)
     return {}
+
+
+# How long a removal waits (in 50 ms steps) for a supervisor to exit once its session ended.
+RM_WAIT_STEPS = 200
 
 
 def encode_input(data: bytes) -> str:

@@ -464,9 +464,11 @@ class VmService:
                 await self._kill_locked(vm)
             if vm.spec.get("net") == NetMode.BRIDGE:
                 await self.network.release(vm.id)
+            # The record goes first: a daemon killed from here on leaves only files without a record, which the
+            # next start sweeps (sweep.remove_orphans); the other order left a VM whose files were gone.
+            self.store.execute("DELETE FROM vms WHERE id=?", (vm.id,))
             await in_thread(shutil.rmtree, self.vm_dir(vm.id), ignore_errors=True)
             await in_thread(shutil.rmtree, self.run_dir(vm.id), ignore_errors=True)
-            self.store.execute("DELETE FROM vms WHERE id=?", (vm.id,))
         self._locks.pop(vm.id, None)
         log.info("vm %s removed", vm.name)
         self.on_change("removed", vm)
