@@ -78,7 +78,7 @@ def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: 
             # Agent VM defaults, its image a cached derived image that holds the binary (nothing copied per VM),
             # and the server as a supervised session of kind `agent`, started in the workspace.
             assert info["state"] == "running" and info["vcpus"] == 2 and info["memory_mib"] == 2048
-            images = {i["name"]: i for i in json.loads(benv.cli("image", "ls", "--json", check=True).stdout)}
+            images = {i["name"]: i for i in json.loads(benv.cli("image", "list", "--json", check=True).stdout)}
             assert info["image"].startswith("debian-bookworm-opencode-"), info["image"]
             assert images[info["image"]]["source"] == "derived:debian-bookworm"
             cwd = benv.cli("vm", "exec", "coder", "--", "sh", "-c", "readlink /proc/$(pgrep -f 'opencode serve')/cwd")
