@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, BangerEnv
 from tests.vms.conftest import installed_home
 from tests.workspace.repos import git, make_repo
 
@@ -42,6 +42,44 @@ for p in paths:
         pass
 print("scanned")
 """
+
+
+def check_in_the_browser(benv: BangerEnv, session: str, tmp_path: Path) -> None:
+    """The web UI on the agent VM, in a real browser: the session's transcript, then a prompt typed into the page
+    whose turn streams into it. The UI runs in the root namespace (it reaches the daemon by its socket; the browser
+    reaches the UI on loopback)."""
+    from playwright.sync_api import expect
+
+    from tests.ui.browser import chromium, screenshot
+    from tests.ui.conftest import run_ui
+
+    wrote = "I wrote hello.txt."
+    ui_env = BangerEnv(home=benv.home, env=dict(benv.env))
+    with run_ui(ui_env, tmp_path / "xdg") as ui, chromium(tmp_path / "profile") as browser:
+        page = browser.new_page()
+        page.goto(ui.login_url)
+        page.goto(f"{ui.base}/#/vm/coder")
+        page.locator("#sessions a", has_text=session).click()
+        transcript = page.locator("#transcript")
+        expect(transcript).to_contain_text("[tool write: completed]", timeout=60_000)
+        expect(transcript).to_contain_text("[idle]")
+        before = transcript.inner_text().count(wrote)
+        screenshot(page, "agent", "1-transcript")
+        benv.cli("vm", "exec", "coder", "--", "rm", "hello.txt", check=True)
+        prompt = page.locator("#sessions form").filter(has=page.locator("input[name=text]"))
+        prompt.locator("input[name=text]").fill("Create hello.txt from the page")
+        prompt.locator("button[type=submit]").click()
+        page.wait_for_function(
+            f"document.querySelector('#transcript').textContent.split({json.dumps(wrote)}).length - 1 > {before}",
+            timeout=1_800_000,
+        )
+        expect(transcript).to_contain_text("user: Create hello.txt from the page")
+        page.wait_for_function(
+            "document.querySelector('#transcript').textContent.trimEnd().endsWith('[idle]')", timeout=600_000
+        )
+        screenshot(page, "agent", "2-prompted")
+    content = benv.cli("vm", "exec", "coder", "--", "cat", "hello.txt", check=True).stdout
+    assert content == "hello from the agent\n"
 
 
 def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: Path, tmp_path: Path) -> None:
@@ -116,6 +154,7 @@ def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: 
                 json.loads(x) for x in benv.cli("session", "logs", "coder", session, "--json").stdout.split("\n") if x
             ]
             assert all("type" in e and "time" in e for e in events) and events[-1]["type"] == "idle"
+            check_in_the_browser(benv, session, tmp_path)
             # The key reached the provider, added by the host; it is nowhere in the guest.
             seen = json.loads(record.read_text())
             assert any(req["headers"].get("authorization") == f"Bearer {KEY}" for req in seen)

@@ -43,6 +43,9 @@ async def _relay(request: Request, method: str, params: dict[str, Any], key: str
                 if note.get("id") == rid and (key is None or key in note):
                     yield _sse(note[key] if key else note)
             await client.reply(rid)
+        # The call is over (the session or the VM ended): the page closes the stream instead of letting the browser
+        # reconnect, which would replay everything again.
+        yield _sse({}, event="end")
     except BangerError as exc:
         yield _sse({"error": exc.message, "hint": exc.hint}, event="failure")
 

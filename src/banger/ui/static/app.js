@@ -230,6 +230,8 @@ async function pageVm(name) {
     consoleBox.scrollTop = consoleBox.scrollHeight;
   };
   consoleStream.addEventListener("failure", (m) => { const e = JSON.parse(m.data); consoleBox.textContent += `\nerror: ${e.error}\n`; consoleStream.close(); });
+  consoleStream.addEventListener("end", () => consoleStream.close());
+  consoleStream.onopen = () => { consoleBox.textContent = ""; };  // each connection sends the tail again
   cleanups.push(() => consoleStream.close());
 
   let term = null, ws = null;
@@ -303,7 +305,8 @@ async function pageVm(name) {
     prompt.addEventListener("submit", (e) => {
       e.preventDefault();
       if (!selected) return;
-      act(prompt.querySelector("button"), () => api("POST", `/api/vms/${name}/sessions/${encodeURIComponent(selected)}/send`, { text: prompt.elements.text.value }));
+      // The daemon follows the turn from here: following the session again streams it as it goes.
+      act(prompt.querySelector("button"), async () => { const session = selected; await api("POST", `/api/vms/${name}/sessions/${encodeURIComponent(session)}/send`, { text: prompt.elements.text.value }); follow(session); });
       prompt.elements.text.value = "";
     });
     sessionsBox.replaceChildren(
@@ -326,6 +329,9 @@ async function pageVm(name) {
       transcript.scrollTop = transcript.scrollHeight;
     };
     logStream.addEventListener("failure", (m) => { const e = JSON.parse(m.data); transcript.textContent += `error: ${e.error}\n`; logStream.close(); });
+    // Each connection sends everything from the start; "end": the session ended, or an agent's turn is over.
+    logStream.onopen = () => { transcript.textContent = ""; };
+    logStream.addEventListener("end", () => logStream.close());
   };
   cleanups.push(() => logStream && logStream.close());
   cleanups.push(onEvent((ev) => {
