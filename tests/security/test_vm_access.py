@@ -86,3 +86,33 @@ def test_root_cp_works_as_before(vm_home: BangerEnv, member_vm: str, tmp_path: P
     assert (tmp_path / "x").read_text() == vm_home.cli("vm", "exec", member_vm, "--", "cat", "/etc/hostname").stdout
     vm_home.cli("vm", "cp", "/etc/shadow", f"{member_vm}:/tmp/", check=True)
     assert vm_home.cli("vm", "exec", member_vm, "--", "test", "-s", "/tmp/shadow").returncode == 0
+
+
+def test_members_see_the_events_of_their_own_vms_only(users: Users, vm_home: BangerEnv) -> None:
+    """`banger events` (and the web UI, which relays it) as a member: its own VMs' events, from creation to removal,
+    and none of another user's."""
+    import subprocess
+    import time
+
+    home = vm_home.home
+    env = ["PATH=/usr/bin:/bin", f"HOME={users.homes[users.member.name]}", "LC_ALL=C.UTF-8"]
+    env.append(f"BANGER_SYSTEM_HOME={home}")
+    argv = ["runuser", "-u", users.member.name, "--", "env", "-i", *env, str(users.python), "-m", "banger.cli.main"]
+    watcher = subprocess.Popen([*argv, "events", "--json"], stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert watcher.stdout is not None
+        assert json.loads(watcher.stdout.readline())["type"] == "subscribed"
+        vm_home.cli("vm", "create", "--name", "roots-ev", "--no-start", check=True)
+        made = users.cli(users.member, home, "vm", "create", "--name", "mine-ev", "--no-start")
+        assert made.returncode == 0, made.stderr
+        gone = users.cli(users.member, home, "vm", "rm", "mine-ev")
+        assert gone.returncode == 0, gone.stderr
+        vm_home.cli("vm", "rm", "roots-ev", check=True)
+        time.sleep(2)  # let the last events through before the watcher stops
+    finally:
+        watcher.terminate()
+        out, _ = watcher.communicate(timeout=30)
+    seen = [json.loads(line) for line in out.splitlines() if line.strip()]
+    names = {e.get("vm") for e in seen if "vm_id" in e}
+    assert names == {"mine-ev"}, seen
+    assert {"vm.created", "vm.removed"} <= {e["type"] for e in seen if e.get("vm") == "mine-ev"}, seen

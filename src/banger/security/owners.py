@@ -22,8 +22,13 @@ class OwnerService:
 
     def owner(self, vm_id: str) -> int:
         """The uid owning vm_id (root when none was recorded)."""
+        recorded = self.recorded(vm_id)
+        return ROOT_UID if recorded is None else recorded
+
+    def recorded(self, vm_id: str) -> int | None:
+        """The recorded owner of vm_id, None when there is no record."""
         row = self.store.one("SELECT uid FROM vm_owners WHERE vm_id = ?", (vm_id,))
-        return int(row["uid"]) if row else ROOT_UID
+        return int(row["uid"]) if row else None
 
     def owned_by(self, uid: int) -> set[str]:
         """Ids of the VMs uid owns."""
