@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from banger.drivers import cgroups, confine, fcjail, process
 from banger.drivers import firecracker as fc
-from banger.drivers import process
 from banger.drivers.base import AgentChannel, AgentTransport, Disk, StopOutcome, VmmHandle, VmSpec
 from banger.drivers.firecracker import FirecrackerDriver
 from banger.drivers.host import HostCaps
@@ -66,7 +66,8 @@ async def test_full_configuration_starts_and_stop_kills_after_timeout(
 
     info = await firecracker_driver.describe(handle)
     assert info["state"] == "Running"
-    assert info["id"] == "fc-test-vm"  # sanitised for --id
+    jailed = fcjail.wanted(firecracker_driver.binary) is not None
+    assert info["id"] == (spec.run_dir.name if jailed else "fc-test-vm")  # sanitised for --id
     assert firecracker_driver.is_alive(handle)
     assert spec.agent is not None and spec.agent.socket is not None
     assert stat.S_ISSOCK(spec.agent.socket.stat().st_mode)  # vsock device built, its uds bound
@@ -124,6 +125,12 @@ async def test_rejected_configuration_is_a_clear_error(
 ) -> None:
     base = make_spec(tmp_path, test_kernel.vmlinux)
     spec = dataclasses.replace(base, **change)
+    if fcjail.wanted(firecracker_driver.binary) and spec.kernel == Path("/nonexistent/vmlinux"):
+        # Jailed, the kernel is linked into the chroot first: its absence is found before Firecracker is asked.
+        with pytest.raises(InvalidInputError, match="cannot bring /nonexistent/vmlinux into Firecracker's jail"):
+            await firecracker_driver.launch(spec)
+        assert not (spec.run_dir / "firecracker").exists()
+        return
     with pytest.raises(InvalidInputError, match=f"firecracker rejected {call}: .+") as info:
         await firecracker_driver.launch(spec)
     assert info.value.data["call"] == call
@@ -152,3 +159,41 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+async def test_firecracker_runs_under_its_jailer(
+    tmp_path: Path, test_kernel: GuestKernel, firecracker_driver: FirecrackerDriver, vmm_reaper: list[VmmHandle]
+) -> None:
+    """Issue 15: Firecracker under the jailer, at API level: a chroot of its own, an unprivileged uid, seccomp,
+    cgroup limits from the VM's size, and nothing of the jail left once it is gone."""
+    if fcjail.wanted(firecracker_driver.binary) is None:
+        pytest.skip("needs root and the jailer beside the firecracker binary (scripts/setup.sh installs both)")
+    spec = make_spec(tmp_path, test_kernel.vmlinux, vcpus=2, initrd=test_kernel.initramfs)
+    handle = await firecracker_driver.launch(spec)
+    vmm_reaper.append(handle)
+    root = fcjail.root_of(handle)
+    assert root is not None and root.parent.parent == spec.run_dir / "firecracker"
+    status = Path(f"/proc/{handle.pid}/status").read_text()
+    uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+    assert uid > confine.VMM_UID_BASE
+    # Its root is the chroot: the API socket is at the top of what it sees as /.
+    assert Path(f"/proc/{handle.pid}/root/{fcjail.JAIL_API_SOCKET}").exists()
+    assert not Path(f"/proc/{handle.pid}/root/etc/passwd").exists()
+    # Its environment is emptied by the jailer; a restarted daemon still finds it, by its cgroup.
+    assert process.tagged_pids(spec.run_dir) == [handle.pid]
+    threads = [Path(t) / "status" for t in Path(f"/proc/{handle.pid}/task").iterdir()]
+    filtered = [t.read_text() for t in threads if "Seccomp:\t2" in t.read_text()]
+    assert filtered and all("NoNewPrivs:\t1" in text for text in filtered)  # Firecracker's own seccomp filters
+    # The VM's disks are the VMM uid's, hard-linked into the chroot (the guest's writes land in the VM's files).
+    disk = spec.disks[0].path
+    assert disk.stat().st_uid == uid and (root / "disk0").stat().st_ino == disk.stat().st_ino
+    version, found = cgroups.layout()
+    if version is cgroups.Version.V1:
+        group = found["memory"] / cgroups.PARENT / spec.run_dir.name
+        limits = cgroups.Limits.for_vm(spec.vcpus, spec.memory_mib)
+        assert (group / "memory.limit_in_bytes").read_text().strip() == str(limits.memory_bytes)
+        assert str(handle.pid) in (group / "cgroup.procs").read_text().split()
+    await firecracker_driver.kill(handle)
+    assert not (spec.run_dir / "firecracker").exists()
+    assert disk.exists()  # the jail's link went, not the VM's disk
+    assert "InstanceStart" in (spec.run_dir / fc.API_LOG).read_text()  # its logs came out of the chroot

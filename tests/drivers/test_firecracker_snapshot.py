@@ -37,7 +37,8 @@ async def test_snapshot_create_then_load_in_a_new_process(
 
     # The vsock device's socket path is part of the saved state: the original must let go of it first.
     await firecracker_driver.kill(handle)
-    restored = await fcs.load(firecracker_driver, snap, tmp_path / "clone-run", "fc-clone", resume_vm=False)
+    disks = [d.path for d in spec.disks]  # jailed, the clone's chroot gets them where the original had them
+    restored = await fcs.load(firecracker_driver, snap, tmp_path / "c", "fc-clone", resume_vm=False, disks=disks)
     vmm_reaper.append(restored)
     assert (await firecracker_driver.describe(restored))["state"] == "Paused"
     await fcs.resume(restored)
@@ -59,3 +60,4 @@ async def test_load_refuses_missing_or_corrupt_snapshots(
     with pytest.raises(BangerError, match="snapshot/load"):
         await fcs.load(firecracker_driver, snap, tmp_path / "run", "fc-bad")
     assert not list((tmp_path / "run").glob("*.sock"))  # the failed process was killed and its socket removed
+    assert not (tmp_path / "run" / "firecracker").exists()  # and its jail

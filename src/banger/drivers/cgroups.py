@@ -127,6 +127,16 @@ def in_use(name: str, root: Path = CGROUP_ROOT) -> bool:
     return False
 
 
+def pids_in(name: str, root: Path = CGROUP_ROOT) -> set[int]:
+    """The processes in banger's group `name` (under any controller)."""
+    _version, found = layout(root)
+    pids: set[int] = set()
+    for base in set(found.values()):
+        with contextlib.suppress(OSError, ValueError):
+            pids |= {int(x) for x in (base / PARENT / name / "cgroup.procs").read_text().split()}
+    return pids
+
+
 def collect(root: Path = CGROUP_ROOT, grace: float = GRACE_S) -> None:
     """Remove banger's groups that no process is in any more (and that are older than `grace` seconds)."""
     _version, found = layout(root)

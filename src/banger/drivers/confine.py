@@ -95,6 +95,16 @@ def _reserved() -> set[int]:
     return set(_handed_out)
 
 
+def spawn_lock() -> threading.Lock:
+    """Held from picking a free uid until the VMM that takes it is spawned and handed it (`hand_out`)."""
+    return _spawn_lock
+
+
+def hand_out(uid: int, pid: int, started: int | None) -> None:
+    """Reserve `uid` for the VMM `pid` until it exits (it may not show that uid yet)."""
+    _handed_out[uid] = (pid, started)
+
+
 def free_uid() -> int:
     """The lowest VMM uid that no running process has, none of our VMMs is about to take, and whose cgroup is
     empty (a VMM spawned by a daemon since killed is in its group before it drops to its uid)."""
@@ -230,7 +240,7 @@ def spawn_qemu(argv: Sequence[str], pass_fds: Sequence[int], spec: VmSpec, *, lo
             pid = process.spawn(confined.argv, log_file=log_file, pass_fds=confined.pass_fds)
         finally:
             confined.close()
-        _handed_out[confined.uid] = (pid, process.start_time(pid))
+        hand_out(confined.uid, pid, process.start_time(pid))
         # The VMM joins its groups itself before it execs; doing it here too means the groups are in use before
         # the lock goes, so a concurrent spawn's `collect` cannot remove them under it.
         cgroups.join(confined.cgroups, pid)
@@ -249,7 +259,7 @@ def status_of(pid: int) -> dict[str, str]:
     return out
 
 
-def report() -> dict[str, Any]:
+def report(firecracker: str = "firecracker") -> dict[str, Any]:
     """What confinement this host gives VMMs, and what it lacks (for `banger doctor`)."""
     version, found = cgroups.layout()
     lacking: list[str] = []
@@ -261,9 +271,11 @@ def report() -> dict[str, Any]:
         lacking.append("/dev/kvm is root-only: VMs using KVM run unconfined (give it to a kvm group, mode 0660)")
     if version is cgroups.Version.NONE:
         lacking.append(f"no cgroup hierarchy with {', '.join(cgroups.CONTROLLERS)}: no per-VM limits")
-    jailer = shutil.which("jailer")
-    # Not wired yet: the Firecracker driver starts firecracker directly (see README, "Confinement").
-    lacking.append("Firecracker runs without its jailer" + ("" if jailer else " (and no jailer binary is on PATH)"))
+    from banger.drivers import fcjail  # fcjail builds on this module
+
+    jailer = fcjail.jailer_beside(firecracker)
+    if jailer is None:
+        lacking.append(f"no jailer beside {firecracker}: Firecracker would run unjailed (scripts/setup.sh installs it)")
     return {
         "qemu": {
             "enabled": enabled(),
@@ -274,6 +286,6 @@ def report() -> dict[str, Any]:
         },
         "cgroups": {"version": version.value, "controllers": {k: str(v) for k, v in found.items()}},
         "firecracker_jailer": jailer,
-        "firecracker_jailed": False,
+        "firecracker_jailed": enabled() and jailer is not None,
         "missing": lacking,
     }

@@ -17,12 +17,13 @@ import os
 import re
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from banger.drivers import process
+from banger.drivers import confine, fcjail, process
 from banger.drivers.base import AgentTransport, SpawnHook, StopOutcome, VmmHandle, VmmKind, VmSpec
 from banger.errors import InvalidInputError, ToolError
 
@@ -132,6 +133,29 @@ def _accepts(path: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The paths Firecracker is given: the host's, or (jailed) the chroot's."""
+
+    kernel: str
+    initrd: str | None
+    disks: tuple[str, ...]
+    api_log: str
+    metrics: str
+    vsock: str | None
+
+    @classmethod
+    def direct(cls, spec: VmSpec) -> Layout:
+        return cls(
+            os.fspath(spec.kernel),
+            os.fspath(spec.initrd) if spec.initrd is not None else None,
+            tuple(os.fspath(d.path) for d in spec.disks),
+            os.fspath(spec.run_dir / API_LOG),
+            os.fspath(spec.run_dir / METRICS),
+            os.fspath(spec.agent.socket) if spec.agent is not None and spec.agent.socket is not None else None,
+        )
+
+
 class FirecrackerDriver:
     """Runs guests under Firecracker; needs hardware KVM for the guest to actually execute."""
 
@@ -141,43 +165,86 @@ class FirecrackerDriver:
         self.binary = binary
 
     async def launch(self, spec: VmSpec, on_spawn: SpawnHook | None = None) -> VmmHandle:
-        """Spawn Firecracker, configure the machine over the API and send InstanceStart."""
+        """Spawn Firecracker (under its jailer when this host allows: see fcjail.py), configure the machine over
+        the API and send InstanceStart."""
         agent = spec.agent
         if agent is not None and (agent.transport is not AgentTransport.VSOCK or agent.socket is None):
             raise InvalidInputError("firecracker's agent channel must be vsock with a Unix socket path")
-        api_socket = spec.run_dir / API_SOCKET
         cleanup = [agent.socket] if agent is not None and agent.socket is not None else []
-        # Guest-initiated vsock connections arrive on <uds>_<port>, so leave room for the suffix.
-        process.check_socket_paths(api_socket, *(Path(f"{p}_65535") for p in cleanup))
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (api_socket, *cleanup):
-            # Firecracker refuses to bind over a leftover socket from an earlier run.
-            stale.unlink(missing_ok=True)
-        argv = [self.binary, "--api-sock", os.fspath(api_socket), "--id", _instance_id(spec.name)]
-        # The guest's serial console is Firecracker's stdout, into banger's capped log writer.
-        writer = process.console_writer(spec)
-        try:
-            pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, stdout_file=writer.fd)
-        except BaseException:
+        jailer = fcjail.wanted(self.binary)
+        jail: fcjail.Jail | None = None
+        layout = Layout.direct(spec)
+        with confine.spawn_lock():
+            if jailer is None:
+                api_socket = spec.run_dir / API_SOCKET
+                argv = [self.binary, "--api-sock", os.fspath(api_socket), "--id", _instance_id(spec.name)]
+                sockets = [api_socket, *(Path(f"{p}_65535") for p in cleanup)]
+            else:
+                # Jailed, the instance id is the run directory's name (the VM id): unique on the host (it names
+                # the cgroups) and short (the chroot's socket paths must fit a Unix socket address).
+                jail = fcjail.Jail(spec.run_dir, _instance_id(spec.run_dir.name), confine.free_uid())
+                api_socket = jail.api_socket
+                sockets = [api_socket, jail.root / f"{fcjail.JAIL_AGENT_SOCKET}_65535", *cleanup]
+            # Guest-initiated vsock connections arrive on <uds>_<port>, so leave room for the suffix.
+            process.check_socket_paths(*sockets)
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+            if jail is not None and jailer is not None:
+                jail.prepare()
+                try:
+                    layout = self._jailed_layout(jail, spec)
+                except BaseException:
+                    jail.remove()
+                    raise
+                argv = jail.argv(jailer, self.binary, spec)
+            for stale in (api_socket, *cleanup):
+                # Firecracker refuses to bind over a leftover socket from an earlier run.
+                stale.unlink(missing_ok=True)
+            if jail is not None and agent is not None and agent.socket is not None:
+                fcjail.link_name(agent.socket.parent, agent.socket.name, jail.root / fcjail.JAIL_AGENT_SOCKET)
+            # The guest's serial console is Firecracker's stdout, into banger's capped log writer.
+            writer = process.console_writer(spec)
+            try:
+                pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, stdout_file=writer.fd)
+            except BaseException:
+                os.close(writer.fd)
+                await process.writer_gone(writer.pid)
+                if jail is not None:
+                    jail.remove()
+                raise
             os.close(writer.fd)
-            await process.writer_gone(writer.pid)
-            raise
-        os.close(writer.fd)
-        started = process.start_time(pid)
+            started = process.start_time(pid)
+            if jail is not None:
+                confine.hand_out(jail.uid, pid, started)
         handle = VmmHandle(self.kind, pid, started or -1, api_socket, spec.run_dir, tuple(cleanup))
         if on_spawn is not None and started is not None:
             on_spawn(handle)  # recorded before we wait on it: a daemon killed now must still find this VMM
         try:
             await self._wait_api(handle)
             async with _api(api_socket) as api:
-                await self._configure(api, spec)
+                await self._configure(api, spec, layout)
                 await api.actions.put({"action_type": "InstanceStart"})
         except BaseException:
             await self.kill(handle)
             await process.writer_gone(writer.pid)
             raise
-        log.info("firecracker pid %d started for %s", pid, spec.name)
+        log.info("firecracker pid %d started for %s%s", pid, spec.name, f" (jailed, uid {jail.uid})" if jail else "")
         return handle
+
+    @staticmethod
+    def _jailed_layout(jail: fcjail.Jail, spec: VmSpec) -> Layout:
+        """Bring the VM's files into the jail; the paths Firecracker is given are the chroot's."""
+        kernel = jail.bring_in(spec.kernel, "vmlinux", private=False)
+        initrd = jail.bring_in(spec.initrd, "initrd", private=False) if spec.initrd is not None else None
+        disks = tuple(jail.bring_in(d.path, f"disk{i}", private=True) for i, d in enumerate(spec.disks))
+        for name in (API_LOG, METRICS):  # written by the VMM in its chroot, read by banger under the usual names
+            inner = jail.root / name
+            inner.touch()
+            os.chown(inner, jail.uid, jail.uid)
+            fcjail.link_name(spec.run_dir, name, inner)
+        if spec.net is not None:
+            fcjail.give_tap(spec.net.tap, jail.uid)
+        vsock = "/" + fcjail.JAIL_AGENT_SOCKET if spec.agent is not None and spec.agent.socket is not None else None
+        return Layout(kernel, initrd, disks, "/" + API_LOG, "/" + METRICS, vsock)
 
     async def _wait_api(self, handle: VmmHandle) -> None:
         """Wait for Firecracker to bind its API socket, giving up as soon as the process dies."""
@@ -189,23 +256,23 @@ class FirecrackerDriver:
                     raise ToolError(f"firecracker exited at start: {_log_tail(handle.run_dir / VMM_LOG)}")
                 await asyncio.sleep(0.01)
 
-    async def _configure(self, api: FirecrackerApi, spec: VmSpec) -> None:
+    async def _configure(self, api: FirecrackerApi, spec: VmSpec, layout: Layout) -> None:
         # Logger first so that any later refusal is also explained in its log.
         for name in (API_LOG, METRICS):
             (spec.run_dir / name).touch()
-        await api.logger.put({"log_path": os.fspath(spec.run_dir / API_LOG), "level": "Info", "show_level": True})
-        await api.metrics.put({"metrics_path": os.fspath(spec.run_dir / METRICS)})
+        await api.logger.put({"log_path": layout.api_log, "level": "Info", "show_level": True})
+        await api.metrics.put({"metrics_path": layout.metrics})
         await api.machine_config.put({"vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib})
-        boot: dict[str, Any] = {"kernel_image_path": os.fspath(spec.kernel), "boot_args": spec.cmdline}
-        if spec.initrd is not None:
-            boot["initrd_path"] = os.fspath(spec.initrd)
+        boot: dict[str, Any] = {"kernel_image_path": layout.kernel, "boot_args": spec.cmdline}
+        if layout.initrd is not None:
+            boot["initrd_path"] = layout.initrd
         await api.boot_source.put(boot)
-        for i, disk in enumerate(spec.disks):
+        for i, (disk, path) in enumerate(zip(spec.disks, layout.disks, strict=True)):
             drive_id = "rootfs" if i == 0 else f"disk{i}"
             await api.drive(drive_id).put(
                 {
                     "drive_id": drive_id,
-                    "path_on_host": os.fspath(disk.path),
+                    "path_on_host": path,
                     "is_root_device": False,  # the cmdline names root=; the initrd mounts it
                     "is_read_only": disk.read_only,
                 }
@@ -214,8 +281,8 @@ class FirecrackerDriver:
             await api.network_interface("eth0").put(
                 {"iface_id": "eth0", "host_dev_name": spec.net.tap, "guest_mac": spec.net.mac}
             )
-        if spec.agent is not None and spec.agent.socket is not None:
-            await api.vsock.put({"guest_cid": spec.agent.guest_cid, "uds_path": os.fspath(spec.agent.socket)})
+        if spec.agent is not None and layout.vsock is not None:
+            await api.vsock.put({"guest_cid": spec.agent.guest_cid, "uds_path": layout.vsock})
 
     def adopt(self, handle: VmmHandle) -> VmmHandle | None:
         """The handle if its Firecracker process (same pid and start time) still serves its API socket."""
@@ -234,15 +301,20 @@ class FirecrackerDriver:
             async with _api(handle.control_socket) as api:
                 await api.actions.put({"action_type": "SendCtrlAltDel"})
 
-        return await process.stop_gracefully(handle, timeout, ctrl_alt_del, "Ctrl-Alt-Del")
+        try:
+            return await process.stop_gracefully(handle, timeout, ctrl_alt_del, "Ctrl-Alt-Del")
+        finally:
+            if not process.matches(handle):
+                fcjail.remove_jail_of(handle)
 
     async def kill(self, handle: VmmHandle) -> None:
-        """Kill Firecracker and remove its sockets."""
+        """Kill Firecracker and remove its sockets (and its jail)."""
         try:
             await process.kill(handle)
         finally:
             with contextlib.suppress(OSError):
                 process.remove_sockets(handle)
+            fcjail.remove_jail_of(handle)
 
     async def describe(self, handle: VmmHandle) -> dict[str, Any]:
         """GET / : Firecracker's instance info (id, state, vmm_version)."""

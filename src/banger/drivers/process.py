@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
-from banger.drivers import consolelog
+from banger.drivers import cgroups, consolelog
 from banger.drivers.base import StopOutcome, VmmHandle, VmSpec
 from banger.errors import BangerError, InvalidInputError, TimeoutError_, ToolError
 
@@ -252,6 +252,12 @@ def tagged_pids(run_dir: Path, proc_root: Path = Path("/proc")) -> list[int]:
             continue  # gone meanwhile, or not ours to read
         if needle in environ and start_time(int(entry.name)) is not None:
             found.append(int(entry.name))
+    # A jailed Firecracker runs with an emptied environment, in the cgroups its jailer named after the run
+    # directory (fcjail.py): those find it just as exactly.
+    if proc_root == Path("/proc"):
+        for pid in cgroups.pids_in(run_dir.name):
+            if pid not in found and start_time(pid) is not None:
+                found.append(pid)
     return found
 
 

@@ -39,7 +39,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             report["selected_vmm"] = None
             report["selected_vmm_problem"] = str(exc)
         report["qemu_accel"] = host.qemu_accel(caps)
-        report["confinement"] = confine.report()
+        report["confinement"] = confine.report(str(app.settings.get("firecracker_bin") or "firecracker"))
         return report
 
     @reg.method("vm.prepare")
