@@ -44,6 +44,27 @@ print("scanned")
 """
 
 
+def check_ctrl_c_aborts_the_turn(benv: BangerEnv, session: str, record: Path) -> None:
+    """Ctrl-C on a CLI waiting for a turn aborts the turn: the stand-in holds this prompt's answer back, the CLI
+    gets SIGINT once the request reached it, says so and exits 130, and the agent takes the next prompt."""
+    import signal
+    import time
+
+    from tests.agents.standin_model import SLOW_MARK
+
+    asked = len(json.loads(record.read_text()))
+    waiting = benv.popen("session", "send", "coder", session, f"{SLOW_MARK} take your time", "--wait")
+    deadline = time.monotonic() + 900
+    while SLOW_MARK not in json.dumps(json.loads(record.read_text())[asked:]):
+        assert time.monotonic() < deadline and waiting.poll() is None, "the slow prompt never reached the model"
+        time.sleep(1)
+    waiting.send_signal(signal.SIGINT)
+    out, err = waiting.communicate(timeout=600)
+    assert waiting.returncode == 130 and "aborted" in err, out + err
+    again = benv.cli("session", "send", "coder", session, "Create hello.txt after the abort", "--wait", timeout=1800)
+    assert again.returncode == 0 and "[idle]" in again.stdout, again.stdout + again.stderr
+
+
 def check_in_the_browser(benv: BangerEnv, session: str, tmp_path: Path) -> None:
     """The web UI on the agent VM, in a real browser: the session's transcript, then a prompt typed into the page
     whose turn streams into it. The UI runs in the root namespace (it reaches the daemon by its socket; the browser
@@ -155,6 +176,7 @@ def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: 
             ]
             assert all("type" in e and "time" in e for e in events) and events[-1]["type"] == "idle"
             check_in_the_browser(benv, session, tmp_path)
+            check_ctrl_c_aborts_the_turn(benv, session, record)
             # The key reached the provider, added by the host; it is nowhere in the guest.
             seen = json.loads(record.read_text())
             assert any(req["headers"].get("authorization") == f"Bearer {KEY}" for req in seen)
