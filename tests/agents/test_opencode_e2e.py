@@ -140,8 +140,10 @@ def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: 
             images = {i["name"]: i for i in json.loads(benv.cli("image", "list", "--json", check=True).stdout)}
             assert info["image"].startswith("debian-bookworm-opencode-"), info["image"]
             assert images[info["image"]]["source"] == "derived:debian-bookworm"
-            cwd = benv.cli("vm", "exec", "coder", "--", "sh", "-c", "readlink /proc/$(pgrep -f 'opencode serve')/cwd")
-            assert cwd.stdout.strip() == "/workspace/proj", cwd.stdout + cwd.stderr
+            procs = benv.cli("vm", "exec", "coder", "--", "ps", "-eo", "pid=,args=", check=True).stdout.splitlines()
+            server_pid = next(line.split()[0] for line in procs if "serve --hostname 127.0.0.1" in line)
+            cwd = benv.cli("vm", "exec", "coder", "--", "readlink", f"/proc/{server_pid}/cwd", check=True).stdout
+            assert cwd.strip() == "/workspace/proj", procs
             # The edit comes back as a branch of the host checkout.
             wrote = benv.cli("vm", "exec", "coder", "--", "cat", "hello.txt", check=True).stdout
             assert wrote == "hello from the agent\n"
