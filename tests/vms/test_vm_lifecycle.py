@@ -81,6 +81,28 @@ def test_exec_streams_and_exit_code(vm_home: BangerEnv, running_vm: str) -> None
     assert r.stdout == "hi there from /tmp as root\n"
 
 
+def test_plain_exec_and_show_take_the_fast_path_with_the_same_results(vm_home: BangerEnv, running_vm: str) -> None:
+    """`vm exec NAME -- CMD` and `vm show NAME --json` skip click (issue 14, item 6) and behave as the full CLI:
+    same output, exit codes, JSON and errors."""
+    from tests.conftest import VENV_BIN
+
+    def traced(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+        argv = [str(VENV_BIN / "python"), "-X", "importtime", "-m", "banger.cli.main", *args]
+        proc = subprocess.run([*vm_home.wrap, *argv], env=vm_home.env, capture_output=True, text=True, timeout=120)
+        modules = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        return proc, modules
+
+    fast, modules = traced("vm", "exec", running_vm, "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 3")
+    assert "click" not in modules, "the plain exec imported click"
+    assert fast.returncode == 3 and fast.stdout == "to-out\n" and "to-err\n" in fast.stderr
+    shown, modules = traced("vm", "show", running_vm, "--json")
+    assert "click" not in modules and shown.returncode == 0
+    full = vm_home.cli("vm", "show", "--json", running_vm, check=True)  # option first: the full CLI
+    assert json.loads(shown.stdout) == json.loads(full.stdout)
+    missing = vm_home.cli("vm", "exec", "no-such-vm", "--", "true")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "no-such-vm" in missing.stderr
+
+
 def test_exec_stdin(vm_home: BangerEnv, running_vm: str) -> None:
     payload = "".join(f"line {i}\n" for i in range(2000))
     script = "cat > /tmp/in; wc -l < /tmp/in; md5sum /tmp/in"

@@ -1,7 +1,10 @@
-"""The hottest read-only commands (`version`, `daemon status`) on a path that imports only os, json, socket.
+"""The hottest commands on a path that skips click: `version` and `daemon status` (os, json, socket only), and the
+plainest `vm exec NAME -- CMD...` and `vm show NAME --json` (plus the RPC client, against a daemon that already
+runs this code; anything else, an error to explain included, goes to the full CLI).
 
 `banger` is run in loops by scripts and agents; click, typing and dataclasses alone cost several times a bare
-interpreter start. These two commands are implemented here once; the click commands delegate to them.
+interpreter start. `version` and `daemon status` are implemented here once (the click commands delegate to them);
+the two `vm` forms send exactly the call their click commands send.
 """
 
 from __future__ import annotations
@@ -158,9 +161,83 @@ def status_cmd(as_json: bool) -> int:
     return 0 if info["running"] else 3
 
 
-def try_fast(argv: list[str]) -> int | None:
-    """Run argv on the fast path when it is one of FAST_COMMANDS; None means: use the full CLI."""
-    if tuple(argv) not in FAST_COMMANDS:
+def _connected() -> Any:
+    """A handshaken client of a daemon that runs this very code, or None: then the full CLI takes over (it starts
+    the daemon, replaces a stale one, or says why this user may not use it)."""
+    from banger.errors import BangerError
+    from banger.rpc.client import Client
+
+    path = os.path.join(state_home(), "run", "bangerd.sock")
+    if not os.path.exists(path):
         return None
-    as_json = argv[-1] == "--json"
-    return version_cmd(as_json) if argv[0] == "version" else status_cmd(as_json)
+    from pathlib import Path
+
+    client = Client(Path(path))
+    try:
+        client.connect(across_versions=True)
+    except (BangerError, OSError):
+        client.close()
+        return None
+    if not client.same_code:
+        client.close()
+        return None
+    return client
+
+
+def _error(exc: Any) -> int:
+    sys.stderr.write(f"error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
+    return 1
+
+
+def vm_exec(name: str, argv: list[str]) -> int | None:
+    """`banger vm exec NAME -- CMD...` (no options): output streamed, the command's exit code returned."""
+    client = _connected()
+    if client is None:
+        return None
+    from banger.cli.stream import stream_call
+    from banger.errors import BangerError
+
+    params: dict[str, Any] = {"name": name, "argv": argv, "env": {}, "cwd": None, "user": None, "tty": False}
+    params.update(rows=24, cols=80, stdin=False)
+    try:
+        result = stream_call(client, "vm.exec", params, stdin=False, tty=False)
+    except BangerError as exc:
+        return _error(exc)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted (the daemon cancelled the operation)\n")
+        return 130
+    finally:
+        client.close()
+    if result.get("signal"):
+        return 128 + int(result["signal"])
+    return int(result.get("exit_code") or 0)
+
+
+def vm_show_json(name: str) -> int | None:
+    """`banger vm show NAME --json`."""
+    client = _connected()
+    if client is None:
+        return None
+    from banger.errors import BangerError
+
+    try:
+        info = client.call("vm.show", {"name": name})
+    except BangerError as exc:
+        return _error(exc)
+    finally:
+        client.close()
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def try_fast(argv: list[str]) -> int | None:
+    """Run argv on the fast path when it is one of FAST_COMMANDS, or the plainest `vm exec` or `vm show --json`;
+    None means: use the full CLI."""
+    if tuple(argv) in FAST_COMMANDS:
+        as_json = argv[-1] == "--json"
+        return version_cmd(as_json) if argv[0] == "version" else status_cmd(as_json)
+    if len(argv) >= 5 and argv[:2] == ["vm", "exec"] and argv[3] == "--" and not argv[2].startswith("-"):
+        return vm_exec(argv[2], argv[4:])
+    if len(argv) == 4 and argv[:2] == ["vm", "show"] and argv[3] == "--json" and not argv[2].startswith("-"):
+        return vm_show_json(argv[2])
+    return None
