@@ -409,6 +409,8 @@ def bench_exec(home: Home, runs: int) -> None:
         "banger daemon status (floor)": [BANGER, "daemon", "status"],
         # click + one RPC, no guest: separates the CLI's own cost from the trip through the agent.
         "banger vm show vm0": [BANGER, "vm", "show", "vm0"],
+        # The fast path (cli/fast.py): the same RPC without click.
+        "banger vm show vm0 --json": [BANGER, "vm", "show", "vm0", "--json"],
         "banger vm exec vm0 -- true": [BANGER, "vm", "exec", "vm0", "--", "true"],
     }
     for argv in cases.values():  # warm the page cache and the agent connection
@@ -426,6 +428,13 @@ def bench_exec(home: Home, runs: int) -> None:
             f"{name:<32} {statistics.median(xs) * 1000:8.1f} {pct(xs, 0.95) * 1000:8.1f} "
             f"{statistics.median(xs) / floor:8.2f}"
         )
+    worst = max(
+        statistics.median(results[k]) / floor for k in ("banger vm show vm0 --json", "banger vm exec vm0 -- true")
+    )
+    print(
+        f"target (issue 14, item 6): vm exec and vm show --json p50 <= 2x daemon status -> worst {worst:.2f}x "
+        + ("PASS" if worst <= 2.0 else "MISS")
+    )
 
 
 def vm_qemu_pid(home: Home, name: str) -> int:
