@@ -92,14 +92,23 @@ def test_members_see_the_events_of_their_own_vms_only(users: Users, vm_home: Ban
     """`daemon.events` (what `banger events` and the web UI relay) for a member: its own VMs' events, from creation
     to removal, and none of another user's. The subscriber is a raw client run as the member, so that the test
     can wait for the daemon's `subscribed` before it acts (the CLI does not print that one)."""
+    import queue
     import subprocess
+    import threading
 
     home = vm_home.home
     probe = [str(users.python), "-c", _EVENTS_PROBE, str(home)]
     watcher = subprocess.Popen(["runuser", "-u", users.member.name, "--", *probe], stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    assert watcher.stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout], daemon=True).start()  # type: ignore[union-attr]
+
+    def next_event() -> dict[str, object]:
+        event: dict[str, object] = json.loads(lines.get(timeout=120))
+        return event
+
     try:
-        assert watcher.stdout is not None
-        assert json.loads(watcher.stdout.readline())["type"] == "subscribed"
+        assert next_event()["type"] == "subscribed"
         vm_home.cli("vm", "create", "--name", "roots-ev", "--no-start", check=True)
         made = users.cli(users.member, home, "vm", "create", "--name", "mine-ev", "--no-start")
         assert made.returncode == 0, made.stderr
@@ -108,9 +117,10 @@ def test_members_see_the_events_of_their_own_vms_only(users: Users, vm_home: Ban
         vm_home.cli("vm", "rm", "roots-ev", check=True)
         seen: list[dict[str, object]] = []
         while not any(e.get("type") == "vm.removed" and e.get("vm") == "mine-ev" for e in seen):
-            line = watcher.stdout.readline()  # the test's timeout bounds this wait
-            assert line, f"the subscription ended early after {seen}"
-            seen.append(json.loads(line))
+            try:
+                seen.append(next_event())
+            except queue.Empty:
+                raise AssertionError(f"no more events after {seen}") from None
     finally:
         watcher.kill()
         watcher.wait(timeout=30)
