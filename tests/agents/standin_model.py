@@ -1,7 +1,7 @@
 """A STAND-IN for a model provider: a tiny OpenAI-compatible server on loopback (the model is the one component
 that cannot run here). POST /v1/chat/completions answers with streamed chunks (server-sent events); when the
 conversation has no tool result yet and `tool_call` is set, the answer is that tool call, else `text`; a
-conversation that holds SLOW_MARK is answered only after SLOW_S seconds (for tests that abort a turn).
+prompt (the newest user message) that holds SLOW_MARK is answered only after SLOW_S seconds (for tests that abort a turn).
 It records every request (path, headers, JSON body) so tests can check what reached the provider."""
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ from typing import Any
 # A prompt holding this mark gets its answer only after SLOW_S seconds.
 SLOW_MARK = "[slow]"
 SLOW_S = 600.0
+
+
+def _last_user_text(payload: dict[str, Any]) -> str:
+    """The newest user message's text (the prompt this request answers; older ones stay in the history)."""
+    for message in reversed(payload.get("messages") or []):
+        if message.get("role") == "user":
+            return json.dumps(message.get("content"))
+    return ""
 
 
 @dataclass
@@ -52,7 +60,7 @@ class StandinModel:
                 writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 return
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
-            if SLOW_MARK in json.dumps(payload.get("messages", [])):
+            if _last_user_text(payload).find(SLOW_MARK) >= 0:
                 await writer.drain()
                 await asyncio.sleep(SLOW_S)  # a turn that takes its time, for tests that abort one
             for chunk in self._chunks(payload):
