@@ -1,7 +1,7 @@
 """A STAND-IN for a model provider: a tiny OpenAI-compatible server on loopback (the model is the one component
 that cannot run here). POST /v1/chat/completions answers with streamed chunks (server-sent events); when the
-conversation has no tool result yet and `tool_call` is set, the answer is that tool call, else `text`; a
-prompt (the newest user message) that holds SLOW_MARK is answered only after SLOW_S seconds (for tests that abort a turn).
+conversation has no tool result yet and `tool_call` is set, the answer is that tool call, else `text`. A prompt
+(the newest user message) that holds SLOW_MARK is answered only after SLOW_S seconds (for tests that abort a turn).
 It records every request (path, headers, JSON body) so tests can check what reached the provider."""
 
 from __future__ import annotations
