@@ -40,7 +40,7 @@ from banger.guest.client import AgentClient
 from banger.guest.seed import NetInterface, Network, SeedMeta, build_seed
 from banger.kernels.manifest import INITRD, VMLINUX, read_manifest
 from banger.net.guestnet import GUEST_MTU
-from banger.vms.service import GUEST_CMDLINE
+from banger.vms.cmdline import GUEST_CMDLINE
 
 log = logging.getLogger("bench_net")
 

@@ -31,7 +31,7 @@ from banger.drivers.base import Disk
 from banger.drivers.qemu import QemuDriver
 from banger.guest.seed import SeedMeta, build_seed
 from banger.vms.disk import clone_root_disk
-from banger.vms.service import GUEST_CMDLINE
+from banger.vms.cmdline import GUEST_CMDLINE
 from bench_vm import (
     AGENT_READY,
     BANGER,

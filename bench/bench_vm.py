@@ -35,7 +35,7 @@ from banger.drivers.base import AgentChannel, AgentTransport, Disk, VmSpec
 from banger.drivers.qemu import QemuDriver
 from banger.guest.seed import SeedMeta, build_seed
 from banger.vms.disk import clone_root_disk
-from banger.vms.service import GUEST_CMDLINE
+from banger.vms.cmdline import GUEST_CMDLINE
 
 BIN = Path(sys.executable).parent
 BANGER = str(BIN / "banger")
