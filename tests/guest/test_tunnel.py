@@ -15,7 +15,7 @@ import pytest
 from banger import errors
 from banger.guest import guesttunnel
 from banger.guest.client import AgentClient
-from banger.guest.tunnelclient import listen, open_tunnel, watch_ports
+from banger.guest.tunnelclient import Listener, listen, open_tunnel, watch_ports
 from banger.tunnels.relay import relay, tcp_connector
 
 from .conftest import running_agent
@@ -117,25 +117,32 @@ def test_refused_port_is_a_clear_error(tmp_path: Path) -> None:
     with_client(tmp_path, body)
 
 
+async def _serve_reverse(c: AgentClient, listener: Listener, server: asyncio.Server) -> None:
+    """The host side of a reverse tunnel: each connection the guest accepted, relayed to the echo server."""
+    async for conn in listener.accepted():
+        tunnel = await open_tunnel(c, accept=conn)
+        host_reader, host_writer = await tcp_connector(_port(server))()
+        asyncio.create_task(relay(tunnel, host_reader, host_writer))
+
+
 def test_reverse_listener_relays_to_a_host_connector(tmp_path: Path) -> None:
+    """Also a regression test: the relay used to cancel the agent's stream as soon as both directions had
+    half-closed on the host, while the last bytes it sent could still wait in the agent's queue; the guest-side
+    client then read nothing. Many short exchanges, each half-closed at once, make that window show."""
+
     async def body(c: AgentClient) -> None:
         server = await _echo_server()
         guest_port = _free_port()
         async with server:
             listener = await listen(c, guest_port)
-
-            async def serve() -> None:
-                async for conn in listener.accepted():
-                    tunnel = await open_tunnel(c, accept=conn)
-                    host_reader, host_writer = await tcp_connector(_port(server))()
-                    asyncio.create_task(relay(tunnel, host_reader, host_writer))
-
-            serving = asyncio.create_task(serve())
-            reader, writer = await asyncio.open_connection("127.0.0.1", guest_port)
-            writer.write(b"through the reverse tunnel")
-            writer.write_eof()
-            assert await asyncio.wait_for(reader.read(), 30) == b"through the reverse tunnel"
-            writer.close()
+            serving = asyncio.create_task(_serve_reverse(c, listener, server))
+            for i in range(40):
+                payload = os.urandom(1024 * (i % 5 + 1))
+                reader, writer = await asyncio.open_connection("127.0.0.1", guest_port)
+                writer.write(payload)
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(), 30) == payload, f"exchange {i}"
+                writer.close()
             with pytest.raises(errors.BangerError, match="cannot listen"):
                 await listen(c, guest_port)  # taken by the first listener
             await listener.close()
@@ -171,34 +178,3 @@ def test_tcp_listeners_parses_proc(tmp_path: Path) -> None:
         "   1: 0100007F:1F91 0100007F:0016 01 00000000:00000000 00:00000000 00000000     0        0 112 1\n"
     )
     assert guesttunnel.tcp_listeners(str(tmp_path)) == [8080]
-
-
-def test_reverse_relay_delivers_everything_before_the_tunnel_ends(tmp_path: Path) -> None:
-    """Regression: the relay used to cancel the agent's stream as soon as both directions had half-closed on the
-    host, while the last bytes it sent could still wait in the agent's queue; the guest-side client then read
-    nothing. Many short exchanges, each half-closed at once, make that window show."""
-
-    async def body(c: AgentClient) -> None:
-        server = await _echo_server()
-        guest_port = _free_port()
-        async with server:
-            listener = await listen(c, guest_port)
-
-            async def serve() -> None:
-                async for conn in listener.accepted():
-                    tunnel = await open_tunnel(c, accept=conn)
-                    host_reader, host_writer = await tcp_connector(_port(server))()
-                    asyncio.create_task(relay(tunnel, host_reader, host_writer))
-
-            serving = asyncio.create_task(serve())
-            for i in range(40):
-                payload = os.urandom(1024 * (i % 5 + 1))
-                reader, writer = await asyncio.open_connection("127.0.0.1", guest_port)
-                writer.write(payload)
-                writer.write_eof()
-                assert await asyncio.wait_for(reader.read(), 30) == payload, f"exchange {i}"
-                writer.close()
-            await listener.close()
-            serving.cancel()
-
-    with_client(tmp_path, body)

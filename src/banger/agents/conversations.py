@@ -264,57 +264,47 @@ class Conversations:
         oc_id: str,
         known: int,
     ) -> dict[str, Any]:
+        """The turn's follower: polls until the agent is idle, publishing the turn as it streams; its watchers are
+        told when it is over, however it ends."""
         try:
-            return await self._until_idle(turn, vm, name, client, password, oc_id, known)
+            base = len(transcript((await self._messages(client, password, oc_id))[:known]))
+            renderer = Renderer()
+            failures = 0
+            while True:
+                await asyncio.sleep(POLL)
+                try:
+                    status = await self._call(client, password, "GET", "/session/status")
+                    messages = await self._messages(client, password, oc_id)
+                except BangerError as exc:
+                    # A busy agent in an emulated guest can miss a poll's deadline; only a run of failures counts.
+                    failures += 1
+                    if failures >= POLL_FAILURES:
+                        raise
+                    log.info("vm %s: session %s: poll failed (%s); polling again", vm.name, name, exc)
+                    continue
+                failures = 0
+                busy = isinstance(status, dict) and (status.get(oc_id) or {}).get("type") not in (None, "idle")
+                events = transcript(messages)
+                # Idle by the status, confirmed by the messages: the newest message is an assistant message written
+                # after our prompt (so not the previous turn's answer), and it completed or failed.
+                last = messages[-1] if len(messages) > known + 1 else {}
+                info = last.get("info") or {}
+                finished = info.get("role") == "assistant" and bool(
+                    (info.get("time") or {}).get("completed") or info.get("error")
+                )
+                done = not busy and finished
+                if done:
+                    events.append({"type": "idle", "time": int(time.time() * 1000)})
+                for chunk in renderer.feed(events[base:], final=done):
+                    turn.publish(chunk)
+                if not done:
+                    continue
+                self._save(vm, name, events)
+                error = info.get("error")
+                message = transcript([{"info": {"error": error}}])[0]["message"] if error else None
+                return {"idle": True, "error": message}
         finally:
             turn.finish()
-
-    async def _until_idle(
-        self,
-        turn: Turn,
-        vm: VmRecord,
-        name: str,
-        client: AgentClient,
-        password: str,
-        oc_id: str,
-        known: int,
-    ) -> dict[str, Any]:
-        base = len(transcript((await self._messages(client, password, oc_id))[:known]))
-        renderer = Renderer()
-        failures = 0
-        while True:
-            await asyncio.sleep(POLL)
-            try:
-                status = await self._call(client, password, "GET", "/session/status")
-                messages = await self._messages(client, password, oc_id)
-            except BangerError as exc:
-                # A busy agent in an emulated guest can miss a poll's deadline; only a run of failures counts.
-                failures += 1
-                if failures >= POLL_FAILURES:
-                    raise
-                log.info("vm %s: session %s: poll failed (%s); polling again", vm.name, name, exc)
-                continue
-            failures = 0
-            busy = isinstance(status, dict) and (status.get(oc_id) or {}).get("type") not in (None, "idle")
-            events = transcript(messages)
-            # Idle by the status, confirmed by the messages: the newest message is an assistant message written
-            # after our prompt (so not the previous turn's answer), and it completed or failed.
-            last = messages[-1] if len(messages) > known + 1 else {}
-            info = last.get("info") or {}
-            finished = info.get("role") == "assistant" and bool(
-                (info.get("time") or {}).get("completed") or info.get("error")
-            )
-            done = not busy and finished
-            if done:
-                events.append({"type": "idle", "time": int(time.time() * 1000)})
-            for chunk in renderer.feed(events[base:], final=done):
-                turn.publish(chunk)
-            if not done:
-                continue
-            self._save(vm, name, events)
-            error = info.get("error")
-            message = transcript([{"info": {"error": error}}])[0]["message"] if error else None
-            return {"idle": True, "error": message}
 
     async def abort(self, vm_name: str, name: str) -> dict[str, Any]:
         """Abort the running turn of an agent session."""
