@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from banger.drivers.base import Disk
 from banger.drivers.qemu import QemuDriver
 from banger.guest.seed import SeedMeta, build_seed
-from banger.vms.disk import clone_root_disk
 from banger.vms.cmdline import GUEST_CMDLINE
+from banger.vms.disk import clone_root_disk
 from bench_vm import (
     AGENT_READY,
     BANGER,

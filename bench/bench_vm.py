@@ -34,8 +34,8 @@ from banger.drivers import host
 from banger.drivers.base import AgentChannel, AgentTransport, Disk, VmSpec
 from banger.drivers.qemu import QemuDriver
 from banger.guest.seed import SeedMeta, build_seed
-from banger.vms.disk import clone_root_disk
 from banger.vms.cmdline import GUEST_CMDLINE
+from banger.vms.disk import clone_root_disk
 
 BIN = Path(sys.executable).parent
 BANGER = str(BIN / "banger")
