@@ -203,18 +203,22 @@ class FirecrackerDriver:
                 fcjail.link_name(agent.socket.parent, agent.socket.name, jail.root / fcjail.JAIL_AGENT_SOCKET)
             # The guest's serial console is Firecracker's stdout, into banger's capped log writer.
             writer = process.console_writer(spec)
+            spawn_error: BaseException | None = None
+            pid = started = None
             try:
                 pid = process.spawn(argv, log_file=spec.run_dir / VMM_LOG, stdout_file=writer.fd)
-            except BaseException:
-                os.close(writer.fd)
-                await process.writer_gone(writer.pid)
+                started = process.start_time(pid)
+                if jail is not None:
+                    confine.hand_out(jail.uid, pid, started)
+            except BaseException as exc:
+                spawn_error = exc
                 if jail is not None:
                     jail.remove()
-                raise
             os.close(writer.fd)
-            started = process.start_time(pid)
-            if jail is not None:
-                confine.hand_out(jail.uid, pid, started)
+        if spawn_error is not None or pid is None:
+            # Waited for outside the lock: it is a thread lock, and QEMU spawns take it on this same event loop.
+            await process.writer_gone(writer.pid)
+            raise spawn_error or ToolError("firecracker did not start")
         handle = VmmHandle(self.kind, pid, started or -1, api_socket, spec.run_dir, tuple(cleanup))
         if on_spawn is not None and started is not None:
             on_spawn(handle)  # recorded before we wait on it: a daemon killed now must still find this VMM
