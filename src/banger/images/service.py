@@ -102,8 +102,13 @@ class ImageService:
             return name
 
     def reconcile(self) -> None:
-        """Drop records whose file vanished (unless a VM still names them)."""
+        """Drop records whose file vanished (unless a VM still names them), and the staged files of builds and
+        imports a killed daemon left (`<name>.ext4.new`: never a finished image, see `_produce`)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        for staged in self.root.glob("*.ext4.new"):
+            with contextlib.suppress(OSError):
+                staged.unlink()
+                log.warning("images: removed %s (a build or import cut short)", staged.name)
         for row in self.store.query("SELECT name, path FROM images"):
             if not Path(row["path"]).exists() and not self.store.one("SELECT 1 FROM vms WHERE image=?", (row["name"],)):
                 self.store.execute("DELETE FROM images WHERE name=?", (row["name"],))
@@ -137,13 +142,22 @@ class ImageService:
         staged = final.with_name(final.name + ".new")
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
+        existed = self.store.one("SELECT 1 FROM images WHERE name=?", (name,)) is not None
         try:
             info: ImageInfo = await in_thread_cancellable(lambda cancel: make(staged, cancel))
-            staged.replace(final)
+            # The record first, then the file: a daemon killed in between leaves a record without its file,
+            # which the next start drops (`reconcile`), never a file that no record names.
+            record = self._record(info)
+            try:
+                staged.replace(final)
+            except BaseException:
+                if not existed:
+                    self.store.execute("DELETE FROM images WHERE name=?", (name,))
+                raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 staged.unlink()
-        return self._record(info)
+        return record
 
     async def build(
         self,
