@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import os
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,6 @@ JAIL_API_SOCKET = "api.sock"
 JAIL_AGENT_SOCKET = "agent.sock"
 _TUNSETOWNER = 0x400454CC
 _TUNSETGROUP = 0x400454CE
-_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
-_TUNSETIFF = 0x400454CA
 
 
 def jailer_beside(firecracker: str) -> str | None:
@@ -150,9 +147,8 @@ def link_name(run_dir: Path, name: str, target: Path) -> Path:
 
 def give_tap(name: str, uid: int) -> None:
     """Make the persistent TAP `name` the uid's (owner and group), so the jailed Firecracker may attach to it."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    fd = confine.open_tap(name)  # attached as confined QEMU's TAPs are
     try:
-        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
         fcntl.ioctl(fd, _TUNSETOWNER, uid)
         fcntl.ioctl(fd, _TUNSETGROUP, uid)
     except OSError as exc:
