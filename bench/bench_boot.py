@@ -7,7 +7,7 @@ Each measurement sits next to a floor measured in the same run:
 - time from QEMU's launch to `banger-init: starting` and to the agent's readiness line, against the same kernel
   booted with the same QEMU arguments (QemuDriver.argv) on a floor initramfs whose /init (static busybox) only
   prints a marker. Consoles are file chardevs watched the same way on both sides (see bench_vm.ConsoleWatch).
-Always --net none. Run (as root): .venv/bin/python bench/bench_boot.py [--runs 3] [--skip-cold]
+Always --net none. Run (as root): .venv/bin/python bench/bench_boot.py [--runs 3] [--skip-cold] [--boot-only]
 """
 
 from __future__ import annotations
@@ -204,6 +204,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs of each warm build and of each boot")
     ap.add_argument("--skip-cold", action="store_true", help="skip the cold image build (it downloads ~170 MiB)")
     ap.add_argument("--memory", type=int, default=512, help="guest MiB")
+    ap.add_argument("--boot-only", action="store_true", help="measure guest boot only (no kernel or image builds)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (image builds and banger's QEMU driver need it here)")
@@ -212,8 +213,11 @@ def main() -> int:
     with banger_home(warm_images=False, kernel=False) as cold, banger_home() as warm:
         log(f"state roots: cold {cold.path}, warm {warm.path}")
         print(f"host load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
-        bench_kernel(cold, args.runs)
-        bench_images(warm, None if args.skip_cold else cold, args.runs)
+        if args.boot_only:
+            build_image(warm, False)
+        else:
+            bench_kernel(cold, args.runs)
+            bench_images(warm, None if args.skip_cold else cold, args.runs)
         bench_boot(warm, args.runs, args.memory)
         print(f"\nhost load average at end: {os.getloadavg()[0]:.1f}; other tenants' load makes single runs swing")
     return 0

@@ -155,8 +155,9 @@ def proc_start(pid: int) -> float:
 
 
 def qemu_pid_for(console: Path) -> int:
-    """The pid of the QEMU whose command line names `console`."""
-    needle = os.fsencode(console)
+    """The pid of the QEMU whose command line names a file in `console`'s VM directory (a console writer, not QEMU,
+    may hold the log itself)."""
+    needle = os.fsencode(console.parent) + b"/"
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
@@ -195,11 +196,12 @@ def guest_ram_rss_kib(pid: int, memory_mib: int) -> int:
 
 
 def kernel_dir() -> Path:
-    found = sorted(KERNEL_CACHE.glob("linux-image-6.1.0-*-cloud-amd64_*"))
-    found = [d for d in found if (d / "vmlinux").is_file()]
-    if not found:
-        raise SystemExit(f"no built Debian kernel under {KERNEL_CACHE} (run the kernel tests once)")
-    return found[0]
+    """The test suite's cached kernel built by this checkout's build code (built now if missing): an older build
+    there would have an older initramfs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.kernels.conftest import build_cached_kernel
+
+    return build_cached_kernel().dir
 
 
 @dataclass

@@ -40,14 +40,15 @@ pathlib.Path("/run/hostile-agent.py").write_text(src.replace(marker, patch + "\\
 """
 # Generous: the issue measured +300 MB for this flood before the host enforced the window.
 MAX_RSS_GROWTH_MIB = 150
-# The agent as init starts it (guest/init.py agent_argv: the seed's `agent` module through runpy).
-AGENT_PATTERN = "run_module.'agent'"
+# The agent's process name (guest/init.py forks it off PID 1 and names it; its children that do not exec share it,
+# so the oldest is the agent).
+AGENT_NAME = "banger-agent"
 FLOOD_SECONDS = 12
 
 
 def agent_pid(fe: FaultEnv, name: str) -> int | None:
     """The guest agent's pid; None while a request fails (the agent is down, or it just restarted)."""
-    r = fe.cli("vm", "exec", name, "--", "pgrep", "-o", "-f", AGENT_PATTERN, timeout=120)
+    r = fe.cli("vm", "exec", name, "--", "pgrep", "-o", "-x", AGENT_NAME, timeout=120)
     return int(r.stdout.split()[0]) if r.returncode == 0 else None
 
 

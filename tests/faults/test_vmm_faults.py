@@ -15,13 +15,14 @@ from .conftest import FaultEnv
 
 pytestmark = [pytest.mark.vm, pytest.mark.faults]
 
-# The agent as init starts it (guest/init.py agent_argv: the seed's `agent` module through runpy).
-AGENT = "run_module.'agent'"
+# The agent's process name (guest/init.py forks it off PID 1 and names it; its children that do not exec share it,
+# so the oldest is the agent).
+AGENT_NAME = "banger-agent"
 
 
 def agent_pid(fe: FaultEnv, name: str) -> int | None:
     """The guest agent's pid; None while a request fails (the agent is down, or it just restarted)."""
-    r = fe.cli("vm", "exec", name, "--", "pgrep", "-o", "-f", AGENT, timeout=120)
+    r = fe.cli("vm", "exec", name, "--", "pgrep", "-o", "-x", AGENT_NAME, timeout=120)
     if r.returncode != 0:
         assert "agent restarted" in r.stderr or "agent" in r.stderr, r.stderr
         return None

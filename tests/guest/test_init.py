@@ -81,21 +81,9 @@ def test_plan_mounts_skips_mounted_and_never_hides_the_seed() -> None:
     assert targets == ["/sys", "/dev/pts", "/dev/shm", "/tmp"]  # /run holds the seed: no tmpfs over it
 
 
-def test_agent_argv_follows_transport() -> None:
-    auto = init.agent_argv(META, "/usr/bin/python3")
-    assert auto == [
-        "/usr/bin/python3",
-        "-B",
-        "-c",
-        "import sys,runpy; sys.path.insert(0, '/run/banger/seed'); runpy.run_module('agent', run_name='__main__')",
-        "--init-pid",
-        "1",
-        "--serial",
-        "org.banger.agent",
-        "--vsock",
-        "1024",
-    ]
-    vsock = init.agent_argv({"agent": {"transport": "vsock", "vsock_port": 5000}}, "py")
+def test_agent_args_follow_transport() -> None:
+    assert init.agent_args(META) == ["--init-pid", "1", "--serial", "org.banger.agent", "--vsock", "1024"]
+    vsock = init.agent_args({"agent": {"transport": "vsock", "vsock_port": 5000}})
     assert vsock[-2:] == ["--vsock", "5000"] and "--serial" not in vsock
 
 
@@ -124,3 +112,18 @@ def test_guest_modules_import_without_banger() -> None:
     refused = subprocess.run([GUEST_PYTHON, str(GUEST_DIR / "init.py")], capture_output=True, text=True)
     assert refused.returncode == 1 and "must run as PID 1" in refused.stderr
     assert sys.modules["banger.guest.init"] is init
+
+
+def test_boot_imports_leave_out_what_banger_never_uses() -> None:
+    # What the agent process does first (init.run_agent): asyncio and shutil load without ssl, bz2 or lzma, which
+    # stay importable for anything that asks for them later.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import init\n"
+        "init.import_without(init.UNNEEDED_AT_BOOT, ('asyncio', 'shutil'))\n"
+        "loaded = sorted(m for m in init.UNNEEDED_AT_BOOT if m in sys.modules)\n"
+        "import shutil, asyncio.base_events as base, ssl, bz2, lzma\n"
+        "print(loaded, shutil._BZ2_SUPPORTED, base.ssl is None, ssl.HAS_SNI, bool(bz2.compress(b'x')))\n"
+    )
+    done = subprocess.run([GUEST_PYTHON, "-I", "-c", code, str(GUEST_DIR)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "False", "True", "True", "True"]

@@ -83,15 +83,17 @@ def test_seed_ships_bytecode_the_guest_can_load(tmp_path: Path) -> None:
         assert pyc.stat().st_mode & 0o777 == 0o644
         flags = int.from_bytes(pyc.read_bytes()[4:8], "little")
         assert flags == 0b01  # hash-based, unchecked: the seed is read-only and built from these very sources
-    # The agent starts as init starts it (a module run from the seed directory), loading bytecode, not sources.
+    # The agent starts as init starts it (init.run_agent: the seed's `agent` module imported from the seed
+    # directory, in a process that already runs init), loading bytecode, not sources.
     for name in GUEST_FILES:
         (stage / name).write_text("raise SystemExit('source was compiled instead of the bytecode')\n")
-    argv = init_agent_argv(str(stage))
-    done = subprocess.run([argv[0], *argv[1:4], "--help"], capture_output=True, text=True, timeout=60)
+    code = f"import sys; sys.path.insert(0, {str(stage)!r}); import init; init.run_agent(['--help'], {str(stage)!r})"
+    done = subprocess.run([sys.executable, "-B", "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "banger-agent" in done.stdout, done.stderr
-
-
-def init_agent_argv(seed_dir: str) -> list[str]:
-    from banger.guest import init
-
-    return init.agent_argv({"agent": {"transport": "vsock"}}, sys.executable, seed_dir=seed_dir)
+    bad = subprocess.run(
+        [sys.executable, "-B", "-c", code.replace("'--help'", "'--vsock', 'x'")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--vsock: invalid value 'x'" in bad.stderr, bad.stderr

@@ -9,8 +9,8 @@ Runs inside the guest as a child of banger-init, from the seed drive, with the s
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -51,6 +51,21 @@ _ERROR_CODES: list[tuple[type[BaseException], str]] = [
 def log(message: str) -> None:
     """One line on the agent's stderr (the guest console under banger-init)."""
     print(f"banger-agent: {message}", file=sys.stderr, flush=True)
+
+
+_ready_fd: int | None = None
+
+
+def announce_ready() -> None:
+    """Tell banger-init (through --ready-fd) that a transport serves, once: it holds back work such as the console's
+    login shell until then, so that on a one-vCPU guest that work does not delay the agent's first answer."""
+    global _ready_fd
+    if _ready_fd is not None:
+        fd, _ready_fd = _ready_fd, None
+        with contextlib.suppress(OSError):
+            os.write(fd, b"ready\n")
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class Session:
@@ -371,6 +386,7 @@ async def serve_serial(name: str, init_pid: int | None) -> None:
         if not served:
             log(f"serving virtio-serial port {name!r} ({path})")  # the readiness line on this transport
             served = True
+            announce_ready()
         try:
             await serve_fd(fd, init_pid)
         finally:
@@ -421,32 +437,83 @@ async def serve_vsock(port: int, init_pid: int | None) -> None:
 
     server = await asyncio.start_server(on_conn, sock=sock)
     log(f"listening on vsock port {port}")
+    announce_ready()
     async with server:
         await server.serve_forever()
 
 
+USAGE = """usage: banger-agent [--serial NAME] [--vsock PORT] [--connect PATH] [--init-pid PID] [--sessions-dir DIR]
+                    [--ready-fd FD]
+
+  --serial NAME        serve the virtio-serial port with this name
+  --vsock PORT         listen on this AF_VSOCK port
+  --connect PATH       connect to this Unix socket instead (tests)
+  --init-pid PID       pid to SIGTERM when the host asks for poweroff
+  --sessions-dir DIR   where guest sessions keep their state and output
+  --ready-fd FD        write a line to this fd, then close it, once a transport serves
+"""
+_OPTIONS = {
+    "--serial": str,
+    "--vsock": int,
+    "--connect": str,
+    "--init-pid": int,
+    "--sessions-dir": str,
+    "--ready-fd": int,
+}
+
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    """The options in `argv` keyed without their dashes (`init_pid`); ValueError names what is wrong.
+
+    A hand-written parser rather than argparse: under TCG importing argparse costs the guest's boot a visible
+    share of the agent's start-up, and these five options need none of it.
+    """
+    found: dict[str, Any] = {}
+    rest = list(argv)
+    while rest:
+        word = rest.pop(0)
+        name, eq, value = word.partition("=")
+        if name not in _OPTIONS:
+            raise ValueError(f"unknown argument {word!r}")
+        if not eq:
+            if not rest:
+                raise ValueError(f"{name} needs a value")
+            value = rest.pop(0)
+        try:
+            found[name[2:].replace("-", "_")] = _OPTIONS[name](value)
+        except ValueError:
+            raise ValueError(f"{name}: invalid value {value!r}") from None
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point when run from the seed drive."""
-    parser = argparse.ArgumentParser(prog="banger-agent")
-    parser.add_argument("--serial", metavar="NAME", help="serve the virtio-serial port with this name")
-    parser.add_argument("--vsock", metavar="PORT", type=int, help="listen on this AF_VSOCK port")
-    parser.add_argument("--connect", metavar="PATH", help="connect to this Unix socket instead (tests)")
-    parser.add_argument("--init-pid", type=int, help="pid to SIGTERM when the host asks for poweroff")
-    parser.add_argument("--sessions-dir", help="where guest sessions keep their state and output")
-    args = parser.parse_args(argv)
-    if args.sessions_dir:
-        session_agent.set_root(args.sessions_dir)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(USAGE, end="")
+        return 0
+    try:
+        args = parse_args(argv)
+    except ValueError as exc:
+        print(f"{USAGE}banger-agent: error: {exc}", file=sys.stderr)
+        return 2
+    if args.get("sessions_dir"):
+        session_agent.set_root(args["sessions_dir"])
+    global _ready_fd
+    _ready_fd = args.get("ready_fd")
     # banger-init blocks signals to collect them with sigwaitinfo; that mask must not reach user processes.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    init_pid = args.get("init_pid")
     servers = []
-    if args.serial:
-        servers.append(serve_serial(args.serial, args.init_pid))
-    if args.vsock is not None:
-        servers.append(serve_vsock(args.vsock, args.init_pid))
-    if args.connect:
-        servers.append(serve_connect(args.connect, args.init_pid))
+    if args.get("serial"):
+        servers.append(serve_serial(args["serial"], init_pid))
+    if args.get("vsock") is not None:
+        servers.append(serve_vsock(args["vsock"], init_pid))
+    if args.get("connect"):
+        servers.append(serve_connect(args["connect"], init_pid))
     if not servers:
-        parser.error("give at least one of --serial, --vsock, --connect")
+        print(f"{USAGE}banger-agent: error: give at least one of --serial, --vsock, --connect", file=sys.stderr)
+        return 2
     log(f"protocol v{VERSION} starting (pid {os.getpid()})")
 
     async def serve_all() -> None:

@@ -1,0 +1,73 @@
+"""banger-init's network step (guest/init.py configure_network): one `ip -batch` run, in a real namespace.
+
+The guest's interfaces are veth links in a namespace this test creates; banger-init's code runs inside it as it
+would in the guest, with the host's own iproute2.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import Namespaces
+
+CONFIGURE = """
+import json, sys
+from banger.guest import init
+init.configure_network(json.loads(sys.argv[1]))
+"""
+
+
+def test_batch_renames_addresses_and_routes_the_interfaces(netns: Namespaces) -> None:
+    ns = netns.new("ginit")
+    netns.ip(ns, "link", "add", "ens9", "address", "02:ab:00:00:00:01", "type", "veth", "peer", "name", "peer9")
+    netns.ip(ns, "link", "add", "ens11", "address", "02:ab:00:00:00:03", "type", "veth", "peer", "name", "peer11")
+    network = {
+        "interfaces": [
+            {
+                "name": "eth0",
+                "mac": "02:ab:00:00:00:01",
+                "address": "10.77.0.2",
+                "prefix": 24,
+                "gateway": "10.77.0.1",
+                "mtu": 1400,
+            },
+            {
+                "name": "eth1",
+                "mac": "02:ab:00:00:00:03",
+                "address": "fd00:77::2",
+                "prefix": 64,
+                "gateway": "fd00:77::1",
+            },
+        ]
+    }
+    out = netns.python(ns, CONFIGURE, json.dumps(network))
+    assert "warning" not in out, out
+    (link,) = netns.ip_json(ns, "link", "show", "dev", "eth0")
+    assert link["address"] == "02:ab:00:00:00:01" and link["mtu"] == 1400 and "UP" in link["flags"]
+    (addr,) = netns.ip_json(ns, "-4", "address", "show", "dev", "eth0")
+    assert [(a["local"], a["prefixlen"]) for a in addr["addr_info"]] == [("10.77.0.2", 24)]
+    routes = netns.ip_json(ns, "-4", "route", "show", "default")
+    assert [(r["gateway"], r["dev"]) for r in routes] == [("10.77.0.1", "eth0")]
+    routes6 = netns.ip_json(ns, "-6", "route", "show", "default")
+    assert [(r["gateway"], r["dev"]) for r in routes6] == [("fd00:77::1", "eth1")]  # the family from the gateway
+    (lo,) = netns.ip_json(ns, "link", "show", "dev", "lo")
+    assert "UP" in lo["flags"]
+
+
+def test_a_failed_command_is_reported_and_the_rest_still_run(netns: Namespaces) -> None:
+    ns = netns.new("ginit")
+    netns.ip(ns, "link", "set", "lo", "down")
+    netns.ip(ns, "link", "add", "ens10", "address", "02:ab:00:00:00:02", "type", "veth", "peer", "name", "peer10")
+    network = {
+        "interfaces": [
+            # No NIC has this MAC: its commands fail, as they did one by one before the batch.
+            {"name": "eth1", "mac": "02:ab:00:00:00:99", "address": "10.78.0.2", "prefix": 24},
+            {"name": "eth0", "mac": "02:ab:00:00:00:02", "address": "10.77.0.2", "prefix": 24},
+        ]
+    }
+    out = netns.python(ns, CONFIGURE, json.dumps(network))
+    assert "banger-init: warning: network setup failed" in out and "eth1" in out, out
+    (addr,) = netns.ip_json(ns, "-4", "address", "show", "dev", "eth0")
+    assert [a["local"] for a in addr["addr_info"]] == ["10.77.0.2"]
+    (lo,) = netns.ip_json(ns, "link", "show", "dev", "lo")
+    assert "UP" in lo["flags"]
