@@ -15,6 +15,7 @@ import pytest
 from banger import errors
 from banger.guest import guesttunnel
 from banger.guest.client import AgentClient
+from banger.guest.protocol import Frame, Kind, Stream
 from banger.guest.tunnelclient import Listener, listen, open_tunnel, watch_ports
 from banger.tunnels.relay import relay, tcp_connector
 
@@ -178,3 +179,43 @@ def test_tcp_listeners_parses_proc(tmp_path: Path) -> None:
         "   1: 0100007F:1F91 0100007F:0016 01 00000000:00000000 00:00000000 00000000     0        0 112 1\n"
     )
     assert guesttunnel.tcp_listeners(str(tmp_path)) == [8080]
+
+
+def test_an_idle_guest_watch_polls_slowly_and_a_request_wakes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The agent's watch handler in this process, its events collected from a stand-in for the session's mux.
+    monkeypatch.setattr(guesttunnel, "ACTIVE_WINDOW", 0.0)
+    monkeypatch.setattr(guesttunnel, "IDLE_WATCH_INTERVAL", 30.0)
+    monkeypatch.setattr(guesttunnel, "ACTIVITY", guesttunnel.Activity())
+    sent: asyncio.Queue[list[int]] = asyncio.Queue()
+
+    class Mux:
+        async def send(self, kind: object, stream_id: int, **header: object) -> None:
+            ports = header["ports"]
+            assert isinstance(ports, list)
+            sent.put_nowait(ports)
+
+    class Session:
+        mux = Mux()
+
+    frame = Frame(Kind.WATCH, 1, {"interval": 0.1}, b"")
+
+    async def main() -> None:
+        watch = asyncio.create_task(guesttunnel.handle_watch(Session(), Stream(1), frame))  # type: ignore[arg-type]
+        first = await asyncio.wait_for(sent.get(), 10)
+        await asyncio.sleep(0.05)  # idle at once (window 0): the next poll is 30 s away
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+            assert port not in first
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(sent.get(), 1.5)  # an idle guest does not poll at the fast interval
+            guesttunnel.ACTIVITY.started()  # a request: every watch polls now
+            assert port in await asyncio.wait_for(sent.get(), 5)
+            guesttunnel.ACTIVITY.ended()
+        watch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watch
+        assert not guesttunnel.ACTIVITY.wakers
+
+    asyncio.run(main())

@@ -125,6 +125,9 @@ class Session:
     async def serve(self, stream: Stream, frame: Frame) -> None:
         """Run one request's handler and end its stream with its result or error."""
         reply: dict[str, Any] | None
+        in_use = frame.kind not in NOT_USE  # what makes port watches poll at their fast interval
+        if in_use:
+            guesttunnel.ACTIVITY.started()
         try:
             result = await HANDLERS[Kind(frame.kind)](self, stream, frame)
             reply = None if result is None else {"ok": True, **result}
@@ -134,6 +137,8 @@ class Session:
             code = next((c for t, c in _ERROR_CODES if isinstance(exc, t)), "failed")
             reply = {"ok": False, "error": _error(code, str(exc) or type(exc).__name__)}
         finally:
+            if in_use:
+                guesttunnel.ACTIVITY.ended()
             self.tasks.pop(stream.id, None)
             self.mux.streams.pop(stream.id, None)
             stream.credit.close()
@@ -323,6 +328,10 @@ HANDLERS: dict[Kind, Handler] = {
     Kind.SSH: sshsetup.handle_ssh,
     **session_agent.HANDLERS,
 }
+
+# Requests that do not count as the guest being in use: watches and reverse listeners stay open for the VM's life,
+# and health checks are the host's.
+NOT_USE = frozenset({Kind.WATCH, Kind.LISTEN, Kind.HEALTH})
 
 
 async def serve_fd(fd: int, init_pid: int | None) -> None:

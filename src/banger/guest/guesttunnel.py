@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING or __package__:
@@ -24,10 +25,40 @@ CONNECT_TIMEOUT = 10.0
 CLAIM_TIMEOUT = 30.0
 READ_CHUNK = 65536
 WATCH_INTERVAL = 0.5
+# A port watch polls at the host's interval while the guest is in use (a request in flight, or one within
+# ACTIVE_WINDOW seconds) and every IDLE_WATCH_INTERVAL seconds otherwise: an idle VM then costs its host next to
+# no CPU, and a new request wakes every watch at once. New listeners mostly come from what requests start.
+ACTIVE_WINDOW = 30.0
+IDLE_WATCH_INTERVAL = 5.0
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 PENDING: dict[int, Conn] = {}
 _conn_ids = itertools.count(1)
+
+
+class Activity:
+    """Whether the agent is in use: requests in flight and when the last one started or ended."""
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self.last = time.monotonic()
+        self.wakers: set[asyncio.Event] = set()
+
+    def started(self) -> None:
+        self.busy += 1
+        self.last = time.monotonic()
+        for event in self.wakers:
+            event.set()
+
+    def ended(self) -> None:
+        self.busy -= 1
+        self.last = time.monotonic()
+
+    def idle(self) -> bool:
+        return self.busy == 0 and time.monotonic() - self.last > ACTIVE_WINDOW
+
+
+ACTIVITY = Activity()
 
 
 class HasMux(Protocol):
@@ -153,9 +184,17 @@ async def handle_watch(session: HasMux, stream: Stream, frame: Frame) -> dict[st
     """Send the listening TCP ports now and whenever they change (runs until cancelled)."""
     interval = max(0.1, float(frame.header.get("interval") or WATCH_INTERVAL))
     last: list[int] | None = None
-    while True:
-        current = await asyncio.to_thread(tcp_listeners)
-        if current != last:
-            await session.mux.send(Kind.EVENT, stream.id, ports=current)
-            last = current
-        await asyncio.sleep(interval)
+    wake = asyncio.Event()
+    ACTIVITY.wakers.add(wake)
+    try:
+        while True:
+            wake.clear()
+            # Read in the loop, not in a thread: two small procfs reads cost less than the hop to a worker thread.
+            current = tcp_listeners()
+            if current != last:
+                await session.mux.send(Kind.EVENT, stream.id, ports=current)
+                last = current
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), IDLE_WATCH_INTERVAL if ACTIVITY.idle() else interval)
+    finally:
+        ACTIVITY.wakers.discard(wake)
