@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -110,8 +110,11 @@ class ForwardReader:
         self.last_read = out if len(out) <= _BLOCK else b""
         return out
 
-    def copy_to(self, target: BinaryIO, size: int) -> None:
-        """Write the next `size` bytes to `target` straight from the decoded chunks (no joins, no copies)."""
+    def copy_to(self, target: BinaryIO, size: int, tap: Callable[[memoryview], None] | None = None) -> None:
+        """Write the next `size` bytes to `target` straight from the decoded chunks (no joins, no copies).
+
+        `tap`, if given, sees each piece after it is written (the pieces are views of immutable bytes).
+        """
         remaining = size
         while remaining:
             avail = len(self._buf) - self._off
@@ -121,7 +124,10 @@ class ForwardReader:
                     raise tarfile.ReadError("unexpected end of data")
                 self._buf, self._off, avail = data, 0, len(data)
             n = min(avail, remaining)
-            target.write(memoryview(self._buf)[self._off : self._off + n])
+            piece = memoryview(self._buf)[self._off : self._off + n]
+            target.write(piece)
+            if tap is not None:
+                tap(piece)
             self._off += n
             self._pos += n
             remaining -= n
@@ -273,27 +279,35 @@ class _BundleTarFile(tarfile.TarFile):
     """tarfile over a ForwardReader: file data goes straight from decoded chunks to disk."""
 
     reader: ForwardReader
+    taps: Mapping[str, Callable[[memoryview], None]]
 
     def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         self.reader.seek(tarinfo.offset_data)
         with open(targetpath, "wb") as target:
-            self.reader.copy_to(target, tarinfo.size)
+            self.reader.copy_to(target, tarinfo.size, self.taps.get(tarinfo.name))
 
     def chown(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath, numeric_owner: bool) -> None:
         """Ownership is never taken from a bundle: files belong to whoever pulls it."""
 
 
 def extract_tar_stream(
-    reader: ForwardReader, dest: Path, *, limit: int, on_extracted: Callable[[str], None] | None = None
+    reader: ForwardReader,
+    dest: Path,
+    *,
+    limit: int,
+    on_extracted: Callable[[str], None] | None = None,
+    taps: Mapping[str, Callable[[memoryview], None]] | None = None,
 ) -> None:
     """Extract the tar read from `reader` into the existing empty directory `dest`, member by member.
 
-    `on_extracted(name)` is called after each member is on disk (e.g. to start hashing vmlinux early).
+    `on_extracted(name)` is called after each member is on disk; `taps[name]` sees the data of the regular file
+    `name` as it is written (e.g. to hash vmlinux without reading it back).
     """
     policy = MemberPolicy(limit=limit)
     try:
         tar = _BundleTarFile(fileobj=reader, mode="r", errorlevel=2)  # type: ignore[arg-type]
         tar.reader = reader
+        tar.taps = taps or {}
         with tar:
             while (raw := tar.next()) is not None:
                 member = policy.check(raw)

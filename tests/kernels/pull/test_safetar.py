@@ -66,6 +66,17 @@ def test_bundle_modes_are_the_data_filters_for_every_file_mode(tmp_path: Path, k
         assert bundle_modes(member, str(tmp_path)).mode == tarfile.data_filter(member, str(tmp_path)).mode, oct(mode)
 
 
+def test_taps_see_exactly_the_bytes_written(tmp_path: Path) -> None:
+    big = FAKE_VMLINUX + os.urandom(3 << 20)
+    seen: dict[str, list[bytes]] = {"vmlinux": [], "config": []}
+    taps = {name: (lambda piece, name=name: seen[name].append(bytes(piece))) for name in seen}
+    data = tar_bytes([reg("config", b"cfg"), reg("vmlinux", big)])
+    (tmp_path / "k").mkdir()
+    extract_tar_stream(ForwardReader(io.BytesIO(data), LIMIT), tmp_path / "k", limit=LIMIT, taps=taps)
+    assert b"".join(seen["vmlinux"]) == big == (tmp_path / "k/vmlinux").read_bytes()
+    assert seen["config"] == [b"cfg"]
+
+
 def test_leading_dot_slash_names_are_accepted(tmp_path: Path) -> None:
     members = [special("./", tarfile.DIRTYPE), reg("./vmlinux", FAKE_VMLINUX), reg("./config", b"x")]
     extract(tar_bytes(members), tmp_path / "k")
