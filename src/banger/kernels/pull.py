@@ -263,7 +263,8 @@ class _ChunkHasher:
 
 
 class _Unpacker:
-    """Two worker threads: one zstd-decodes the downloaded bytes, the other extracts the tar into `dest`.
+    """Two worker threads: one zstd-decodes the downloaded bytes, the other extracts the tar into `dest` (and hands
+    vmlinux's bytes to a third, which hashes them).
 
     Decoding in its own thread (zstd releases the GIL) overlaps it with the file writes, as `zstd | tar` does.
     """
