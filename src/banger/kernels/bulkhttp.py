@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import ssl
@@ -45,6 +46,19 @@ class _BulkStream(httpcore.AsyncNetworkStream):
         return self._inner.get_extra_info(info)
 
 
+def widen_reads(stream: httpcore.AsyncNetworkStream) -> bool:
+    """Let the asyncio transport under an httpcore anyio `stream` take up to BULK_READ per recv; False if it cannot."""
+    # asyncio's socket transports recv at most `max_size` (256 KiB) at a time, and each of those chunks is one trip
+    # through anyio, httpcore and httpx on the event loop: a quarter of that Python work, which competes for the GIL
+    # with the unpacking threads, goes away at 1 MiB. Neither library exposes the transport, so this reaches through
+    # their private attributes (anyio's SocketStream keeps it in `_transport`) and changes nothing if they move.
+    transport = getattr(getattr(stream, "_stream", None), "_transport", None)
+    if not isinstance(transport, asyncio.Transport) or not isinstance(getattr(transport, "max_size", None), int):
+        return False
+    transport.max_size = max(transport.max_size, BULK_READ)  # type: ignore[attr-defined]
+    return True
+
+
 class _BulkBackend(httpcore.AsyncNetworkBackend):
     """httpcore's asyncio backend with _BulkStream connections."""
 
@@ -59,12 +73,16 @@ class _BulkBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        return _BulkStream(await self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        widen_reads(stream)  # TLS, if any, is layered over this same transport later
+        return _BulkStream(stream)
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None
     ) -> httpcore.AsyncNetworkStream:
-        return _BulkStream(await self._inner.connect_unix_socket(path, timeout, socket_options))
+        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
+        widen_reads(stream)
+        return _BulkStream(stream)
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
@@ -115,8 +133,9 @@ class _BulkBody(httpx.AsyncByteStream):
 class BulkTransport(httpx.AsyncBaseTransport):
     """An httpx transport for large downloads: like httpx's own, but reading 1 MiB per socket read, not 64 KiB.
 
-    Each read is a trip through httpcore, anyio and the event loop; at 64 KiB that Python work competes for the
-    GIL with the unpacking threads and costs a pull about 15% against `curl | zstd | tar`. Proxies from the
+    Each read is a trip through httpcore, anyio and the event loop; at 64 KiB (httpcore's reads) or 256 KiB
+    (asyncio's recv size) that Python work competes for the GIL with the unpacking threads and costs a pull about
+    15% against `curl | zstd | tar`. Proxies from the
     environment still go through httpx's own proxy transports (AsyncClient mounts them over this one).
     """
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import queue
 import threading
 import time
 import urllib.parse
@@ -26,7 +27,7 @@ import httpx
 import zstandard
 
 from banger.errors import AlreadyExistsError, DownloadError, IntegrityError, UnsafeArchiveError
-from banger.fsutil import sha256_file, temp_sibling_dir
+from banger.fsutil import temp_sibling_dir
 from banger.kernels.bulkhttp import BulkTransport, tls_context
 from banger.kernels.catalog import CatalogEntry
 from banger.kernels.localops import build_manifest, install_dir, kernel_lock
@@ -224,8 +225,46 @@ class _WalkedSource:
         return data
 
 
+class _ChunkHasher:
+    """sha256 of chunks handed over by one thread, computed in a thread of its own.
+
+    hashlib drops the GIL while it hashes, so hashing vmlinux overlaps with writing it; hashing the file once it
+    is on disk would read it back and, since vmlinux sorts last in a bundle, add that time to the end of the pull.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=8)  # at most 8 decoded chunks held
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def feed(self, chunk: memoryview) -> None:
+        """Queue the next chunk (a view of immutable bytes); blocks while 8 are waiting."""
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """No more chunks; the thread ends once it has hashed those queued (idempotent, one caller at a time)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
+    def hexdigest(self) -> str:
+        """The digest of every chunk fed, once close() has been called."""
+        if self._thread.ident is not None:
+            self._thread.join()
+        return self._sha.hexdigest()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._sha.update(chunk)
+
+
 class _Unpacker:
-    """Two worker threads: one zstd-decodes the downloaded bytes, the other extracts the tar into `dest`.
+    """Two worker threads: one zstd-decodes the downloaded bytes, the other extracts the tar into `dest` (and hands
+    vmlinux's bytes to a third, which hashes them).
 
     Decoding in its own thread (zstd releases the GIL) overlaps it with the file writes, as `zstd | tar` does.
     """
@@ -240,7 +279,8 @@ class _Unpacker:
         self._error: BaseException | None = None
         self._running = 2
         self._stopped = False
-        self._hasher: threading.Thread | None = None
+        self._vmlinux = _ChunkHasher(f"sha256:{dest.name}")
+        self._vmlinux_seen = False
         self.vmlinux_sha256: str | None = None
         self.done: asyncio.Future[None] = loop.create_future()
         self._threads = [
@@ -249,6 +289,7 @@ class _Unpacker:
         ]
 
     def start(self) -> None:
+        self._vmlinux.start()
         for thread in self._threads:
             thread.start()
 
@@ -274,20 +315,26 @@ class _Unpacker:
 
     def _extract(self) -> None:
         reader = ForwardReader(self._decoded, self._limit)
-        extract_tar_stream(reader, self._dest, limit=self._limit, on_extracted=self._on_extracted)
-        reader.drain()  # to the end, so the decoder has checked every byte
-        if self._hasher is not None:
-            self._hasher.join()
+        try:
+            # vmlinux is a regular file and never a duplicate (the member policy), so its bytes as written are
+            # the file's, and they are hashed on the way to disk.
+            extract_tar_stream(
+                reader,
+                self._dest,
+                limit=self._limit,
+                on_extracted=self._on_extracted,
+                taps={VMLINUX: self._vmlinux.feed},
+            )
+            reader.drain()  # to the end, so the decoder has checked every byte
+        finally:
+            self._vmlinux.close()
+        if self._vmlinux_seen:
+            self.vmlinux_sha256 = self._vmlinux.hexdigest()
 
     def _on_extracted(self, name: str) -> None:
-        # The on-disk vmlinux is final once written (duplicates are refused), so hash it while the rest unpacks.
         if name == VMLINUX:
-            self._hasher = threading.Thread(target=self._hash_vmlinux, name=f"sha256:{self._dest.name}", daemon=True)
-            self._hasher.start()
-
-    def _hash_vmlinux(self) -> None:
-        with contextlib.suppress(OSError):  # a failure just leaves the hash to be computed later
-            self.vmlinux_sha256 = sha256_file(self._dest / VMLINUX)
+            self._vmlinux_seen = True
+            self._vmlinux.close()
 
     def _guard(self, work: Callable[[], None]) -> None:
         try:
@@ -320,8 +367,8 @@ class _Unpacker:
         self._decoded.abort()
         for thread in self._threads:
             thread.join()
-        if self._hasher is not None:
-            self._hasher.join()
+        self._vmlinux.close()  # the untar thread has ended: nothing else feeds or closes it now
+        self._vmlinux.hexdigest()  # joins its thread
 
 
 @contextlib.asynccontextmanager

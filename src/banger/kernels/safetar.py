@@ -1,9 +1,9 @@
 """Safe streaming extraction of kernel bundles (tar) into a fresh directory.
 
 A bundle's top level may hold only `vmlinux` (regular file, required), `initrd.img`, `config`, `cmdline`
-(regular files) and `modules/` (a directory tree). Python's `tarfile` "data" extraction filter does the
-extraction, and this module adds the checks that filter lacks or handles differently. Refused (UnsafeArchiveError,
-nothing is written for the offending member):
+(regular files) and `modules/` (a directory tree). `tarfile` writes the members, after the checks below and the
+"data" extraction filter's mode clean-up (`bundle_modes`). Refused (UnsafeArchiveError, nothing is written for the
+offending member):
 
 - absolute member names (the data filter would silently strip the leading "/"), names with NUL bytes, and names
   whose normalized path leaves the target ("..");
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -110,8 +110,11 @@ class ForwardReader:
         self.last_read = out if len(out) <= _BLOCK else b""
         return out
 
-    def copy_to(self, target: BinaryIO, size: int) -> None:
-        """Write the next `size` bytes to `target` straight from the decoded chunks (no joins, no copies)."""
+    def copy_to(self, target: BinaryIO, size: int, tap: Callable[[memoryview], None] | None = None) -> None:
+        """Write the next `size` bytes to `target` straight from the decoded chunks (no joins, no copies).
+
+        `tap`, if given, sees each piece after it is written (the pieces are views of immutable bytes).
+        """
         remaining = size
         while remaining:
             avail = len(self._buf) - self._off
@@ -121,7 +124,10 @@ class ForwardReader:
                     raise tarfile.ReadError("unexpected end of data")
                 self._buf, self._off, avail = data, 0, len(data)
             n = min(avail, remaining)
-            target.write(memoryview(self._buf)[self._off : self._off + n])
+            piece = memoryview(self._buf)[self._off : self._off + n]
+            target.write(piece)
+            if tap is not None:
+                tap(piece)
             self._off += n
             self._pos += n
             remaining -= n
@@ -250,45 +256,64 @@ def _parents(name: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _bundle_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    # The data filter leaves directory modes unset (0700 from mkdir); kernel trees want them world-readable.
-    filtered = tarcompat.data_filter(member, dest)
-    if filtered.isdir():
-        filtered = tarcompat.replace(filtered, mode=0o755)
-    return filtered
+def bundle_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """The data filter's mode clean-up, without its path checks (MemberPolicy has made them, lexically)."""
+    # tarfile.data_filter resolves the destination and every member and link target with os.path.realpath: a dozen
+    # lstat calls and a few hundred microseconds of Python per member, in the thread that writes the files. The
+    # MemberPolicy checks have already refused every name and link that leaves `dest`, and no member path passes
+    # through a symlink of the bundle into a fresh private `dest`, so those lookups could find nothing more.
+    if member.isdir():
+        # The data filter leaves directory modes unset (0700 from mkdir); kernel trees want them world-readable.
+        return tarcompat.replace(member, mode=0o755)
+    if member.isreg() or member.islnk():
+        # As the data filter does: no setuid/setgid/sticky, no group/other write, owner can read and write,
+        # and no execute bits unless the owner has one.
+        mode = member.mode & 0o755
+        if not mode & 0o100:
+            mode &= ~0o111
+        return member if mode | 0o600 == member.mode else tarcompat.replace(member, mode=mode | 0o600)
+    return member  # a symlink (MemberPolicy lets nothing else through); tarfile never chmods those
 
 
 class _BundleTarFile(tarfile.TarFile):
     """tarfile over a ForwardReader: file data goes straight from decoded chunks to disk."""
 
     reader: ForwardReader
+    taps: Mapping[str, Callable[[memoryview], None]]
 
     def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
         self.reader.seek(tarinfo.offset_data)
         with open(targetpath, "wb") as target:
-            self.reader.copy_to(target, tarinfo.size)
+            self.reader.copy_to(target, tarinfo.size, self.taps.get(tarinfo.name))
 
     def chown(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath, numeric_owner: bool) -> None:
         """Ownership is never taken from a bundle: files belong to whoever pulls it."""
 
 
 def extract_tar_stream(
-    reader: ForwardReader, dest: Path, *, limit: int, on_extracted: Callable[[str], None] | None = None
+    reader: ForwardReader,
+    dest: Path,
+    *,
+    limit: int,
+    on_extracted: Callable[[str], None] | None = None,
+    taps: Mapping[str, Callable[[memoryview], None]] | None = None,
 ) -> None:
     """Extract the tar read from `reader` into the existing empty directory `dest`, member by member.
 
-    `on_extracted(name)` is called after each member is on disk (e.g. to start hashing vmlinux early).
+    `on_extracted(name)` is called after each member is on disk; `taps[name]` sees the data of the regular file
+    `name` as it is written (e.g. to hash vmlinux without reading it back).
     """
     policy = MemberPolicy(limit=limit)
     try:
         tar = _BundleTarFile(fileobj=reader, mode="r", errorlevel=2)  # type: ignore[arg-type]
         tar.reader = reader
+        tar.taps = taps or {}
         with tar:
             while (raw := tar.next()) is not None:
                 member = policy.check(raw)
                 if member is None:
                     continue
-                tarcompat.extract(tar, member, str(dest), _bundle_filter)
+                tarcompat.extract(tar, member, str(dest), bundle_modes)
                 if on_extracted is not None:
                     on_extracted(member.name)
                 # Members are not needed again; dropping them keeps memory flat for large module trees.

@@ -85,6 +85,15 @@ def test_pull_of_bundle_made_by_zstd_cli(http_server: LoopbackServer, tmp_path: 
     assert manifest.size_bytes > 300_000
 
 
+def test_manifest_hashes_a_large_vmlinux_unpacked_last(http_server: LoopbackServer, tmp_path: Path) -> None:
+    # Bundles list members sorted, so vmlinux comes after modules/; several MiB span many decoded chunks.
+    members = good_members(os.urandom(5 << 20))
+    bundle = zst(tar_bytes(members[1:] + members[:1]))
+    manifest = asyncio.run(pull_kernel(entry_for("big", serve(http_server, "big", bundle), bundle), tmp_path))
+    assert manifest.sha256 == sha256_file(tmp_path / "big/vmlinux")
+    assert (tmp_path / "big/vmlinux").stat().st_size > 5 << 20
+
+
 def test_existing_kernel_is_not_overwritten_without_force(http_server: LoopbackServer, tmp_path: Path) -> None:
     bundle = zst(tar_bytes(good_members()))
     entry = entry_for("k", serve(http_server, "k", bundle), bundle)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from banger.errors import BangerError, IntegrityError, UnsafeArchiveError
 from banger.kernels.safetar import (
     ForwardReader,
+    bundle_modes,
     check_symlink_target,
     extract_tar_stream,
     normalize_member_name,
@@ -39,6 +40,41 @@ def test_good_bundle_extracts_with_links(tmp_path: Path) -> None:
     assert os.stat(ko).st_ino == os.stat(again).st_ino
     assert (k / "modules").stat().st_mode & 0o777 == 0o755
     assert (k / "vmlinux").stat().st_mode & 0o777 == 0o755
+
+
+def test_modes_are_cleaned_as_the_data_filter_does(tmp_path: Path) -> None:
+    members = [
+        reg("vmlinux", FAKE_VMLINUX, 0o4777),
+        reg("config", b"x", 0o666),
+        reg("cmdline", b"x", 0o070),
+        special("modules", tarfile.DIRTYPE),
+        reg("modules/m.ko", b"x", 0o1755),
+    ]
+    members[3][0].mode = 0o700
+    extract(tar_bytes(members), tmp_path / "k")
+    modes = {p: (tmp_path / "k" / p).stat().st_mode & 0o7777 for p in ("vmlinux", "config", "cmdline", "modules")}
+    assert modes == {"vmlinux": 0o755, "config": 0o644, "cmdline": 0o640, "modules": 0o755}
+    assert (tmp_path / "k/modules/m.ko").stat().st_mode & 0o7777 == 0o755
+
+
+@pytest.mark.skipif(not hasattr(tarfile, "data_filter"), reason="this Python predates tarfile's extraction filters")
+@pytest.mark.parametrize("kind", [tarfile.REGTYPE, tarfile.LNKTYPE])
+def test_bundle_modes_are_the_data_filters_for_every_file_mode(tmp_path: Path, kind: bytes) -> None:
+    for mode in range(0o10000):
+        member = tarfile.TarInfo("modules/m.ko")
+        member.type, member.mode, member.linkname = kind, mode, "modules/a.ko" if kind == tarfile.LNKTYPE else ""
+        assert bundle_modes(member, str(tmp_path)).mode == tarfile.data_filter(member, str(tmp_path)).mode, oct(mode)
+
+
+def test_taps_see_exactly_the_bytes_written(tmp_path: Path) -> None:
+    big = FAKE_VMLINUX + os.urandom(3 << 20)
+    seen: dict[str, list[bytes]] = {"vmlinux": [], "config": []}
+    taps = {name: (lambda piece, name=name: seen[name].append(bytes(piece))) for name in seen}
+    data = tar_bytes([reg("config", b"cfg"), reg("vmlinux", big)])
+    (tmp_path / "k").mkdir()
+    extract_tar_stream(ForwardReader(io.BytesIO(data), LIMIT), tmp_path / "k", limit=LIMIT, taps=taps)
+    assert b"".join(seen["vmlinux"]) == big == (tmp_path / "k/vmlinux").read_bytes()
+    assert seen["config"] == [b"cfg"]
 
 
 def test_leading_dot_slash_names_are_accepted(tmp_path: Path) -> None:
