@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 from banger.guest import reidentify
+from banger.vms.hostkeys import KEY_TYPES, make_host_keys
 
 
 def test_network_commands_move_the_interface_to_its_new_mac_and_address() -> None:
@@ -18,3 +22,33 @@ def test_network_commands_move_the_interface_to_its_new_mac_and_address() -> Non
 def test_without_a_gateway_no_route_is_set() -> None:
     net = {"name": "eth0", "mac": "02:00:00:00:00:07", "address": "10.0.0.2", "prefix": 8}
     assert not any("route" in c for c in reidentify.network_commands(net))
+
+
+def test_host_made_keys_replace_the_snapshot_s_with_private_modes(tmp_path: Path) -> None:
+    etc = tmp_path / "ssh"
+    etc.mkdir()
+    (etc / "sshd_config").write_text("# sshd\n")
+    for old in ("ssh_host_rsa_key", "ssh_host_rsa_key.pub", "ssh_host_dsa_key"):
+        (etc / old).write_text("the snapshot's key\n")
+    keys = make_host_keys("root@clone-1")  # the real ssh-keygen, as the daemon runs it
+    assert keys is not None and sorted(keys) == sorted(KEY_TYPES)
+    public = reidentify.new_ssh_host_keys(keys, str(etc))
+    assert public == sorted(k["public"] for k in keys.values())
+    assert all(p.endswith("root@clone-1") for p in public)
+    assert sorted(p.name for p in etc.iterdir()) == sorted(
+        ["sshd_config"] + [f"ssh_host_{t}_key{s}" for t in KEY_TYPES for s in ("", ".pub")]
+    )
+    for kind in KEY_TYPES:
+        private = etc / f"ssh_host_{kind}_key"
+        assert private.stat().st_mode & 0o777 == 0o600
+        assert private.read_text() == keys[kind]["private"]
+        assert (etc / f"ssh_host_{kind}_key.pub").stat().st_mode & 0o777 == 0o644
+        # The pair matches: ssh-keygen derives the same public key from the private one written in the guest.
+        derived = subprocess.run(["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, timeout=30)
+        assert derived.stdout.split()[:2] == keys[kind]["public"].split()[:2]
+    assert make_host_keys("root@clone-2") != keys  # every clone its own
+
+
+def test_no_ssh_server_means_no_keys(tmp_path: Path) -> None:
+    assert reidentify.new_ssh_host_keys({"ed25519": {"private": "x", "public": "y"}}, str(tmp_path)) == []
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ ready; processes that were running go on running.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -27,9 +28,12 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
     tmp = f"{path}.banger-tmp"
-    with open(tmp, "w") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    # Created with its final mode: a private key is never readable by others, not even for a moment.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
         f.write(text)
-    os.chmod(tmp, mode)
+    os.chmod(tmp, mode)  # the umask may have taken bits the mode asked for
     os.replace(tmp, path)
 
 
@@ -100,19 +104,33 @@ def set_network(net: dict[str, Any]) -> list[str]:
     return problems
 
 
-def new_ssh_host_keys() -> list[str]:
-    """Fresh SSH host keys where the image has an SSH server (sshd reads them again for every connection)."""
-    keygen = shutil.which("ssh-keygen", path=PATH)
-    if keygen is None or not os.path.isdir("/etc/ssh") or not os.path.exists("/etc/ssh/sshd_config"):
+KEY_TYPES = ("rsa", "ecdsa", "ed25519")
+
+
+def new_ssh_host_keys(given: dict[str, dict[str, str]] | None, etc_ssh: str = "/etc/ssh") -> list[str]:
+    """Fresh SSH host keys where the image has an SSH server (sshd reads them again for every connection): the ones
+    the host made (`given`), or made here by `ssh-keygen -A` when the host sent none. The public keys, sorted."""
+    if not os.path.isdir(etc_ssh) or not os.path.exists(f"{etc_ssh}/sshd_config"):
         return []
-    for name in os.listdir("/etc/ssh"):
+    keygen = shutil.which("ssh-keygen", path=PATH)
+    if not given and keygen is None:
+        return []
+    for name in os.listdir(etc_ssh):
         if name.startswith("ssh_host_") and ("_key" in name):
-            os.unlink(os.path.join("/etc/ssh", name))
-    subprocess.run([keygen, "-A"], capture_output=True, check=True, env={"PATH": PATH}, timeout=120)
+            os.unlink(os.path.join(etc_ssh, name))
+    if given:
+        for kind in KEY_TYPES:
+            if pair := given.get(kind):
+                base = f"{etc_ssh}/ssh_host_{kind}_key"
+                _write(base, pair["private"], 0o600)
+                _write(f"{base}.pub", pair["public"].strip() + "\n", 0o644)
+    else:
+        assert keygen is not None
+        subprocess.run([keygen, "-A"], capture_output=True, check=True, env={"PATH": PATH}, timeout=120)
     keys = []
-    for name in sorted(os.listdir("/etc/ssh")):
+    for name in sorted(os.listdir(etc_ssh)):
         if name.startswith("ssh_host_") and name.endswith(".pub"):
-            with open(os.path.join("/etc/ssh", name)) as f:
+            with open(os.path.join(etc_ssh, name)) as f:
                 keys.append(f.read().strip())
     return keys
 
@@ -126,7 +144,7 @@ def main() -> int:
     report: dict[str, Any] = {"hostname": identity["hostname"], "problems": []}
     if identity.get("network"):
         report["problems"] += set_network(identity["network"])
-    report["ssh_host_keys"] = new_ssh_host_keys()
+    report["ssh_host_keys"] = new_ssh_host_keys(identity.get("ssh_host_keys"))
     print(json.dumps(report))
     return 0
 

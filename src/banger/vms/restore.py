@@ -34,6 +34,7 @@ from banger.net.guestnet import GuestNet
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.vms import records
 from banger.vms.agents import AgentEndpoint
+from banger.vms.hostkeys import make_host_keys
 from banger.vms.model import NetMode, VmRecord, VmState, parse_publish
 from banger.vms.service import AGENT_SOCKET, SEED_DISK, VmService
 
@@ -222,6 +223,8 @@ async def restore_boot(vms: VmService, vm: VmRecord, progress: Progress, timeout
     driver = vms.driver(VmmKind.QEMU)
     handle: VmmHandle | None = None
     gnet: GuestNet | None = None
+    host_keys = asyncio.ensure_future(in_thread(make_host_keys, f"root@{vm.name}"))  # made while QEMU loads
+    host_keys.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is handled where awaited
     try:
         spec = dataclasses.replace(
             vms._spec(vm), restore=RestoreFrom(state=Path(saved["state"]), memory=Path(saved["memory"]))
@@ -247,13 +250,20 @@ async def restore_boot(vms: VmService, vm: VmRecord, progress: Progress, timeout
         await qmp(handle, "cont")
         progress(ProgressEvent(step="give the guest its own identity"))
         client = await vms.agents.get(vm.id, AgentEndpoint.from_runtime(runtime), timeout)
-        report = await reidentify(client, identity(vm, gnet))
+        data = identity(vm, gnet)
+        try:
+            if keys := await host_keys:
+                data["ssh_host_keys"] = keys
+        except BangerError as exc:
+            log.warning("vm %s: host-side SSH host keys failed (%s); the guest makes its own", vm.name, exc)
+        report = await reidentify(client, data)
         if report.get("problems"):
             raise BangerError(f"the guest could not take its new network settings: {report['problems']}")
         if gnet is not None:
             await qmp(handle, "set_link", {"name": "net0", "up": True})
     except BaseException as exc:
         reason = str(exc) if isinstance(exc, BangerError) else f"{type(exc).__name__}: {exc}"
+        host_keys.cancel()
         try:
             if handle is not None:
                 vms._unwatch(vm.id)
