@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vm import IMAGE, PRESET, Home, banger_home, cleanup_on_signals, log, timed
 
 TARGET_MB = 160
+MAX_COUNT = 64  # what one `vm clone --count` takes
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -120,22 +121,23 @@ def main() -> int:
         (cold,) = vm_procs(home, ["src"])
         base = measure([cold], args.settle, args.window)
         log(f"cold VM: Pss {base.pss_mb[0]:.0f} MB, CPU {base.cpu_pct[0]:.2f}%")
-        names = [f"d-{i}" for i in range(1, args.clones + 1)]
+        # `vm clone --count` makes at most MAX_COUNT at a time: batches d1-1 ... d1-64, d2-1 ...
+        batches = [min(MAX_COUNT, args.clones - i) for i in range(0, args.clones, MAX_COUNT)]
+        names = [f"d{b}-{i}" for b, n in enumerate(batches, 1) for i in range(1, n + 1)]
         home.vms.extend(names)  # removed on exit, whatever happens
-        wall = timed(
-            [
+        wall = 0.0
+        for b, n in enumerate(batches, 1):
+            argv = [
                 str(Path(sys.executable).parent / "banger"),
                 "vm",
                 "clone",
                 "src",
                 "--name",
-                "d",
+                f"d{b}",
                 "--count",
-                str(args.clones),
-            ],
-            home.env,
-            timeout=120 + 60 * args.clones,
-        )
+                str(n),
+            ]
+            wall += timed(argv, home.env, timeout=120 + 60 * n)
         log(f"{args.clones} clones ready in {wall:.0f}s ({wall / args.clones:.1f}s each)")
         clones = vm_procs(home, names)
         missing = [c.name for c in clones if len(c.pids) < 2]
