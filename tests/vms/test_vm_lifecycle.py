@@ -114,6 +114,17 @@ def test_exec_stdin(vm_home: BangerEnv, running_vm: str) -> None:
     assert digest.split()[0] == hashlib.md5(payload.encode()).hexdigest()
 
 
+def test_exec_stdin_larger_than_the_daemon_holds_waits_for_the_guest(vm_home: BangerEnv, running_vm: str) -> None:
+    # 80 MiB is over 100 MiB as base64 on the wire, past the 64 MiB of unread input a call may hold: the CLI must
+    # keep a window in flight (acks from the daemon) rather than send it all and have the call cancelled.
+    import hashlib
+
+    payload = os.urandom(40 * 2**20).hex()
+    r = vm_home.cli("vm", "exec", "-i", running_vm, "--", "sha256sum", input=payload, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == hashlib.sha256(payload.encode()).hexdigest()
+
+
 def test_exec_without_i_gives_the_command_no_input(vm_home: BangerEnv, running_vm: str) -> None:
     r = vm_home.cli("vm", "exec", running_vm, "--", "cat", input="ignored\n", timeout=60)
     assert r.returncode == 0 and r.stdout == ""  # cat saw end of input at once instead of waiting for it

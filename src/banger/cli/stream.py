@@ -39,14 +39,28 @@ def raw_terminal(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, old)
 
 
+# Stdin bytes in flight to a call that acknowledges them (`{"ack": N}` events): well under the daemon's bound on
+# unread input (64 MiB on the wire, where base64 adds a third), so piping a large file into a slow guest waits
+# for the guest instead of failing.
+INPUT_WINDOW = 8 * 1024 * 1024
+
+
 def stream_call(
-    client: Client, method: str, params: dict[str, Any], *, stdin: bool, tty: bool, detach: bytes | None = None
+    client: Client,
+    method: str,
+    params: dict[str, Any],
+    *,
+    stdin: bool,
+    tty: bool,
+    detach: bytes | None = None,
+    acked: bool = False,
 ) -> dict[str, Any]:
     """Run one streaming call to completion; returns its result.
 
     Non-tty: Ctrl-C is forwarded to the guest process as SIGINT (a second one cancels the call).
     tty: the terminal is raw, so Ctrl-C travels as a byte; window size changes are forwarded.
     detach: a byte that, typed on stdin, ends the call (the daemon cancels it) and returns {"detached": True}.
+    acked: the call acknowledges stdin (`{"ack": N}`); at most INPUT_WINDOW bytes are then sent ahead of the acks.
     """
     rid = client.send_request(method, params)
     sock = client.sock
@@ -64,6 +78,7 @@ def stream_call(
     in_fd = sys.stdin.fileno() if stdin else None
     out = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
     interrupts = 0
+    unacked = 0
 
     def send_input(**fields: Any) -> None:
         sock.sendall(protocol.request(protocol.INPUT, {"id": rid, **fields}, None))
@@ -74,7 +89,8 @@ def stream_call(
             while True:
                 msg = client.pop_message()
                 if msg is None:
-                    fds = [sock_fd, wake_r] + ([in_fd] if in_fd is not None else [])
+                    reading = in_fd is not None and (not acked or unacked < INPUT_WINDOW)
+                    fds = [sock_fd, wake_r] + ([in_fd] if reading and in_fd is not None else [])
                     ready, _, _ = select.select(fds, [], [])
                     if wake_r in ready:
                         with contextlib.suppress(BlockingIOError):
@@ -98,6 +114,7 @@ def stream_call(
                             return {"detached": True}
                         if data:
                             send_input(data=base64.b64encode(data).decode())
+                            unacked += len(data)
                         else:
                             send_input(eof=True)
                             in_fd = None
@@ -115,6 +132,8 @@ def stream_call(
                     elif "text" in params_:
                         sys.stdout.write(params_["text"])
                         sys.stdout.flush()
+                    elif "ack" in params_:
+                        unacked -= int(params_["ack"])
                     continue
                 if msg.get("id") == rid:
                     result: dict[str, Any] = client.result_of(msg)

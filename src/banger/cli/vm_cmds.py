@@ -343,13 +343,19 @@ def console(name: str) -> None:
 
 
 def _stream(
-    method: str, params: dict[str, Any], *, stdin: bool, tty: bool, detach: bytes | None = None
+    method: str,
+    params: dict[str, Any],
+    *,
+    stdin: bool,
+    tty: bool,
+    detach: bytes | None = None,
+    acked: bool = False,
 ) -> dict[str, Any]:
     from banger.cli.stream import stream_call
 
     client = connect(Paths.from_env())
     try:
-        return stream_call(client, method, params, stdin=stdin, tty=tty, detach=detach)
+        return stream_call(client, method, params, stdin=stdin, tty=tty, detach=detach, acked=acked)
     finally:
         client.close()
 
@@ -384,8 +390,9 @@ def run_exec(
         "rows": rows,
         "cols": cols,
         "stdin": interactive,
+        "ack_input": interactive,
     }
-    return _exit_code(_stream("vm.exec", params, stdin=interactive, tty=tty))
+    return _exit_code(_stream("vm.exec", params, stdin=interactive, tty=tty, acked=interactive))
 
 
 def open_shell(name: str, user: str | None) -> int:

@@ -43,8 +43,10 @@ async def exec_streaming(
     stdin: bool,
     inbox: asyncio.Queue[dict[str, Any]],
     emit: Emit,
+    ack_input: bool = False,
 ) -> dict[str, Any]:
-    """Run argv in the guest: output chunks go to `emit`, `$/input` messages from the CLI feed stdin/resize/signals."""
+    """Run argv in the guest: output chunks go to `emit`, `$/input` messages from the CLI feed stdin/resize/signals
+    (with ack_input, each data chunk is acknowledged with `{"ack": N}` once the guest's stream has taken it)."""
     if not argv:
         raise InvalidInputError("no command given")
 
@@ -61,7 +63,10 @@ async def exec_streaming(
         while True:
             msg = await inbox.get()
             if "data" in msg:
-                await handle.write(base64.b64decode(msg["data"]))
+                data = base64.b64decode(msg["data"])
+                await handle.write(data)
+                if ack_input:
+                    await emit({"ack": len(data)})
             if msg.get("eof"):
                 await handle.close_stdin()
             if "resize" in msg:

@@ -250,8 +250,13 @@ def register(reg: MethodRegistry, app: App) -> None:
         rows: int = 24,
         cols: int = 80,
         stdin: bool = True,
+        ack_input: bool = False,
     ) -> dict[str, Any]:
-        """Run a command in the guest; stdio streams over `$/event` and `$/input` (stdin=false: no input)."""
+        """Run a command in the guest; stdio streams over `$/event` and `$/input` (stdin=false: no input).
+
+        ack_input: an `{"ack": N}` event follows each stdin chunk once the guest's stream took its N bytes, so a
+        client can keep a window of input in flight instead of flooding the daemon (which cancels a call holding
+        more than 64 MiB of unread input)."""
         client = await guestops.agent_for(vms, name)
         return await guestops.exec_streaming(
             client,
@@ -265,6 +270,7 @@ def register(reg: MethodRegistry, app: App) -> None:
             stdin=stdin,
             inbox=ctx.inbox,
             emit=ctx.send_event,
+            ack_input=ack_input,
         )
 
     @reg.method("vm.cp")
