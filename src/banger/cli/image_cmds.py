@@ -114,3 +114,6 @@ def rm(name: str) -> None:
     """Remove an image (refused while a VM uses it)."""
     rpc("image.rm", {"name": name})
     click.echo(f"removed image {name}")
+
+
+image.add_command(list_, name="ls")  # as `vm ls` and `snapshot ls`; `list` stays the documented one

@@ -171,3 +171,6 @@ def bundle(name: str, output: Path, url: str | None, as_json: bool) -> None:
         emit_json(info)
     else:
         click.echo(json.dumps(info["entry"], indent=2))
+
+
+kernel.add_command(list_, name="ls")  # as `vm ls` and `snapshot ls`; `list` stays the documented one

@@ -216,3 +216,6 @@ def rm(vm: str, name: str, force: bool) -> None:
     """Remove a session and its output."""
     rpc("session.rm", {"vm": vm, "session": name, "force": force})
     click.echo(f"removed {name}")
+
+
+session.add_command(ls, name="list")  # as `vm list`; `ls` stays the documented one

@@ -147,3 +147,6 @@ def create_from_snapshot(ctx: click.Context, snap: str, opts: dict[str, Any], *,
         emit_json(info)
     else:
         click.echo(f"created {info['name']} ({info['state']}) from snapshot {snap}")
+
+
+snapshot.add_command(ls, name="list")  # as `vm list`; `ls` stays the documented one
