@@ -29,6 +29,9 @@ else:  # run from the seed drive, where the guest modules are plain siblings
 
 ROOT = "root"
 _ABORT = object()
+# tarfile's own buffers are 10 KiB (stream) and 16 KiB (file copies); under TCG every pass through its Python
+# loops costs, and a copy moves 1 MiB per pass instead. Memory: a few MiB per transfer at most.
+COPY_BUF = 1024 * 1024
 
 
 class TransferError(Exception):
@@ -62,7 +65,18 @@ class InboundPipe(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes of the current chunk, handed over without the zero-filled buffer RawIOBase.read
+        would allocate (tarfile asks for COPY_BUF at a time and chunks are 32 KiB)."""
+        if not self._fill():
+            return b""
+        n = len(self._buf) if size < 0 else min(size, len(self._buf))
+        data, self._buf = (self._buf, b"") if n == len(self._buf) else (self._buf[:n], self._buf[n:])
+        self._consumed()
+        return data
+
+    def _fill(self) -> bool:
+        """Make sure a chunk is at hand; False at end of stream."""
         if not self._buf and not self._eof:
             item = self._queue.get()
             if item is _ABORT:
@@ -73,12 +87,21 @@ class InboundPipe(io.RawIOBase):
                 assert isinstance(item, bytes)
                 self._buf = item
                 self._chunk_len = len(item)
+        return bool(self._buf)
+
+    def _consumed(self) -> None:
+        if not self._buf and self._chunk_len:
+            # ACK whole chunks: tarfile reads 512-byte blocks and one ACK per block would flood the link.
+            self._loop.call_soon_threadsafe(self._on_consumed, self._chunk_len)
+            self._chunk_len = 0
+
+    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+        if not self._fill():
+            return 0
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
-        if n and not self._buf:
-            # ACK whole chunks: tarfile reads 512-byte blocks and one ACK per block would flood the link.
-            self._loop.call_soon_threadsafe(self._on_consumed, self._chunk_len)
+        self._consumed()
         return n
 
 
@@ -101,20 +124,32 @@ class OutboundPipe(io.RawIOBase):
 
     def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         self._buf += b
-        while len(self._buf) >= MAX_CHUNK:
-            self._push(bytes(self._buf[:MAX_CHUNK]))
-            del self._buf[:MAX_CHUNK]
+        if len(self._buf) >= MAX_CHUNK:
+            whole = len(self._buf) - len(self._buf) % MAX_CHUNK
+            view = memoryview(self._buf)
+            chunks = [bytes(view[i : i + MAX_CHUNK]) for i in range(0, whole, MAX_CHUNK)]
+            view.release()
+            del self._buf[:whole]
+            self._push(chunks)
         return len(b)
 
     def flush(self) -> None:
         if self._buf:
-            self._push(bytes(self._buf))
+            self._push([bytes(self._buf)])
             self._buf.clear()
 
-    def _push(self, chunk: bytes) -> None:
+    def _push(self, chunks: list[bytes]) -> None:
+        """Send `chunks` in order from the loop: one hand-over between threads for all of them, not one each."""
         if self._aborted:
             raise BrokenPipeError("transfer aborted")
-        if not asyncio.run_coroutine_threadsafe(self._send(chunk), self._loop).result():
+
+        async def send_all() -> bool:
+            for chunk in chunks:
+                if not await self._send(chunk):
+                    return False
+            return True
+
+        if not asyncio.run_coroutine_threadsafe(send_all(), self._loop).result():
             raise BrokenPipeError("transfer stream closed")
 
 
@@ -122,7 +157,8 @@ def write_tar(path: Path, out: io.RawIOBase) -> None:
     """Write `path` (file, directory or symlink) as a tar stream whose top entry is ROOT."""
     if not os.path.lexists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_BUF) as tf:
+        tf.copybufsize = COPY_BUF  # type: ignore[attr-defined]  # a TarFile attribute typeshed does not list
         tf.add(str(path), arcname=ROOT, recursive=True)
     out.flush()
 
@@ -205,7 +241,8 @@ def extract_tar(
             raise
     try:
         ex = _Extractor(tmp, keep_owner)
-        with tarfile.open(fileobj=src, mode="r|") as tf:
+        with tarfile.open(fileobj=src, mode="r|", bufsize=COPY_BUF) as tf:
+            tf.copybufsize = COPY_BUF  # type: ignore[attr-defined]
             for member in tf:
                 ex.add(tf, member)
         ex.finish()
