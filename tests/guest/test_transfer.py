@@ -197,3 +197,38 @@ def test_extract_does_not_write_through_planted_symlink(tmp_path: Path) -> None:
     extract_tar(tar, tmp_path / "dest", keep_owner=False)  # type: ignore[arg-type]
     assert victim.read_bytes() == b"original"
     assert (tmp_path / "dest" / "f").read_bytes() == b"new"
+
+
+def test_pipes_hand_over_whole_chunks_and_ack_each_once() -> None:
+    from banger.guest.protocol import MAX_CHUNK
+    from banger.guest.transfer import InboundPipe, OutboundPipe
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        acks: list[int] = []
+        inbound = InboundPipe(loop, acks.append)
+        chunks = [os.urandom(MAX_CHUNK), os.urandom(100)]
+        for chunk in chunks:
+            inbound.feed(chunk)
+        inbound.feed_eof()
+        # A reader asking for more than a chunk gets that chunk whole; a smaller read splits it.
+        got = [await asyncio.to_thread(inbound.read, 1 << 20), await asyncio.to_thread(inbound.read, 60)]
+        got += [await asyncio.to_thread(inbound.read, 1 << 20), await asyncio.to_thread(inbound.read, 1 << 20)]
+        await asyncio.sleep(0)
+        assert got == [chunks[0], chunks[1][:60], chunks[1][60:], b""]
+        assert acks == [MAX_CHUNK, 100]  # one ACK per chunk, once it is all consumed
+
+        sent: list[bytes] = []
+
+        async def send(chunk: bytes) -> bool:
+            sent.append(chunk)
+            return True
+
+        outbound = OutboundPipe(loop, send)
+        data = os.urandom(3 * MAX_CHUNK + 5)
+        await asyncio.to_thread(outbound.write, data)
+        assert [len(c) for c in sent] == [MAX_CHUNK] * 3  # whole chunks go at once; the tail waits for more
+        await asyncio.to_thread(outbound.flush)
+        assert b"".join(sent) == data and len(sent[-1]) == 5
+
+    asyncio.run(main())
