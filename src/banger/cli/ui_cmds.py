@@ -13,8 +13,15 @@ from banger.config import Paths
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", default=7070, show_default=True, type=click.IntRange(0, 65535), help="TCP port (0: any).")
 @click.option("--no-open", is_flag=True, help="Do not open a browser.")
+@click.option(
+    "--shell-grace",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="End a terminal shell no page has been attached to for this many seconds (0: never).",
+)
 @click.pass_context
-def ui(ctx: click.Context, host: str, port: int, no_open: bool) -> None:
+def ui(ctx: click.Context, host: str, port: int, no_open: bool, shell_grace: float) -> None:
     """Serve the web UI; the first line printed is the login URL (a one-time token)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -38,7 +45,7 @@ def ui(ctx: click.Context, host: str, port: int, no_open: bool) -> None:
 
             webbrowser.open(url)
 
-    serve(paths.socket, host, port, ready)
+    serve(paths.socket, host, port, ready, shell_grace=shell_grace)
 
 
 @ui.command()

@@ -19,6 +19,7 @@ from banger.cli.vm_cmds import LOGIN_SHELL
 from banger.errors import BangerError, UnsupportedError
 from banger.rpc import protocol
 from banger.rpc.aclient import AsyncClient
+from banger.ui.shells import DetachedShells
 
 # Terminal shells: their sessions' name prefix, what they replay on reattach, their TERM.
 SHELL_PREFIX = "shell-"
@@ -79,17 +80,19 @@ async def terminal(ws: WebSocket) -> None:
     and, after a reload, asks for it again with `?session=NAME`; the call then reattaches and replays the recent
     output that redraws the screen. `?replace=NAME` ends an old shell first ("New shell"). The first text message
     names the session: `{"session": NAME}`. Against a daemon without sessions the shell is a plain `vm.exec`,
-    which ends with the page.
+    which ends with the page. A shell no page attaches to for the UI's grace period is ended (ui/shells.py).
     """
     rows = _int(ws.query_params.get("rows"), 24)
     cols = _int(ws.query_params.get("cols"), 80)
     vm = ws.path_params["name"]
+    shells: DetachedShells = ws.app.state.shells
     await ws.accept()
     try:
         async with AsyncClient(ws.app.state.socket) as client:
             old = ws.query_params.get("replace")
             if old and old.startswith(SHELL_PREFIX):
                 await _end_shell(client, vm, old)
+                shells.ended(vm, old)
             name = await _shell_session(client, vm, ws.query_params.get("session"), rows, cols)
             if name is None:
                 params = {"name": vm, "argv": LOGIN_SHELL, "env": {"TERM": TERM}, "tty": True}
@@ -98,6 +101,7 @@ async def terminal(ws: WebSocket) -> None:
                 await ws.send_text(json.dumps({"session": name}))
                 params = {"vm": vm, "session": name, "rows": rows, "cols": cols, "replay": REPLAY}
                 rid = client.start("session.attach", params)
+                shells.attached(vm, name)
             upstream = asyncio.create_task(_keys_to_guest(ws, client, rid))
             try:
                 async for note in client.notifications(rid):
@@ -108,8 +112,11 @@ async def terminal(ws: WebSocket) -> None:
                 upstream.cancel()
                 with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
                     await upstream
+                if name is not None:
+                    shells.detached(vm, name)  # ended after the grace period unless a page attaches again
             if name is not None:
                 await _end_shell(client, vm, name)  # the shell exited: its session is of no more use
+                shells.ended(vm, name)
         await ws.send_text(json.dumps({"exit": result}))
     except BangerError as exc:
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):

@@ -8,7 +8,7 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from banger.errors import InvalidInputError
 from banger.ui import api, live
 from banger.ui.guard import Guard, GuardMiddleware
+from banger.ui.shells import DEFAULT_GRACE, DetachedShells
 from banger.ui.state import TokenChecker, UiState, state_path
 
 STATIC = Path(str(resources.files("banger.ui") / "static"))
@@ -33,8 +34,16 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
 
-def build_app(socket_path: Path, guard: Guard) -> Starlette:
-    """The UI's ASGI app for the daemon at `socket_path`."""
+def build_app(socket_path: Path, guard: Guard, shell_grace: float = DEFAULT_GRACE) -> Starlette:
+    """The UI's ASGI app for the daemon at `socket_path`; terminal shells no page attaches to for `shell_grace`
+    seconds are ended (0: never)."""
+    shells = DetachedShells(socket_path, shell_grace)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await shells.close()
+
     app = Starlette(
         routes=[
             *api.ROUTES,
@@ -43,8 +52,10 @@ def build_app(socket_path: Path, guard: Guard) -> Starlette:
             Route("/", index),
         ],
         middleware=[Middleware(GuardMiddleware, guard=guard)],
+        lifespan=lifespan,
     )
     app.state.socket = socket_path
+    app.state.shells = shells
     return app
 
 
@@ -67,14 +78,16 @@ def _terminated(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def serve(socket_path: Path, host: str, port: int, on_ready: Callable[[str], None]) -> None:
+def serve(
+    socket_path: Path, host: str, port: int, on_ready: Callable[[str], None], *, shell_grace: float = DEFAULT_GRACE
+) -> None:
     """Run the UI until interrupted; `on_ready` gets the first login URL once the socket listens."""
     sock = bind(host, port)
     state = UiState(pid=os.getpid(), host=host, port=sock.getsockname()[1], secret=secrets.token_hex(32))
     spath = state_path(socket_path, state.pid)
     guard = Guard(bound_host=host, port=state.port, tokens=TokenChecker(state.secret))
     config = uvicorn.Config(
-        build_app(socket_path, guard),
+        build_app(socket_path, guard, shell_grace),
         log_level="warning",
         access_log=False,
         ws_ping_interval=20.0,
