@@ -7,12 +7,16 @@ would in the guest, with the host's own iproute2.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 from .conftest import Namespaces
 
 CONFIGURE = """
 import json, sys
 from banger.guest import init
+if len(sys.argv) > 2:
+    init.DEFAULT_PATH = sys.argv[2]  # where banger-init looks for `ip`
 init.configure_network(json.loads(sys.argv[1]))
 """
 
@@ -69,5 +73,22 @@ def test_a_failed_command_is_reported_and_the_rest_still_run(netns: Namespaces) 
     assert "banger-init: warning: network setup failed" in out and "eth1" in out, out
     (addr,) = netns.ip_json(ns, "-4", "address", "show", "dev", "eth0")
     assert [a["local"] for a in addr["addr_info"]] == ["10.77.0.2"]
+    (lo,) = netns.ip_json(ns, "link", "show", "dev", "lo")
+    assert "UP" in lo["flags"]
+
+
+def test_busybox_ip_gets_one_run_per_command(netns: Namespaces, tmp_path: Path) -> None:
+    # Images whose only `ip` is busybox's: it has no -batch, so each command runs on its own as before.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "ip").symlink_to(shutil.which("busybox") or "/bin/busybox")
+    ns = netns.new("ginit")
+    netns.ip(ns, "link", "set", "lo", "down")
+    netns.ip(ns, "link", "add", "ens12", "address", "02:ab:00:00:00:04", "type", "veth", "peer", "name", "peer12")
+    network = {"interfaces": [{"name": "eth0", "mac": "02:ab:00:00:00:04", "address": "10.79.0.2", "prefix": 24}]}
+    out = netns.python(ns, CONFIGURE, json.dumps(network), str(tools))
+    assert "warning" not in out, out
+    (addr,) = netns.ip_json(ns, "-4", "address", "show", "dev", "eth0")
+    assert [a["local"] for a in addr["addr_info"]] == ["10.79.0.2"]
     (lo,) = netns.ip_json(ns, "link", "show", "dev", "lo")
     assert "UP" in lo["flags"]

@@ -260,15 +260,27 @@ def configure_network(network: dict[str, Any] | None) -> None:
     ip = shutil.which("ip", path=DEFAULT_PATH)
     if ip is None:
         say("warning: no `ip` tool in the image; network left unconfigured")
-    else:
-        # A batch line takes no options: the family of a route comes from its gateway's address instead of -4/-6.
-        lines = [[a for a in argv[1:] if a not in ("-4", "-6")] for argv in network_commands(network, names_by_mac())]
-        script = "".join(" ".join(line) + "\n" for line in lines)
-        done = subprocess.run(
-            [ip, "-force", "-batch", "-"], input=script, capture_output=True, text=True, check=False, timeout=60
-        )
-        if done.returncode != 0:
-            say(f"warning: network setup failed: {' '.join(done.stderr.split())}")
+        return
+    commands = network_commands(network, names_by_mac())
+    problems: list[str] = []
+    try:
+        if os.path.basename(os.path.realpath(ip)) == "busybox":  # busybox ip has no -batch: one run per command
+            for argv in commands:
+                done = subprocess.run([ip, *argv[1:]], capture_output=True, text=True, check=False, timeout=60)
+                if done.returncode != 0:
+                    problems.append(f"{' '.join(argv)}: {done.stderr.strip()}")
+        else:
+            # A batch line takes no options: the family of a route comes from its gateway's address, not -4/-6.
+            lines = [[a for a in argv[1:] if a not in ("-4", "-6")] for argv in commands]
+            script = "".join(" ".join(line) + "\n" for line in lines)
+            argv = [ip, "-force", "-batch", "-"]
+            done = subprocess.run(argv, input=script, capture_output=True, text=True, check=False, timeout=60)
+            if done.returncode != 0:
+                problems.append(" ".join(done.stderr.split()))
+    except subprocess.TimeoutExpired:
+        problems.append("`ip` did not finish within 60 s")
+    if problems:
+        say(f"warning: network setup failed: {'; '.join(problems)}")
 
 
 def configure(meta: dict[str, Any]) -> None:
@@ -298,6 +310,8 @@ def start_agent(meta: dict[str, Any], inherited: list[int], ready_fd: int | None
     pid = os.fork()
     if pid:
         return pid
+    # From here on this is the agent's process: it must never return into PID 1's stack (supervise, main), whose
+    # error path would power the machine off. Every way out is os._exit.
     try:
         signal.set_wakeup_fd(-1)
         for signum in WATCHED:
@@ -308,10 +322,15 @@ def start_agent(meta: dict[str, Any], inherited: list[int], ready_fd: int | None
         os.environ.update(AGENT_ENV)
         os.chdir("/")
         _libc.prctl(PR_SET_NAME, AGENT_NAME.encode(), 0, 0, 0)  # `ps -e` and `pgrep -x banger-agent` see the agent
+        args = agent_args(meta) + ([] if ready_fd is None else ["--ready-fd", str(ready_fd)])
     except BaseException:
-        say("cannot prepare the agent process:\n" + traceback.format_exc())
+        with contextlib.suppress(BaseException):
+            say("cannot prepare the agent process:\n" + traceback.format_exc())
         os._exit(1)
-    run_agent(agent_args(meta) + ([] if ready_fd is None else ["--ready-fd", str(ready_fd)]))
+    try:
+        run_agent(args)
+    finally:
+        os._exit(1)  # only reached if run_agent itself failed on its way out
 
 
 def run_agent(args: list[str], seed_dir: str = SEED_DIR) -> NoReturn:
@@ -324,16 +343,18 @@ def run_agent(args: list[str], seed_dir: str = SEED_DIR) -> NoReturn:
         import_without(UNNEEDED_AT_BOOT, ("asyncio", "shutil"))
         code = importlib.import_module("agent").main(args)
     except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) and 0 <= exc.code <= 255 else 0 if exc.code is None else 1
         if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            with contextlib.suppress(Exception):
+                print(exc.code, file=sys.stderr)
     except BaseException:
-        traceback.print_exc()
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BaseException):
                 stream.flush()
-    os._exit(code)
+        os._exit(code)
 
 
 SERIAL_CONSOLE = "/dev/ttyS0"

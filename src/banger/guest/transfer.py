@@ -153,11 +153,41 @@ class OutboundPipe(io.RawIOBase):
             raise BrokenPipeError("transfer stream closed")
 
 
+class _Counted:
+    """A write-only sink with the tell() tarfile's "w" mode asks for once (it never seeks when writing)."""
+
+    def __init__(self, out: io.RawIOBase) -> None:
+        self._out = out
+        self._written = 0
+
+    def write(self, b: bytes) -> int:
+        view = memoryview(b)
+        while view:
+            view = view[self._out.write(view) or 0 :]  # a raw sink may take part of it
+        self._written += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self._written
+
+    def read(self, size: int) -> bytes:
+        raise io.UnsupportedOperation("write-only")
+
+    def seek(self, pos: int) -> int:
+        raise io.UnsupportedOperation("not seekable")
+
+    def close(self) -> None:
+        """The caller's sink stays open (tarfile does not close a file it was given, either)."""
+
+
 def write_tar(path: Path, out: io.RawIOBase) -> None:
     """Write `path` (file, directory or symlink) as a tar stream whose top entry is ROOT."""
     if not os.path.lexists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_BUF) as tf:
+    # "w", not the stream mode "w|": the stream's buffer is bytes it appends to, so with a large buffer every small
+    # member copied it whole, and with the default 10 KiB a large file was cut up by repeated slicing. In "w" mode
+    # tarfile writes straight to the pipe, whose bytearray takes appends cheaply and ships whole chunks.
+    with tarfile.open(fileobj=_Counted(out), mode="w", format=tarfile.PAX_FORMAT) as tf:
         tf.copybufsize = COPY_BUF  # type: ignore[attr-defined]  # a TarFile attribute typeshed does not list
         tf.add(str(path), arcname=ROOT, recursive=True)
     out.flush()

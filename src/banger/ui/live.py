@@ -94,24 +94,27 @@ async def terminal(ws: WebSocket) -> None:
                 await _end_shell(client, vm, old)
                 shells.ended(vm, old)
             name = await _shell_session(client, vm, ws.query_params.get("session"), rows, cols)
-            if name is None:
-                params = {"name": vm, "argv": LOGIN_SHELL, "env": {"TERM": TERM}, "tty": True}
-                rid = client.start("vm.exec", {**params, "rows": rows, "cols": cols, "stdin": True})
-            else:
-                await ws.send_text(json.dumps({"session": name}))
-                params = {"vm": vm, "session": name, "rows": rows, "cols": cols, "replay": REPLAY}
-                rid = client.start("session.attach", params)
-                shells.attached(vm, name)
-            upstream = asyncio.create_task(_keys_to_guest(ws, client, rid))
+            if name is not None:
+                shells.attached(vm, name)  # from here on, however the page leaves, its shell is counted out
             try:
-                async for note in client.notifications(rid):
-                    if "data" in note:
-                        await ws.send_bytes(base64.b64decode(note["data"]))
-                result = await client.reply(rid)
+                if name is None:
+                    params = {"name": vm, "argv": LOGIN_SHELL, "env": {"TERM": TERM}, "tty": True}
+                    rid = client.start("vm.exec", {**params, "rows": rows, "cols": cols, "stdin": True})
+                else:
+                    await ws.send_text(json.dumps({"session": name}))
+                    params = {"vm": vm, "session": name, "rows": rows, "cols": cols, "replay": REPLAY}
+                    rid = client.start("session.attach", params)
+                upstream = asyncio.create_task(_keys_to_guest(ws, client, rid))
+                try:
+                    async for note in client.notifications(rid):
+                        if "data" in note:
+                            await ws.send_bytes(base64.b64decode(note["data"]))
+                    result = await client.reply(rid)
+                finally:
+                    upstream.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
+                        await upstream
             finally:
-                upstream.cancel()
-                with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
-                    await upstream
                 if name is not None:
                     shells.detached(vm, name)  # ended after the grace period unless a page attaches again
             if name is not None:

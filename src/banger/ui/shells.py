@@ -60,7 +60,7 @@ class DetachedShells:
             async with AsyncClient(self.socket) as client:
                 await client.call("session.rm", {"vm": vm, "session": name, "force": True})
             log.info("ended shell %s on %s: no page attached for %.0fs", name, vm, self.grace)
-        except BangerError as exc:  # the VM or the session went away meanwhile
+        except (BangerError, OSError) as exc:  # the VM or the session went away, or the daemon is not there
             log.debug("shell %s on %s: %s", name, vm, exc)
         finally:
             if self._reapers.get(key) is asyncio.current_task():
