@@ -210,7 +210,7 @@ def test_an_idle_guest_watch_polls_slowly_and_a_request_wakes_it(monkeypatch: py
             assert port not in first
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(sent.get(), 1.5)  # an idle guest does not poll at the fast interval
-            guesttunnel.ACTIVITY.started()  # a request: every watch polls now
+            guesttunnel.ACTIVITY.started()  # a request: every watch goes to the fast interval (0.1 s here)
             assert port in await asyncio.wait_for(sent.get(), 5)
             guesttunnel.ACTIVITY.ended()
         watch.cancel()

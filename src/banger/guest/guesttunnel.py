@@ -186,15 +186,22 @@ async def handle_watch(session: HasMux, stream: Stream, frame: Frame) -> dict[st
     last: list[int] | None = None
     wake = asyncio.Event()
     ACTIVITY.wakers.add(wake)
+    poll = True
     try:
         while True:
             wake.clear()
-            # Read in the loop, not in a thread: two small procfs reads cost less than the hop to a worker thread.
-            current = tcp_listeners()
-            if current != last:
-                await session.mux.send(Kind.EVENT, stream.id, ports=current)
-                last = current
-            with contextlib.suppress(TimeoutError):
+            if poll:
+                # Read in the loop, not in a thread: two small procfs reads cost less than a hop to a worker thread.
+                current = tcp_listeners()
+                if current != last:
+                    await session.mux.send(Kind.EVENT, stream.id, ports=current)
+                    last = current
+            try:
                 await asyncio.wait_for(wake.wait(), IDLE_WATCH_INTERVAL if ACTIVITY.idle() else interval)
+                # A request started: poll at the fast interval from now on, not at once, which on one vCPU would
+                # compete with the request itself (what it starts listens later, if at all).
+                poll = False
+            except TimeoutError:
+                poll = True
     finally:
         ACTIVITY.wakers.discard(wake)
