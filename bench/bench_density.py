@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_vm import IMAGE, PRESET, Home, banger_home, cleanup_on_signals, log, timed
+from bench_vm import IMAGE, PRESET, Home, banger_home, cleanup_on_signals, log, memory_kib, timed
 
 TARGET_MB = 160
 MAX_COUNT = 64  # what one `vm clone --count` takes
@@ -59,15 +59,6 @@ def vm_procs(home: Home, names: list[str]) -> list[VmProcs]:
     return [VmProcs(n, tuple(p)) for n, p in found.items()]
 
 
-def pss_rss_kib(pid: int) -> tuple[int, int]:
-    vals = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("Rss", "Pss"):
-            vals[key] = int(rest.split()[0])
-    return vals["Pss"], vals["Rss"]
-
-
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
@@ -90,9 +81,9 @@ def measure(vms: list[VmProcs], settle: float, window: float) -> Sample:
     elapsed = time.monotonic() - t0
     pss, rss, cpu = [], [], []
     for vm in vms:
-        mem = [pss_rss_kib(p) for p in vm.pids]
-        pss.append(sum(m[0] for m in mem) / 1024)
-        rss.append(sum(m[1] for m in mem) / 1024)
+        mem = [memory_kib(p) for p in vm.pids]  # (Rss, Pss)
+        rss.append(sum(m[0] for m in mem) / 1024)
+        pss.append(sum(m[1] for m in mem) / 1024)
         ticks = sum(after[p] - before[p] for p in vm.pids)
         cpu.append(100 * ticks / CLK_TCK / elapsed)
     return Sample(pss, rss, cpu)
