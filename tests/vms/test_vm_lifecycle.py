@@ -82,7 +82,7 @@ def test_exec_streams_and_exit_code(vm_home: BangerEnv, running_vm: str) -> None
 
 
 def test_plain_exec_and_show_take_the_fast_path_with_the_same_results(vm_home: BangerEnv, running_vm: str) -> None:
-    """`vm exec NAME -- CMD` and `vm show NAME --json` skip click (issue 14, item 6) and behave as the full CLI:
+    """`vm exec NAME -- CMD` and `vm show NAME [--json]` skip click (issue 14, item 6) and behave as the full CLI:
     same output, exit codes, JSON and errors."""
     from tests.conftest import VENV_BIN
 
@@ -99,6 +99,11 @@ def test_plain_exec_and_show_take_the_fast_path_with_the_same_results(vm_home: B
     assert "click" not in modules and shown.returncode == 0
     full = vm_home.cli("vm", "show", "--json", running_vm, check=True)  # option first: the full CLI
     assert json.loads(shown.stdout) == json.loads(full.stdout)
+    plain, modules = traced("vm", "show", running_vm)
+    assert "click" not in modules and plain.returncode == 0
+    full_plain = vm_home.cli("--debug", "vm", "show", running_vm, check=True)  # an option first: the full CLI
+    assert plain.stdout == full_plain.stdout and plain.stdout.startswith("name:")
+    assert [line.split(":")[0] for line in plain.stdout.splitlines()][:3] == ["name", "id", "state"]
     missing = vm_home.cli("vm", "exec", "no-such-vm", "--", "true")
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "no-such-vm" in missing.stderr
 

@@ -1,5 +1,5 @@
 """The hottest commands on a path that skips click: `version` and `daemon status` (os, json, socket only), and the
-plainest `vm exec NAME -- CMD...` and `vm show NAME --json` (plus the RPC client, against a daemon that already
+plainest `vm exec NAME -- CMD...` and `vm show NAME [--json]` (plus the RPC client, against a daemon that already
 runs this code; anything else, an error to explain included, goes to the full CLI).
 
 `banger` is run in loops by scripts and agents; click, typing and dataclasses alone cost several times a bare
@@ -213,8 +213,28 @@ def vm_exec(name: str, argv: list[str]) -> int | None:
     return int(result.get("exit_code") or 0)
 
 
-def vm_show_json(name: str) -> int | None:
-    """`banger vm show NAME --json`."""
+# What `vm show NAME` prints, in this order (the full CLI's `vm show` prints the same list).
+VM_SHOW_FIELDS = (
+    "name",
+    "id",
+    "state",
+    "reason",
+    "vmm",
+    "pid",
+    "ip",
+    "kernel",
+    "image",
+    "vcpus",
+    "memory_mib",
+    "disk_bytes",
+    "created_at",
+    "dir",
+    "console_log",
+)
+
+
+def vm_show(name: str, as_json: bool) -> int | None:
+    """`banger vm show NAME [--json]`."""
     client = _connected()
     if client is None:
         return None
@@ -226,18 +246,22 @@ def vm_show_json(name: str) -> int | None:
         return _error(exc)
     finally:
         client.close()
-    print(json.dumps(info, indent=2, default=str))
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        _kv([(k, "-" if info.get(k) is None else info.get(k)) for k in VM_SHOW_FIELDS])
     return 0
 
 
 def try_fast(argv: list[str]) -> int | None:
-    """Run argv on the fast path when it is one of FAST_COMMANDS, or the plainest `vm exec` or `vm show --json`;
+    """Run argv on the fast path when it is one of FAST_COMMANDS, or the plainest `vm exec` or `vm show [--json]`;
     None means: use the full CLI."""
     if tuple(argv) in FAST_COMMANDS:
         as_json = argv[-1] == "--json"
         return version_cmd(as_json) if argv[0] == "version" else status_cmd(as_json)
     if len(argv) >= 5 and argv[:2] == ["vm", "exec"] and argv[3] == "--" and not argv[2].startswith("-"):
         return vm_exec(argv[2], argv[4:])
-    if len(argv) == 4 and argv[:2] == ["vm", "show"] and argv[3] == "--json" and not argv[2].startswith("-"):
-        return vm_show_json(argv[2])
+    if len(argv) in (3, 4) and argv[:2] == ["vm", "show"] and argv[3:] in ([], ["--json"]):
+        if not argv[2].startswith("-"):
+            return vm_show(argv[2], as_json=len(argv) == 4)
     return None

@@ -295,28 +295,9 @@ def show(name: str, as_json: bool) -> None:
     if as_json:
         emit_json(info)
         return
-    kv(
-        [
-            (k, info.get(k))
-            for k in (
-                "name",
-                "id",
-                "state",
-                "reason",
-                "vmm",
-                "pid",
-                "ip",
-                "kernel",
-                "image",
-                "vcpus",
-                "memory_mib",
-                "disk_bytes",
-                "created_at",
-                "dir",
-                "console_log",
-            )
-        ]
-    )
+    from banger.cli.fast import VM_SHOW_FIELDS
+
+    kv([(k, info.get(k)) for k in VM_SHOW_FIELDS])
 
 
 @vm.command()
