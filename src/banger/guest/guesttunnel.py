@@ -27,7 +27,8 @@ READ_CHUNK = 65536
 WATCH_INTERVAL = 0.5
 # A port watch polls at the host's interval while the guest is in use (a request in flight, or one within
 # ACTIVE_WINDOW seconds) and every IDLE_WATCH_INTERVAL seconds otherwise: an idle VM then costs its host next to
-# no CPU, and a new request wakes every watch at once. New listeners mostly come from what requests start.
+# no CPU. A new request moves every watch to the fast interval at once. New listeners mostly come from what
+# requests start.
 ACTIVE_WINDOW = 30.0
 IDLE_WATCH_INTERVAL = 5.0
 

@@ -249,7 +249,8 @@ def import_without(hidden: tuple[str, ...], modules: tuple[str, ...]) -> None:
 
 
 def configure_network(network: dict[str, Any] | None) -> None:
-    """Bring up loopback and the metadata's interfaces, addresses and routes with one `ip -batch` run.
+    """Bring up loopback and the metadata's interfaces, addresses and routes with one `ip -batch` run (one run per
+    command where `ip` is busybox's, which has no -batch).
 
     One process for every command: each process start costs the boot ~0.1 s under TCG. -force goes on past a failed
     command, as separate runs did, and names it on stderr.

@@ -13,14 +13,14 @@ import tempfile
 from pathlib import Path
 
 from banger import proc
+from banger.guest.reidentify import KEY_TYPES  # the types the guest writes: what `ssh-keygen -A` makes
 
-# What `ssh-keygen -A` makes, at its default sizes.
-KEY_TYPES = ("rsa", "ecdsa", "ed25519")
 KEYGEN_TIMEOUT = 60.0
 
 
 def make_host_keys(comment: str) -> dict[str, dict[str, str]] | None:
-    """{type: {"private": PEM text, "public": one line}} for each of KEY_TYPES; None without ssh-keygen."""
+    """{type: {"private": PEM text, "public": one line}} for each of KEY_TYPES (at ssh-keygen's default sizes);
+    None without ssh-keygen."""
     keygen = shutil.which("ssh-keygen")
     if keygen is None:
         return None
