@@ -474,6 +474,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5, help="boots per side (banger and bare QEMU)")
     ap.add_argument("--exec-runs", type=int, default=50)
     ap.add_argument("--memory", type=int, default=512, help="guest MiB")
+    ap.add_argument("--exec-only", action="store_true", help="only the CLI round trips (one VM, no boot or memory)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (banger's QEMU driver and image builds need it here)")
@@ -483,10 +484,12 @@ def main() -> int:
         home.banger("image", "build", IMAGE, "--preset", PRESET)
         daemon_idle = memory_kib(home.daemon_pid())[0]
         print(f"host load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
-        bench_boot(home, args.runs, args.memory)
+        if not args.exec_only:
+            bench_boot(home, args.runs, args.memory)
         home.create("vm0", args.memory)
         bench_exec(home, args.exec_runs)
-        bench_memory(home, args.memory, daemon_idle)
+        if not args.exec_only:
+            bench_memory(home, args.memory, daemon_idle)
         print(f"\nhost load average at end: {os.getloadavg()[0]:.1f}; other tenants' load makes single runs swing")
     return 0
 

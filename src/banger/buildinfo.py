@@ -5,20 +5,27 @@ Kept import-light (no dataclasses, subprocess only on the fallback): `banger ver
 
 from __future__ import annotations
 
+import collections
 import json
 import os
-from typing import NamedTuple
 
 from banger import __version__
 
 _STAMP = os.path.join(os.path.dirname(__file__), "_buildinfo.json")
 
 
-class BuildInfo(NamedTuple):
-    version: str
-    commit: str | None
-    date: str | None
-    source: str  # "stamp", "git" or "unknown"
+TYPE_CHECKING = False  # typing costs `vm exec`'s fast path milliseconds (it sends code_id at the handshake)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+
+    class BuildInfo(NamedTuple):
+        version: str
+        commit: str | None
+        date: str | None
+        source: str  # "stamp", "git" or "unknown"
+
+else:
+    BuildInfo = collections.namedtuple("BuildInfo", ["version", "commit", "date", "source"])
 
 
 def _from_git() -> BuildInfo | None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Any
+
+TYPE_CHECKING = False  # every CLI path imports this module, the fast ones included: typing stays out at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class ErrorCode(IntEnum):

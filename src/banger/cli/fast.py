@@ -170,9 +170,7 @@ def _connected() -> Any:
     path = os.path.join(state_home(), "run", "bangerd.sock")
     if not os.path.exists(path):
         return None
-    from pathlib import Path
-
-    client = Client(Path(path))
+    client = Client(path)
     try:
         client.connect(across_versions=True)
     except (BangerError, OSError):

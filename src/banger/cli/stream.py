@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import contextlib
 import fcntl
 import os
@@ -11,12 +11,14 @@ import signal
 import struct
 import sys
 import termios
-import tty as ttymod
-from collections.abc import Iterator
-from typing import Any
 
 from banger.rpc import protocol
 from banger.rpc.client import Client
+
+TYPE_CHECKING = False  # `vm exec`'s fast path imports this module: typing stays out at run time
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 
 def terminal_size(fd: int) -> tuple[int, int]:
@@ -31,6 +33,8 @@ def terminal_size(fd: int) -> tuple[int, int]:
 @contextlib.contextmanager
 def raw_terminal(fd: int) -> Iterator[None]:
     """Put the terminal in raw mode (keys go to the guest, Ctrl-C included) and restore it after."""
+    import tty as ttymod
+
     old = termios.tcgetattr(fd)
     try:
         ttymod.setraw(fd, termios.TCSADRAIN)  # TCSAFLUSH would drop what the user typed ahead
@@ -109,11 +113,11 @@ def stream_call(
                         if detach is not None and detach in data:
                             before = data.split(detach, 1)[0]
                             if before:
-                                send_input(data=base64.b64encode(before).decode())
+                                send_input(data=binascii.b2a_base64(before, newline=False).decode())
                             client.cancel(rid, grace=5.0)
                             return {"detached": True}
                         if data:
-                            send_input(data=base64.b64encode(data).decode())
+                            send_input(data=binascii.b2a_base64(data, newline=False).decode())
                             unacked += len(data)
                         else:
                             send_input(eof=True)
@@ -127,7 +131,7 @@ def stream_call(
                         continue
                     if "fd" in params_:
                         stream = out[2 if params_["fd"] == 2 else 1]
-                        stream.write(base64.b64decode(params_["data"]))
+                        stream.write(binascii.a2b_base64(params_["data"]))
                         stream.flush()
                     elif "text" in params_:
                         sys.stdout.write(params_["text"])

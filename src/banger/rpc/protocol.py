@@ -11,8 +11,10 @@ The first call on a connection is `rpc.hello`, which checks that CLI and daemon 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+
+TYPE_CHECKING = False  # the CLI's fast path (`vm exec`) imports this module: no typing, no dataclasses
+if TYPE_CHECKING:
+    from typing import Any
 
 # Lines can carry file chunks (base64) and long listings; keep them bounded all the same.
 MAX_LINE = 16 * 1024 * 1024
@@ -24,13 +26,25 @@ INPUT = "$/input"
 HELLO = "rpc.hello"
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
     """A call (with id) or a notification (id None)."""
 
-    method: str
-    params: dict[str, Any]
-    id: int | str | None = None
+    __slots__ = ("method", "params", "id")
+
+    def __init__(self, method: str, params: dict[str, Any], id: int | str | None = None) -> None:
+        self.method = method
+        self.params = params
+        self.id = id
+
+    def __repr__(self) -> str:
+        return f"Request(method={self.method!r}, params={self.params!r}, id={self.id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Request):
+            return NotImplemented
+        return (self.method, self.params, self.id) == (other.method, other.params, other.id)
+
+    __hash__ = None  # type: ignore[assignment]  # params is a dict: a request is not hashable
 
 
 def encode(obj: dict[str, Any]) -> bytes:
