@@ -1,7 +1,8 @@
 """A STAND-IN for a model provider: a tiny OpenAI-compatible server on loopback (the model is the one component
 that cannot run here). POST /v1/chat/completions answers with streamed chunks (server-sent events); when the
 conversation has no tool result yet and `tool_call` is set, the answer is that tool call, else `text`. A prompt
-(the newest user message) that holds SLOW_MARK is answered only after SLOW_S seconds (for tests that abort a turn).
+(the newest user message) that holds SLOW_MARK is answered only after SLOW_S seconds (for tests that abort a turn),
+one that holds PAUSE_MARK after PAUSE_S (a turn that is surely still in flight a few seconds after it starts).
 It records every request (path, headers, JSON body) so tests can check what reached the provider."""
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any
 # A prompt holding this mark gets its answer only after SLOW_S seconds.
 SLOW_MARK = "[slow]"
 SLOW_S = 600.0
+# A prompt holding this mark gets its answer after PAUSE_S seconds.
+PAUSE_MARK = "[pause]"
+PAUSE_S = 10.0
 
 
 def _last_user_text(payload: dict[str, Any]) -> str:
@@ -63,6 +67,9 @@ class StandinModel:
             if _last_user_text(payload).find(SLOW_MARK) >= 0:
                 await writer.drain()
                 await asyncio.sleep(SLOW_S)  # a turn that takes its time, for tests that abort one
+            elif _last_user_text(payload).find(PAUSE_MARK) >= 0:
+                await writer.drain()
+                await asyncio.sleep(PAUSE_S)
             for chunk in self._chunks(payload):
                 writer.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 await writer.drain()

@@ -65,6 +65,34 @@ def check_ctrl_c_aborts_the_turn(benv: BangerEnv, session: str, record: Path) ->
     assert again.returncode == 0 and "[idle]" in again.stdout, again.stdout + again.stderr
 
 
+def check_logs_follow_json(benv: BangerEnv, session: str, record: Path) -> None:
+    """`session logs -f --json` follows a turn in flight: the saved transcript, then the turn's events as they
+    become final, ending once the agent is idle; exactly the events the daemon then keeps (none twice, none lost).
+    The stand-in holds this prompt's answer back for a while, so the follower is surely attached mid-turn."""
+    import time
+
+    from tests.agents.standin_model import PAUSE_MARK
+
+    asked = len(json.loads(record.read_text()))
+    before = benv.cli("session", "logs", "coder", session, "--json", check=True).stdout
+    benv.cli("session", "send", "coder", session, f"{PAUSE_MARK} Create hello.txt while followed", check=True)
+    follower = benv.popen("session", "logs", "coder", session, "-f", "--json")
+    deadline = time.monotonic() + 900
+    while PAUSE_MARK not in json.dumps(json.loads(record.read_text())[asked:]):
+        assert time.monotonic() < deadline, "the paused prompt never reached the model"
+        time.sleep(0.5)
+    assert follower.poll() is None, "the follower ended while the turn was still in flight"
+    out, err = follower.communicate(timeout=900)
+    assert follower.returncode == 0, out + err
+    assert out.startswith(before), "the follower did not start with the saved transcript"
+    live = [json.loads(line) for line in out[len(before) :].splitlines()]
+    assert [e["type"] for e in live][-1] == "idle" and live.count(live[-1]) == 1
+    assert any(e["type"] == "tool" and e.get("status") == "completed" for e in live), live
+    assert any(e["type"] == "text" and PAUSE_MARK in e["text"] for e in live), live
+    saved = benv.cli("session", "logs", "coder", session, "--json", check=True).stdout
+    assert out == saved, "what was followed differs from the transcript the daemon kept"
+
+
 def check_in_the_browser(benv: BangerEnv, session: str, tmp_path: Path) -> None:
     """The web UI on the agent VM, in a real browser: the session's transcript, then a prompt typed into the page
     whose turn streams into it. The UI runs in the root namespace (it reaches the daemon by its socket; the browser
@@ -174,6 +202,7 @@ def test_prompt_makes_the_agent_write_a_file(debian_kernel: Path, debian_image: 
                 json.loads(x) for x in benv.cli("session", "logs", "coder", session, "--json").stdout.split("\n") if x
             ]
             assert all("type" in e and "time" in e for e in events) and events[-1]["type"] == "idle"
+            check_logs_follow_json(benv, session, record)
             check_in_the_browser(benv, session, tmp_path)
             check_ctrl_c_aborts_the_turn(benv, session, record)
             # The key reached the provider, added by the host; it is nowhere in the guest.

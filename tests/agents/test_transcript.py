@@ -101,3 +101,32 @@ def test_a_turn_streams_to_late_watchers_from_its_start_and_ends_them() -> None:
         assert [await done.get(), await done.get()] == ["assistant: hello\n", None]
 
     asyncio.run(main())
+
+
+def test_a_turns_event_feed_is_separate_and_events_are_final_once_superseded() -> None:
+    import asyncio
+
+    from banger.agents.conversations import Turn, _final
+
+    running = {"type": "tool", "time": 2, "tool": "write", "status": "running"}
+    text = {"type": "text", "time": 1, "role": "assistant", "text": "Writing"}
+    assert not _final(text, newest=True)  # may still grow
+    assert _final(text, newest=False)
+    assert not _final(running, newest=False)  # its status can still change
+    assert _final({**running, "status": "completed"}, newest=False)
+    assert _final({**running, "status": "error"}, newest=False)
+
+    async def main() -> None:
+        turn = Turn()
+        turn.task = asyncio.get_running_loop().create_future()  # type: ignore[assignment]  # a turn in flight
+        words, events = turn.watch(), turn.watch(Turn.EVENTS)
+        turn.publish("assistant: hi")
+        turn.publish('{"type": "text"}\n', Turn.EVENTS)
+        late = turn.watch(Turn.EVENTS)  # from the turn's start, events only
+        turn.task.set_result({})  # type: ignore[union-attr]
+        turn.finish()
+        assert [await words.get(), await words.get(), await words.get()] == ["", "assistant: hi", None]
+        assert [await events.get(), await events.get(), await events.get()] == ["", '{"type": "text"}\n', None]
+        assert [await late.get(), await late.get()] == ['{"type": "text"}\n', None]
+
+    asyncio.run(main())

@@ -33,6 +33,12 @@ Emit = Callable[[str], Awaitable[None]]
 MAX_TURN_TEXT = 4 << 20
 WATCHER_BACKLOG = 4096
 FELL_BEHIND = "\n[banger: this watcher fell behind the agent and was ended; `session logs` has the transcript]\n"
+FELL_BEHIND_EVENT = (
+    json.dumps({"type": "error", "time": 0, "message": "this watcher fell behind the agent and was ended"}) + "\n"
+)
+# Tool calls whose status can still change; a transcript event is final once it is not the newest one and, for a
+# tool call, its status is not one of these.
+TOOL_UNFINISHED = ("pending", "running")
 
 
 def transcript(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,6 +84,11 @@ def render(event: dict[str, Any]) -> str:
     return json.dumps(event)
 
 
+def _final(event: dict[str, Any], newest: bool) -> bool:
+    """Whether a transcript event of a turn in flight can no longer change."""
+    return not newest and not (event.get("type") == "tool" and event.get("status") in TOOL_UNFINISHED)
+
+
 class Renderer:
     """Turns successive transcripts of one turn into readable text as it streams: each text part as it grows
     (prefixed by its role once), each tool call whenever its status changes, errors, and `[idle]` at the end."""
@@ -121,37 +132,44 @@ class Renderer:
 
 class Turn:
     """The daemon's follower of one agent session's turn: it polls opencode until the session is idle, saves the
-    transcript, and streams the rendered text to any number of watchers, each from the turn's start."""
+    transcript, and streams the turn to any number of watchers, each from the turn's start: as rendered text
+    (TEXT), or as its transcript events, one JSON line each once the event is final (EVENTS)."""
+
+    TEXT = "text"
+    EVENTS = "events"
 
     def __init__(self) -> None:
-        self.chunks: list[str] = []
-        self.size = 0
-        self.watchers: set[asyncio.Queue[str | None]] = set()
+        self.chunks: dict[str, list[str]] = {self.TEXT: [], self.EVENTS: []}
+        self.size: dict[str, int] = {self.TEXT: 0, self.EVENTS: 0}
+        self.watchers: dict[asyncio.Queue[str | None], str] = {}
         self.task: asyncio.Task[dict[str, Any]] | None = None
 
-    def publish(self, chunk: str) -> None:
-        self.chunks.append(chunk)
-        self.size += len(chunk)
-        while self.size > MAX_TURN_TEXT and len(self.chunks) > 1:  # the guest is untrusted: bound what we hold
-            self.size -= len(self.chunks.pop(0))
-        for queue in list(self.watchers):
+    def publish(self, chunk: str, feed: str = TEXT) -> None:
+        chunks = self.chunks[feed]
+        chunks.append(chunk)
+        self.size[feed] += len(chunk)
+        while self.size[feed] > MAX_TURN_TEXT and len(chunks) > 1:  # the guest is untrusted: bound what we hold
+            self.size[feed] -= len(chunks.pop(0))
+        for queue, watched in list(self.watchers.items()):
+            if watched != feed:
+                continue
             try:
                 queue.put_nowait(chunk)
             except asyncio.QueueFull:  # a watcher that cannot keep up is ended, not buffered for
-                self.watchers.discard(queue)
+                self.watchers.pop(queue, None)
                 while not queue.empty():
                     queue.get_nowait()
-                queue.put_nowait(FELL_BEHIND)
+                queue.put_nowait(FELL_BEHIND if feed == self.TEXT else FELL_BEHIND_EVENT)
                 queue.put_nowait(None)
 
-    def watch(self) -> asyncio.Queue[str | None]:
-        """A queue that gets the turn's text so far, then each new chunk; None once the turn is over."""
+    def watch(self, feed: str = TEXT) -> asyncio.Queue[str | None]:
+        """A queue that gets the turn's feed so far, then each new chunk; None once the turn is over."""
         queue: asyncio.Queue[str | None] = asyncio.Queue(WATCHER_BACKLOG)
-        queue.put_nowait("".join(self.chunks))
+        queue.put_nowait("".join(self.chunks[feed]))
         if self.task is None or self.task.done():
             queue.put_nowait(None)
         else:
-            self.watchers.add(queue)
+            self.watchers[queue] = feed
         return queue
 
     def finish(self) -> None:
@@ -234,21 +252,23 @@ class Conversations:
             await asyncio.shield(self._call(client, password, "POST", f"/session/{oc_id}/abort", {}))
             raise
         finally:
-            turn.watchers.discard(queue)
+            turn.watchers.pop(queue, None)
 
-    async def follow(self, vm_name: str, name: str, emit: Emit) -> None:
-        """The turn in flight as it streams, from its start (nothing when the session is idle)."""
+    async def follow(self, vm_name: str, name: str, emit: Emit, *, events: bool = False) -> bool:
+        """The turn in flight as it streams, from its start, as rendered text or (events) JSON Lines; False when
+        no turn was in flight (a finished turn is in the saved transcript)."""
         vm = self.sessions.vms.get(vm_name)
         turn = self._turns.get((vm.id, name))
         if turn is None or turn.task is None or turn.task.done():
-            return  # a finished turn is in the saved transcript already
-        queue = turn.watch()
+            return False
+        queue = turn.watch(Turn.EVENTS if events else Turn.TEXT)
         try:
             while (chunk := await queue.get()) is not None:
                 if chunk:
                     await emit(chunk)
         finally:
-            turn.watchers.discard(queue)
+            turn.watchers.pop(queue, None)
+        return True
 
     async def _messages(self, client: AgentClient, password: str, oc_id: str) -> list[dict[str, Any]]:
         reply = await self._call(client, password, "GET", f"/session/{oc_id}/message")
@@ -269,6 +289,7 @@ class Conversations:
         try:
             base = len(transcript((await self._messages(client, password, oc_id))[:known]))
             renderer = Renderer()
+            final = 0  # this turn's events already published as JSON lines
             failures = 0
             while True:
                 await asyncio.sleep(POLL)
@@ -297,9 +318,13 @@ class Conversations:
                     events.append({"type": "idle", "time": int(time.time() * 1000)})
                 for chunk in renderer.feed(events[base:], final=done):
                     turn.publish(chunk)
+                ours = events[base:]
+                while final < len(ours) and (done or _final(ours[final], final == len(ours) - 1)):
+                    turn.publish(json.dumps(ours[final]) + "\n", Turn.EVENTS)
+                    final += 1
                 if not done:
                     continue
-                self._save(vm, name, events)
+                self._save(vm, name, self._kept(vm, name, events[:base]) + events[base:])
                 error = info.get("error")
                 message = transcript([{"info": {"error": error}}])[0]["message"] if error else None
                 return {"idle": True, "error": message}
@@ -312,6 +337,15 @@ class Conversations:
         _, oc_id = self._record(vm, name)
         await self._call(client, password, "POST", f"/session/{oc_id}/abort", {})
         return self.sessions.to_json(self.sessions.get(vm, name), vm.name)
+
+    def _kept(self, vm: VmRecord, name: str, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The earlier turns' events as kept, with the `idle` that ended each of them (opencode's messages do not
+        hold those); the messages' view alone when the kept transcript no longer matches them."""
+        try:
+            kept = self.events(vm.name, name)
+        except (BangerError, ValueError):  # no record, or a kept log whose oldest lines were dropped
+            return earlier
+        return kept if [e for e in kept if e.get("type") != "idle"] == earlier else earlier
 
     def _save(self, vm: VmRecord, name: str, events: list[dict[str, Any]]) -> None:
         """Replace the session's host log with the transcript as JSON Lines."""

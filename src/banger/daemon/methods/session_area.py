@@ -60,14 +60,18 @@ def register(reg: MethodRegistry, app: App) -> None:
         """Everything a session wrote, as output events; with follow, until it ends. An agent session's
         transcript comes as readable lines, or JSON Lines with json_events."""
         if is_agent(vm, session):
-            for event in conversations.events(vm, session):
+            saved = conversations.events(vm, session)
+            for event in saved:
                 await ctx.send_event({"text": (json.dumps(event) if json_events else render(event)) + "\n"})
-            if follow and not json_events:  # then the turn in flight, as it streams
+            if follow:  # then the turn in flight, as it streams (its final events only, as JSON Lines)
 
                 async def show(chunk: str) -> None:
                     await ctx.send_event({"text": chunk})
 
-                await conversations.follow(vm, session, show)
+                if not await conversations.follow(vm, session, show, events=json_events):
+                    # No turn in flight now: one may have ended since the transcript was read; show what it saved.
+                    for event in conversations.events(vm, session)[len(saved) :]:
+                        await ctx.send_event({"text": (json.dumps(event) if json_events else render(event)) + "\n"})
             return {}
         return await sessions.logs(vm, session, follow=follow, emit=ctx.send_event)
 
