@@ -12,7 +12,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from banger.drivers import confine, consolelog, process, qemu_migrate
+from banger.drivers import confine, consolelog, process, qemu_migrate, qmpconnect
 from banger.drivers.base import AGENT_PORT_NAME, AgentTransport, SpawnHook, StopOutcome, VmmHandle, VmmKind, VmSpec
 from banger.drivers.host import DEV_VHOST_VSOCK, host_tsc_khz
 from banger.errors import InvalidInputError, ToolError, UnsupportedError
@@ -193,13 +193,13 @@ class QemuDriver:
         self, handle: VmmHandle, command: str, arguments: dict[str, Any] | None = None, *, timeout: float = 10.0
     ) -> Any:
         """Run one QMP command on a fresh connection (QEMU serves one QMP client at a time); return its result."""
-        client = QMPClient(f"banger-{handle.pid}")
+        client: QMPClient | None = None
         try:
             async with process.deadline(timeout, f"QMP {command} on qemu pid {handle.pid}"):
                 try:
-                    # The socket exists from before QEMU started, so connect needs no retries: it waits in
-                    # the backlog for QEMU's greeting, and fails if QEMU dies and the socket closes.
-                    await client.connect(os.fspath(handle.control_socket))
+                    # The socket exists from before QEMU started, so connect needs no retries to find it: it waits
+                    # in the backlog for QEMU's greeting, and fails if QEMU dies and the socket closes.
+                    client = await qmpconnect.connect(f"banger-{handle.pid}", os.fspath(handle.control_socket))
                     result = await client.execute(command, arguments)
                 except (QMPError, OSError) as exc:
                     detail = _log_tail(handle.run_dir / VMM_LOG)
@@ -207,8 +207,9 @@ class QemuDriver:
                         f"QMP {command} failed on qemu pid {handle.pid}: {exc}; qemu says: {detail}"
                     ) from exc
         finally:
-            with contextlib.suppress(QMPError, OSError):
-                await client.disconnect()
+            if client is not None:
+                with contextlib.suppress(QMPError, OSError):
+                    await client.disconnect()
         return result
 
     def adopt(self, handle: VmmHandle) -> VmmHandle | None:

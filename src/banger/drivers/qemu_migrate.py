@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from qemu.qmp import QMPClient, QMPError
 
-from banger.drivers import process
+from banger.drivers import process, qmpconnect
 from banger.drivers.base import RestoreFrom, VmmHandle, VmSpec
 from banger.errors import ToolError
 
@@ -55,17 +55,18 @@ def memory_args(spec: VmSpec) -> list[str]:
 @contextlib.asynccontextmanager
 async def _session(handle: VmmHandle, what: str, timeout: float) -> AsyncIterator[QMPClient]:
     """One QMP connection for a sequence of commands (an fd passed with `getfd` belongs to that monitor)."""
-    client = QMPClient(f"banger-migrate-{handle.pid}")
+    client: QMPClient | None = None
     try:
         async with process.deadline(timeout, f"{what} on qemu pid {handle.pid}"):
             try:
-                await client.connect(os.fspath(handle.control_socket))
+                client = await qmpconnect.connect(f"banger-migrate-{handle.pid}", os.fspath(handle.control_socket))
                 yield client
             except (QMPError, OSError) as exc:
                 raise ToolError(f"{what} failed on qemu pid {handle.pid}: {exc}") from exc
     finally:
-        with contextlib.suppress(QMPError, OSError):
-            await client.disconnect()
+        if client is not None:
+            with contextlib.suppress(QMPError, OSError):
+                await client.disconnect()
 
 
 async def _pass_fd(client: QMPClient, fd: int) -> None:
