@@ -1,6 +1,7 @@
 """Snapshots and clones against cold boots, and the guest-bytecode change of the cold boot, in one run.
 
-Measured in the same run, all QEMU TCG, 1 vCPU, --net none:
+Measured in the same run, all QEMU TCG, 1 vCPU, --net none; the three kinds of start interleaved, each once the
+VMs already running are idle (a cold guest's first boot keeps working for seconds after it answers):
 - cold `vm create` to agent-ready (CLI wall; it returns when the agent answers): the baseline;
 - `vm clone SRC` to agent-ready (the snapshot of SRC, the restore, the new identity: all of it) and
   `vm create --from-snapshot SNAP` to agent-ready, each as a ratio to the cold create (target: <= 0.2x);
@@ -62,23 +63,51 @@ def vm_dir(home: Home, name: str) -> Path:
     return Path(json.loads(home.banger("vm", "show", name, "--json").stdout)["dir"])
 
 
+def qemu_cpu_seconds() -> float:
+    """CPU seconds used so far by every QEMU on the host."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (entry / "comm").read_text().strip() != "qemu-system-x86":
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def settle(limit: float = 60.0, busy: float = 0.15) -> None:
+    """Wait until the VMs already running are idle (all QEMUs together under `busy` of a core over a second), so
+    that each measurement starts from the same quiet host: a cold guest's first boot goes on working for seconds
+    after it answers (SSH host keys, among others)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = qemu_cpu_seconds()
+        time.sleep(1.0)
+        if qemu_cpu_seconds() - before < busy:
+            return
+    log(f"VMs still busy after {limit:.0f}s; measuring anyway")
+
+
 def bench_restore(home: Home, runs: int, memory: int) -> None:
-    cold: list[float] = []
-    for i in range(runs):
-        cold.append(home.create(f"cold{i}", memory))
-        log(f"cold create {i + 1}/{runs}: {cold[-1]:.2f}s")
     home.create("src", memory)
-    clone: list[float] = []
-    for i in range(runs):
-        home.vms.append(f"clone{i}")
-        clone.append(timed([BANGER, "vm", "clone", "src", "--name", f"clone{i}"], home.env))
-        log(f"vm clone {i + 1}/{runs}: {clone[-1]:.2f}s")
+    settle()
     snap = json.loads(home.banger("vm", "snapshot", "src", "--name", "s0", "--json").stdout)
+    # Interleaved, each after the host settled: every kind of start sees the same VMs running around it.
+    cold: list[float] = []
+    clone: list[float] = []
     restored: list[float] = []
     for i in range(runs):
+        settle()
+        cold.append(home.create(f"cold{i}", memory))
+        settle()
+        home.vms.append(f"clone{i}")
+        clone.append(timed([BANGER, "vm", "clone", "src", "--name", f"clone{i}"], home.env))
+        settle()
         home.vms.append(f"rest{i}")
         restored.append(timed([BANGER, "vm", "create", "--from-snapshot", "s0", "--name", f"rest{i}"], home.env))
-        log(f"create --from-snapshot {i + 1}/{runs}: {restored[-1]:.2f}s")
+        log(f"run {i + 1}/{runs}: cold {cold[-1]:.2f}s, clone {clone[-1]:.2f}s, from snapshot {restored[-1]:.2f}s")
     base = statistics.median(cold)
     print(f"\nto agent-ready ({runs} runs each, 1 vCPU, {memory} MiB, QEMU TCG, --net none), seconds")
     print(f"{'measure':<44} {'p50 s':>7} {'min s':>7} {'x cold p50':>10}")

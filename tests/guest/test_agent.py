@@ -333,3 +333,29 @@ def test_unknown_request_kinds_get_unsupported(tmp_path: Path) -> None:
             writer.close()
 
     asyncio.run(main())
+
+
+def test_reidentify_runs_the_hosts_module_text_in_the_agent(tmp_path: Path) -> None:
+    # The agent runs on this host here, so the module text is a harmless one (the real reidentify.py would set the
+    # host's clock and hostname); what is tested is the request: the text the host sent, its run() on a thread of
+    # the agent's own process, the report as the reply, and an error in it as the request's error.
+    source = (
+        "import os, threading\n"
+        "def run(identity):\n"
+        "    main = threading.current_thread() is threading.main_thread()\n"
+        "    return {'echo': identity, 'pid': os.getpid(), 'main': main}\n"
+    )
+
+    async def body(c: AgentClient) -> None:
+        assert c.supports(protocol.Kind.REIDENTIFY)
+        reply = await c.call(protocol.Kind.REIDENTIFY, 30, source=source, identity={"hostname": "c1"})
+        health = await c.health()
+        assert reply["report"] == {"echo": {"hostname": "c1"}, "pid": health.pid, "main": False}
+        broken = "def run(identity):\n    raise OSError('cannot write /etc/hostname')\n"
+        with pytest.raises(errors.BangerError, match="cannot write /etc/hostname"):
+            await c.call(protocol.Kind.REIDENTIFY, 30, source=broken, identity={})
+        with pytest.raises(errors.BangerError, match="source"):
+            await c.call(protocol.Kind.REIDENTIFY, 30, identity={})
+        assert (await c.health()).pid == health.pid  # the agent serves on
+
+    with_client(tmp_path, body)

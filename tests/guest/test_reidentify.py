@@ -52,3 +52,38 @@ def test_host_made_keys_replace_the_snapshot_s_with_private_modes(tmp_path: Path
 def test_no_ssh_server_means_no_keys(tmp_path: Path) -> None:
     assert reidentify.new_ssh_host_keys({"ed25519": {"private": "x", "public": "y"}}, str(tmp_path)) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_host_key_pool_hands_out_each_set_once_and_refills_after_a_clone(tmp_path: Path) -> None:
+    import asyncio
+
+    from banger.vms.hostkeys import HostKeyPool
+
+    async def main() -> None:
+        pool = HostKeyPool(size=2)
+        first = await pool.take("root@c1")  # nothing made ahead yet: made on the spot
+        assert first is not None and sorted(first) == sorted(KEY_TYPES)
+        assert pool._filling is None and not pool._ready  # nothing is made before a clone asked
+        pool.refill()
+        assert pool._filling is not None
+        await pool._filling
+        assert len(pool._ready) == 2
+        second, third = await pool.take("root@c2"), await pool.take("root@c3")
+        assert not pool._ready  # each set goes out once
+        assert second is not None and third is not None
+        assert all(pair["public"].endswith(" root@c2") for pair in second.values())
+        privates = [keys[kind]["private"] for keys in (first, second, third) for kind in KEY_TYPES]
+        assert len(set(privates)) == len(privates)  # every clone its own keys
+        for kind in KEY_TYPES:  # the public line, renamed, still matches its private key
+            private = tmp_path / f"{kind}_key"
+            private.write_text(second[kind]["private"])
+            private.chmod(0o600)
+            derived = subprocess.run(
+                ["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, timeout=30
+            )
+            assert derived.stdout.split()[:2] == second[kind]["public"].split()[:2]
+        pool.refill()
+        await pool.close()  # a daemon stopping mid-refill: cancelled, nothing kept
+        assert not pool._ready
+
+    asyncio.run(main())

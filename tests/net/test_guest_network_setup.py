@@ -92,3 +92,29 @@ def test_busybox_ip_gets_one_run_per_command(netns: Namespaces, tmp_path: Path) 
     assert [a["local"] for a in addr["addr_info"]] == ["10.79.0.2"]
     (lo,) = netns.ip_json(ns, "link", "show", "dev", "lo")
     assert "UP" in lo["flags"]
+
+
+REIDENTIFY = """
+import json, sys
+from banger.guest import reidentify
+print(json.dumps(reidentify.set_network(json.loads(sys.argv[1]))))
+"""
+
+
+def test_a_clone_moves_its_interface_to_the_new_mac_and_address_in_one_batch(netns: Namespaces) -> None:
+    # guest/reidentify.py's network step, as a restored clone runs it: the interface keeps its name (eth0) and
+    # takes the clone's MAC, address and default route, with one `ip -batch` run.
+    ns = netns.new("gclone")
+    netns.ip(ns, "link", "add", "eth0", "address", "02:ab:00:00:00:10", "type", "veth", "peer", "name", "peer0")
+    netns.ip(ns, "address", "add", "10.80.0.5/24", "dev", "eth0")  # the snapshot's address
+    net = {"name": "eth0", "mac": "02:ab:00:00:00:11", "address": "10.80.0.6", "prefix": 24, "gateway": "10.80.0.1"}
+    assert json.loads(netns.python(ns, REIDENTIFY, json.dumps(net))) == []
+    (link,) = netns.ip_json(ns, "link", "show", "dev", "eth0")
+    assert link["address"] == "02:ab:00:00:00:11" and "UP" in link["flags"]
+    (addr,) = netns.ip_json(ns, "-4", "address", "show", "dev", "eth0")
+    assert [(a["local"], a["prefixlen"]) for a in addr["addr_info"]] == [("10.80.0.6", 24)]
+    routes = netns.ip_json(ns, "-4", "route", "show", "default")
+    assert [(r["gateway"], r["dev"]) for r in routes] == [("10.80.0.1", "eth0")]
+    # An interface the clone does not have: the failures are reported, not hidden.
+    problems = json.loads(netns.python(ns, REIDENTIFY, json.dumps({**net, "name": "eth9"})))
+    assert problems and "eth9" in " ".join(problems), problems

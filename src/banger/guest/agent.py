@@ -190,6 +190,18 @@ async def handle_poweroff(session: Session, stream: Stream, frame: Frame) -> Non
         os.kill(session.init_pid, signal.SIGTERM)
 
 
+async def handle_reidentify(session: Session, stream: Stream, frame: Frame) -> dict[str, Any]:
+    """A restored clone takes its own identity: run() of the module text the host sent (guest/reidentify.py of the
+    host's version) in this process, on a thread, with the identity the host sent; its report is the reply."""
+    source, identity = frame.header.get("source"), frame.header.get("identity")
+    if not isinstance(source, str) or not isinstance(identity, dict):
+        raise ValueError("reidentify needs the module's source and the identity")
+    namespace: dict[str, Any] = {"__name__": "banger_reidentify"}
+    exec(compile(source, "<banger reidentify>", "exec"), namespace)
+    report = await asyncio.to_thread(namespace["run"], identity)
+    return {"report": report}
+
+
 async def handle_exec(session: Session, stream: Stream, frame: Frame) -> dict[str, Any]:
     """Run a process, streaming its stdio over the stream."""
     spec = execs.ExecSpec.from_header(frame.header)
@@ -320,6 +332,7 @@ HANDLERS: dict[Kind, Handler] = {
     Kind.PORTS: handle_ports,
     Kind.POWEROFF: handle_poweroff,
     Kind.EXEC: handle_exec,
+    Kind.REIDENTIFY: handle_reidentify,
     Kind.PUT: handle_put,
     Kind.GET: handle_get,
     Kind.TUNNEL: guesttunnel.handle_tunnel,

@@ -107,6 +107,7 @@ class Kind(enum.StrEnum):
     SESSION_READ = "session_read"
     SESSION_CTL = "session_ctl"
     SESSION_RM = "session_rm"
+    REIDENTIFY = "reidentify"
     DATA = "data"
     EOF = "eof"
     ACK = "ack"

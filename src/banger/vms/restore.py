@@ -28,13 +28,13 @@ from banger.aio import in_thread
 from banger.drivers.base import NetSpec, RestoreFrom, VmmHandle, VmmKind
 from banger.drivers.qemu import QemuDriver
 from banger.errors import AlreadyExistsError, BangerError, InvalidInputError, UnsupportedError
-from banger.guest.client import AgentClient
+from banger.guest.client import AgentClient, AgentError
+from banger.guest.protocol import Kind
 from banger.names import generate_name, validate_name
 from banger.net.guestnet import GuestNet
 from banger.progress import Progress, ProgressEvent, no_progress
 from banger.vms import records
 from banger.vms.agents import AgentEndpoint
-from banger.vms.hostkeys import make_host_keys
 from banger.vms.model import NetMode, VmRecord, VmState, parse_publish
 from banger.vms.service import AGENT_SOCKET, SEED_DISK, VmService
 
@@ -183,8 +183,21 @@ def identity(vm: VmRecord, gnet: GuestNet | None) -> dict[str, Any]:
 
 
 async def reidentify(client: AgentClient, data: dict[str, Any]) -> dict[str, Any]:
-    """Run guest/reidentify.py in the guest with `data`; its JSON report, or a clear error."""
+    """Run guest/reidentify.py in the guest with `data`; its report, or a clear error.
+
+    In the agent's own process when it serves REIDENTIFY; with `python3 -c` otherwise (an agent saved in an older
+    snapshot), which starts an interpreter: most of a second more under TCG."""
     source = resources.files("banger.guest").joinpath("reidentify.py").read_text()
+    if client.supports(Kind.REIDENTIFY):
+        data = {**data, "time": time.time()}  # as late as possible: the guest steps its clock to it
+        try:
+            reply = await client.call(Kind.REIDENTIFY, REIDENTIFY_TIMEOUT, source=source, identity=data)
+        except AgentError as exc:
+            raise BangerError(f"the guest could not take its new identity: {exc}") from exc
+        got = reply.get("report")
+        if not isinstance(got, dict):
+            raise BangerError("the guest's identity report is not a JSON object")
+        return got
     out, err = bytearray(), bytearray()
 
     def bounded(buf: bytearray) -> Any:
@@ -223,7 +236,7 @@ async def restore_boot(vms: VmService, vm: VmRecord, progress: Progress, timeout
     driver = vms.driver(VmmKind.QEMU)
     handle: VmmHandle | None = None
     gnet: GuestNet | None = None
-    host_keys = asyncio.ensure_future(in_thread(make_host_keys, f"root@{vm.name}"))  # made while QEMU loads
+    host_keys = asyncio.ensure_future(vms.host_keys.take(f"root@{vm.name}"))  # ready, or made while QEMU loads
     host_keys.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is handled where awaited
     try:
         spec = dataclasses.replace(
@@ -249,14 +262,21 @@ async def restore_boot(vms: VmService, vm: VmRecord, progress: Progress, timeout
             await qmp(handle, "set_link", {"name": "net0", "up": False})
         await qmp(handle, "cont")
         progress(ProgressEvent(step="give the guest its own identity"))
+        resumed = time.monotonic()
         client = await vms.agents.get(vm.id, AgentEndpoint.from_runtime(runtime), timeout)
+        connected = time.monotonic()
         data = identity(vm, gnet)
         try:
             if keys := await host_keys:
                 data["ssh_host_keys"] = keys
         except Exception as exc:  # any failure here only means the guest makes its own keys
             log.warning("vm %s: host-side SSH host keys failed (%s); the guest makes its own", vm.name, exc)
+        keyed = time.monotonic()
         report = await reidentify(client, data)
+        log.info(
+            "vm %s resumed: agent back after %.2fs, host keys waited for %.2fs, new identity took %.2fs",
+            vm.name, connected - resumed, keyed - connected, time.monotonic() - keyed,
+        )  # fmt: skip
         if report.get("problems"):
             raise BangerError(f"the guest could not take its new network settings: {report['problems']}")
         if gnet is not None:
@@ -277,6 +297,7 @@ async def restore_boot(vms: VmService, vm: VmRecord, progress: Progress, timeout
         if isinstance(exc, BangerError):
             raise BangerError(f"VM {vm.name} failed to resume its snapshot: {reason}") from exc
         raise
+    vms.host_keys.refill()  # for the next clone, now that this one is up
     # Resumed once: from now on this VM boots cold, from its own disk.
     vm.spec.pop("restore", None)
     if report.get("ssh_host_keys"):

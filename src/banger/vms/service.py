@@ -45,6 +45,7 @@ from banger.vms.agents import AgentEndpoint, AgentPool
 from banger.vms.cmdline import guest_cmdline
 from banger.vms.disk import clone_root_disk
 from banger.vms.hooks import VmHooks
+from banger.vms.hostkeys import HostKeyPool
 from banger.vms.model import LIVE_STATES, NetMode, VmRecord, VmState
 from banger.vms.staging import StagingJournal
 from banger.vms.stopping import stop_vmm
@@ -73,6 +74,7 @@ class VmService:
         self.kernels = kernels
         self.images = images
         self.agents = AgentPool()
+        self.host_keys = HostKeyPool()  # SSH host keys for clones, made ahead
         self.staging = StagingJournal(settings.paths.run_dir / "staging")  # copies out that a kill cut short
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -557,6 +559,7 @@ class VmService:
         for vm_id in list(self._watchers):
             self._unwatch(vm_id)
         await self.agents.close_all()
+        await self.host_keys.close()
         await self.network.shutdown()
 
 
