@@ -34,7 +34,9 @@ else:  # run from the seed drive, where the guest modules are plain siblings
     from protocol import VERSION, Fd, Frame, Kind, Mux, Stream, read_frame, stream_writer
     from transfer import InboundPipe, OutboundPipe, TransferError, extract_tar, transfer_target, write_tar
 
-RECONNECT_DELAY = 0.25
+RECONNECT_DELAY = 0.25  # between looks for a host on the serial port, once none has come for a while
+RECONNECT_FIRST = 0.02  # the first look after a session ended, doubling up to RECONNECT_DELAY: a restored clone's
+# session with its snapshot's host ends at resume, and its new host connects within a few hundredths of a second
 _STARTED = time.monotonic()
 _ERROR_CODES: list[tuple[type[BaseException], str]] = [
     (FileNotFoundError, "not_found"),
@@ -396,6 +398,7 @@ def find_serial_port(name: str, sysfs: str = "/sys/class/virtio-ports") -> Path 
 async def serve_serial(name: str, init_pid: int | None) -> None:
     """Serve sessions on a virtio-serial port forever."""
     logged = served = False
+    delay = RECONNECT_DELAY
     while True:
         path = find_serial_port(name)
         if path is None:
@@ -409,12 +412,15 @@ async def serve_serial(name: str, init_pid: int | None) -> None:
             log(f"serving virtio-serial port {name!r} ({path})")  # the readiness line on this transport
             served = True
             announce_ready()
+        opened = time.monotonic()
         try:
             await serve_fd(fd, init_pid)
         finally:
             os.close(fd)
-        # The port reads EOF while no host is connected and poll() reports HUP, so there is no fd event to wait on.
-        await asyncio.sleep(RECONNECT_DELAY)
+        # The port reads EOF while no host is connected and poll() reports HUP, so there is no fd event to wait on:
+        # look again soon after a session ended, then less and less often.
+        delay = RECONNECT_FIRST if time.monotonic() - opened > 1.0 else min(delay * 2, RECONNECT_DELAY)
+        await asyncio.sleep(delay)
 
 
 async def serve_connect(path: str, init_pid: int | None) -> None:
