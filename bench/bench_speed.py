@@ -2,8 +2,8 @@
 
 Runs these benchmarks one after another (each in its own state root, so none disturbs the next), shows their
 output as it comes, and ends with every target line they printed:
-- bench_snapshot: clone and create-from-snapshot to agent-ready against a cold `vm create`, host memory of N clones
-  against N cold VMs, disk per clone, the guest-bytecode and shared-memory boot comparisons;
+- bench_snapshot --runs 10: clone and create-from-snapshot to agent-ready against a cold `vm create`, memory of
+  10 clones against 10 cold VMs, disk per clone, the guest-bytecode and shared-memory boot comparisons;
 - bench_boot --boot-only: cold boot phases against a busybox floor (item 5);
 - bench_vm --exec-only: `vm exec` and `vm show` against `daemon status` (item 6);
 - bench_cp: `vm cp` against the agent channel's own rate (item 6);
@@ -26,7 +26,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 # Each part: its script and its arguments, full and --quick. Timeouts are generous: TCG boots take seconds each.
 PARTS: dict[str, tuple[list[str], list[str], float]] = {
-    "snapshot": (["bench_snapshot.py"], ["bench_snapshot.py", "--runs", "2", "--boot-runs", "1"], 3600),
+    "snapshot": (["bench_snapshot.py", "--runs", "10"], ["bench_snapshot.py", "--runs", "2", "--boot-runs", "1"], 3600),
     "boot": (["bench_boot.py", "--boot-only"], ["bench_boot.py", "--boot-only", "--runs", "2"], 1800),
     "exec": (["bench_vm.py", "--exec-only"], ["bench_vm.py", "--exec-only", "--exec-runs", "20"], 1800),
     "cp": (["bench_cp.py"], ["bench_cp.py", "--size-mb", "32", "--runs", "2"], 1800),
