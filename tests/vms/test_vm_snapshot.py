@@ -129,6 +129,19 @@ def test_clones_reach_each_other_by_name_and_do_not_disturb_one_another(cloned: 
         assert guest(benv, name, "cat /root/only-c1 2>/dev/null || echo absent").strip() == "absent"
 
 
+def test_the_original_is_back_on_its_own_disk_after_the_clone(cloned: tuple[BangerEnv, Topology]) -> None:
+    # `vm clone` does not wait for the original's write overlay to be folded back into its disk (the clones start
+    # meanwhile); the fold still happens, and the original runs on.
+    benv, _ = cloned
+    orig_dir = Path(str(show(benv, "orig")["dir"]))
+    deadline = time.monotonic() + 120
+    while leftovers := sorted(p.name for p in orig_dir.glob("root.*.writes-*.qcow2")):
+        assert time.monotonic() < deadline, f"the write overlay was never folded back: {leftovers}"
+        time.sleep(0.5)
+    assert show(benv, "orig")["state"] == "running"
+    assert guest(benv, "orig", "echo after-the-fold > /root/fold && sync && cat /root/fold").strip() == "after-the-fold"
+
+
 def test_snapshot_listing_and_removal_rules(cloned: tuple[BangerEnv, Topology]) -> None:
     benv, _ = cloned
     snaps = json.loads(benv.cli("snapshot", "ls", "--json", check=True).stdout)

@@ -112,6 +112,7 @@ class Daemon:
                     await self.app.tunnels.close()
                     await self.app.agent_vms.close()
                     await self.app.sessions.close()
+                    await self.app.snapshots.close()
                     await self.app.vms.close()
             except TimeoutError:
                 log.error("VM watchers and agent connections did not close within %ss", SERVICES_GRACE)

@@ -8,6 +8,7 @@ put qcow2 overlays on its disk, so it cannot be removed while a VM made from it 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -113,6 +114,7 @@ class SnapshotService:
         self.store = store
         self.vms = vms
         self.root = settings.paths.home / "snapshots"
+        self._thawing: set[asyncio.Future[None]] = set()  # write overlays being folded back after a clone's snapshot
         vms.removed_hooks.append(self._vm_removed)
 
     # -- records ---------------------------------------------------------------------------------------------
@@ -185,7 +187,10 @@ class SnapshotService:
                         f"VM {vm.name} is {vm.state.value}: only a running VM can be snapshotted",
                         hint=f"banger vm start {vm.name}",
                     )
-                pause = await self._save(vm, VmmHandle.from_dict(vm.runtime["handle"]), sdir, progress)  # type: ignore[index]
+                # A clone's snapshot does not wait for the source's disk to be folded back: the clone starts while
+                # that runs (under this VM's lock, taken again: stop, rm and the next snapshot wait for it).
+                handle = VmmHandle.from_dict(vm.runtime["handle"])  # type: ignore[index]
+                pause = await self._save(vm, handle, sdir, progress, defer_thaw=implicit and not stop)
             await in_thread(share_with_vmms, sdir)
             if stop:
                 progress(ProgressEvent(step=f"stop {vm.name}"))
@@ -239,11 +244,14 @@ class SnapshotService:
         log.info("snapshot %s of vm %s taken (guest paused %.3fs)", name, vm.name, pause)
         return snap
 
-    async def _save(self, vm: VmRecord, handle: VmmHandle, sdir: Path, progress: Progress) -> float:
+    async def _save(
+        self, vm: VmRecord, handle: VmmHandle, sdir: Path, progress: Progress, *, defer_thaw: bool = False
+    ) -> float:
         """Pause the guest, save device state and RAM, and let it run again; returns the pause length.
 
         The root disk is not copied during the pause: its writes go to a qcow2 overlay from the pause on, the
-        frozen file under it is copied while the guest runs, and the overlay is then folded back into it.
+        frozen file under it is copied while the guest runs, and the overlay is then folded back into it (with
+        `defer_thaw`, by a task that takes the VM's lock once the caller has released it).
         """
         driver = self.vms.driver(VmmKind.QEMU)
         if not isinstance(driver, QemuDriver):
@@ -268,13 +276,46 @@ class SnapshotService:
             pause = time.monotonic() - started
             if frozen:
                 progress(ProgressEvent(step="copy the frozen disks (the guest runs on)"))
+                copied = False
                 try:
                     await in_thread(_copy_disk, root.path, sdir / ROOT, root.format)
                     await in_thread(_copy_disk, self.vms.vm_dir(vm.id) / SEED_DISK, sdir / SEED, "raw")
+                    copied = True
                 finally:
-                    await qemu_migrate.thaw_disk(driver.qmp, handle, "disk0", root.path)
-                    overlay.unlink(missing_ok=True)
+                    if copied and defer_thaw:
+                        self._thaw_later(vm, handle, root.path, overlay)
+                    else:
+                        await self._thaw(vm, handle, root.path, overlay)
         return pause
+
+    async def _thaw(self, vm: VmRecord, handle: VmmHandle, base: Path, overlay: Path) -> None:
+        driver = self.vms.driver(VmmKind.QEMU)
+        assert isinstance(driver, QemuDriver)
+        await qemu_migrate.thaw_disk(driver.qmp, handle, "disk0", base)
+        overlay.unlink(missing_ok=True)
+
+    def _thaw_later(self, vm: VmRecord, handle: VmmHandle, base: Path, overlay: Path) -> None:
+        """Fold the write overlay back in a task of its own, under the VM's lock (which our caller still holds)."""
+
+        async def thaw() -> None:
+            async with self.vms.lock(vm.id):
+                current = self.vms.get(vm.id)
+                if (current.runtime or {}).get("handle") != handle.to_dict():
+                    log.warning("vm %s stopped before its write overlay was folded back: %s", vm.name, overlay)
+                    return
+                try:
+                    await self._thaw(vm, handle, base, overlay)
+                except Exception as exc:  # as if the daemon had stopped here: the VM runs on in the overlay
+                    log.error("vm %s: folding the write overlay %s back failed: %s", vm.name, overlay, exc)
+
+        task = asyncio.ensure_future(thaw())
+        self._thawing.add(task)
+        task.add_done_callback(self._thawing.discard)
+
+    async def close(self) -> None:
+        """At daemon stop: let pending folds of write overlays finish (each is short)."""
+        if self._thawing:
+            await asyncio.gather(*self._thawing, return_exceptions=True)
 
     # -- remove ----------------------------------------------------------------------------------------------
 
