@@ -290,7 +290,8 @@ class SnapshotService:
 
     async def _thaw(self, vm: VmRecord, handle: VmmHandle, base: Path, overlay: Path) -> None:
         driver = self.vms.driver(VmmKind.QEMU)
-        assert isinstance(driver, QemuDriver)
+        if not isinstance(driver, QemuDriver):
+            raise UnsupportedError("only QEMU VMs can be snapshotted")
         await qemu_migrate.thaw_disk(driver.qmp, handle, "disk0", base)
         overlay.unlink(missing_ok=True)
 
