@@ -106,6 +106,12 @@ def _copy_disk(src: Path, dest: Path, fmt: str) -> None:
     proc.run(argv, step="copy the disk", timeout=600)
 
 
+async def _thaw(driver: QemuDriver, handle: VmmHandle, base: Path, overlay: Path) -> None:
+    """Fold a frozen disk's write overlay back into it (see `SnapshotService._save`) and delete the overlay."""
+    await qemu_migrate.thaw_disk(driver.qmp, handle, "disk0", base)
+    overlay.unlink(missing_ok=True)
+
+
 class SnapshotService:
     """Owns snapshot rows and directories; restores go through the VM service."""
 
@@ -283,19 +289,12 @@ class SnapshotService:
                     copied = True
                 finally:
                     if copied and defer_thaw:
-                        self._thaw_later(vm, handle, root.path, overlay)
+                        self._thaw_later(vm, driver, handle, root.path, overlay)
                     else:
-                        await self._thaw(vm, handle, root.path, overlay)
+                        await _thaw(driver, handle, root.path, overlay)
         return pause
 
-    async def _thaw(self, vm: VmRecord, handle: VmmHandle, base: Path, overlay: Path) -> None:
-        driver = self.vms.driver(VmmKind.QEMU)
-        if not isinstance(driver, QemuDriver):
-            raise UnsupportedError("only QEMU VMs can be snapshotted")
-        await qemu_migrate.thaw_disk(driver.qmp, handle, "disk0", base)
-        overlay.unlink(missing_ok=True)
-
-    def _thaw_later(self, vm: VmRecord, handle: VmmHandle, base: Path, overlay: Path) -> None:
+    def _thaw_later(self, vm: VmRecord, driver: QemuDriver, handle: VmmHandle, base: Path, overlay: Path) -> None:
         """Fold the write overlay back in a task of its own, under the VM's lock (which our caller still holds)."""
 
         async def thaw() -> None:
@@ -305,7 +304,7 @@ class SnapshotService:
                     log.warning("vm %s stopped before its write overlay was folded back: %s", vm.name, overlay)
                     return
                 try:
-                    await self._thaw(vm, handle, base, overlay)
+                    await _thaw(driver, handle, base, overlay)
                 except Exception as exc:  # as if the daemon had stopped here: the VM runs on in the overlay
                     log.error("vm %s: folding the write overlay %s back failed: %s", vm.name, overlay, exc)
 

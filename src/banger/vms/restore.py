@@ -188,8 +188,8 @@ async def reidentify(client: AgentClient, data: dict[str, Any]) -> dict[str, Any
     In the agent's own process when it serves REIDENTIFY; with `python3 -c` otherwise (an agent saved in an older
     snapshot), which starts an interpreter: most of a second more under TCG."""
     source = resources.files("banger.guest").joinpath("reidentify.py").read_text()
+    data = {**data, "time": time.time()}  # as late as possible: the guest steps its clock to it
     if client.supports(Kind.REIDENTIFY):
-        data = {**data, "time": time.time()}  # as late as possible: the guest steps its clock to it
         try:
             reply = await client.call(Kind.REIDENTIFY, REIDENTIFY_TIMEOUT, source=source, identity=data)
         except AgentError as exc:
@@ -203,7 +203,6 @@ async def reidentify(client: AgentClient, data: dict[str, Any]) -> dict[str, Any
     def bounded(buf: bytearray) -> Any:
         return lambda chunk: buf.extend(chunk[: max(0, REPORT_LIMIT - len(buf))])
 
-    data = {**data, "time": time.time()}  # as late as possible: the guest steps its clock to it
     status = await asyncio.wait_for(
         client.exec(
             ["python3", "-I", "-c", source],

@@ -60,9 +60,13 @@ def register(reg: MethodRegistry, app: App) -> None:
         """Everything a session wrote, as output events; with follow, until it ends. An agent session's
         transcript comes as readable lines, or JSON Lines with json_events."""
         if is_agent(vm, session):
+
+            async def show_saved(events: list[dict[str, Any]]) -> None:
+                for event in events:
+                    await ctx.send_event({"text": (json.dumps(event) if json_events else render(event)) + "\n"})
+
             saved = conversations.events(vm, session)
-            for event in saved:
-                await ctx.send_event({"text": (json.dumps(event) if json_events else render(event)) + "\n"})
+            await show_saved(saved)
             if follow:  # then the turn in flight, as it streams (its final events only, as JSON Lines)
 
                 async def show(chunk: str) -> None:
@@ -70,8 +74,7 @@ def register(reg: MethodRegistry, app: App) -> None:
 
                 if not await conversations.follow(vm, session, show, events=json_events):
                     # No turn in flight now: one may have ended since the transcript was read; show what it saved.
-                    for event in conversations.events(vm, session)[len(saved) :]:
-                        await ctx.send_event({"text": (json.dumps(event) if json_events else render(event)) + "\n"})
+                    await show_saved(conversations.events(vm, session)[len(saved) :])
             return {}
         return await sessions.logs(vm, session, follow=follow, emit=ctx.send_event)
 
