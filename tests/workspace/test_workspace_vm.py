@@ -147,13 +147,19 @@ def _image_call(env: BangerEnv, packages: list[str]) -> tuple[dict[str, object],
 
 def test_derived_image_is_built_once_then_reused(vm_home: BangerEnv) -> None:  # noqa: F811
     vm_home.cli("daemon", "start", timeout=60)
+    # The home is shared by this module's tests: a derived image with python3-venv that one of them left is removed
+    # first, so that the first call below builds it whatever ran before.
+    for image in json.loads(vm_home.cli("image", "ls", "--json", check=True).stdout):
+        if image["source"] == "derived:debian-bookworm" and "python3-venv" in image.get("packages", []):
+            vm_home.cli("image", "rm", image["name"], check=True)
+    before = len(vm_home.log_text())
     first, t_first = _image_call(vm_home, ["python3-venv"])
     second, t_second = _image_call(vm_home, ["python3-venv"])
     assert first["derived"] and first["image"] == second["image"]
     assert str(first["image"]).startswith("debian-bookworm-")
-    log = vm_home.log_text()
+    log = vm_home.log_text()[before:]
     assert f"derived image {first['image']}: reusing the cached image (no install)" in log
-    assert log.count(f"derived image {first['image']}: installing python3-venv") <= 1
+    assert log.count(f"derived image {first['image']}: installing python3-venv") == 1
     assert t_second < 5 and t_second < t_first
     print(f"derived image: first call {t_first:.1f}s, second {t_second:.2f}s")
     info = json.loads(vm_home.cli("image", "show", str(first["image"]), "--json", check=True).stdout)
